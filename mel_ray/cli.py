@@ -1,0 +1,154 @@
+"""`mel-ray` command line: one sub-command per pipeline stage.
+
+Data errors print ONE line naming file, record and field, and exit with code 2; `--debug` shows the
+traceback instead. Each sub-command is a thin wrapper over a plain function in its stage module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+from mel_ray import __version__
+from mel_ray.errors import DataError, UsageError
+from mel_ray.storage import StorageError
+
+EXIT_DATA = 2
+EXIT_STORAGE = 1
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from mel_ray.config import load_config
+    from mel_ray.ingest import ingest, summary_line
+
+    cfg = load_config(args.config, args.set).data.ingest
+    if args.check_images:
+        cfg.check_images = True
+    if args.reference_images:
+        cfg.copy_images = False
+    if args.image_dir:
+        cfg.image_dir = args.image_dir
+    report = ingest(args.format, args.input, args.output, name=args.name, options=cfg)
+    print(summary_line(args.output, report))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from mel_ray.merge import merge
+
+    manifest = merge(args.inputs, args.output, name=args.name)
+    print(json.dumps({"output": args.output, **manifest["counts"], "name": manifest["name"]}))
+    return 0
+
+
+def _cmd_make_tiny_models(args: argparse.Namespace) -> int:
+    from mel_ray.tiny_models import make_tiny_models
+
+    paths = make_tiny_models(args.output, seed=args.seed)
+    print(json.dumps(paths))
+    return 0
+
+
+def _cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from mel_ray.demo_data import make_demo_data
+
+    stats = make_demo_data(args.output, n_entities=args.entities, n_mentions=args.mentions, seed=args.seed)
+    print(json.dumps(stats))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mel_ray.demo import run_demo
+
+    run_demo(args.output, config_path=args.config, overrides=args.set)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from mel_ray.dataset import load_dataset
+
+    ds = load_dataset(args.dataset)
+    print(json.dumps(ds.manifest, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mel-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mel-ray {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config (configs/*.yaml); defaults follow the paper")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", parents=[common], help="convert a MEL release into the canonical dataset")
+    p.add_argument("--format", required=True, choices=["mimic", "melbench", "jsonl"])
+    p.add_argument("--input", required=True, help="source folder (mimic, jsonl) or JSON file (melbench)")
+    p.add_argument("--output", required=True, help="dataset URI (local path or s3://bucket/prefix)")
+    p.add_argument("--name", help="dataset name (default: the output folder's name)")
+    p.add_argument("--image-dir", help="melbench: folder of mention images")
+    p.add_argument("--check-images", action="store_true", help="decode every image; count and drop corrupt ones")
+    p.add_argument("--reference-images", action="store_true",
+                   help="reference source images by absolute URI instead of copying them")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("merge", parents=[common], help="merge datasets into one large-KB dataset (WikiDM, WikiDR)")
+    p.add_argument("inputs", nargs="+", help="dataset URIs; the first wins on conflicting entity fields")
+    p.add_argument("--output", required=True)
+    p.add_argument("--name")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("make-tiny-models", parents=[common], help="build tiny offline CLIP and Stable Diffusion")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tiny_models)
+
+    p = sub.add_parser("make-demo-data", parents=[common], help="generate a small MEL release in mimic format")
+    p.add_argument("--output", required=True)
+    p.add_argument("--entities", type=int, default=400)
+    p.add_argument("--mentions", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_demo_data)
+
+    p = sub.add_parser("demo", parents=[common], help="run the whole demo on the embedded default")
+    p.add_argument("--output", default="demo_out")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("info", parents=[common], help="print a dataset's manifest")
+    p.add_argument("dataset")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def run_guarded(func, argv: list[str] | None = None, debug: bool | None = None) -> int:
+    """Run `func(argv)`; data/usage errors become one stderr line and exit 2 (traceback with --debug)."""
+    if debug is None:
+        debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        return func(argv) or 0
+    except (DataError, UsageError) as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DATA
+    except StorageError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_STORAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_guarded(lambda _argv: args.func(args), argv, debug=args.debug)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Typed configuration: YAML files in configs/, validated by pydantic, overridden with `--set a.b=c`.
+
+Defaults follow the paper (§5.4) and MIMIC: CLIP ViT-B/32, text length 40, hidden size 96, lr 1e-5,
+batch 128. Secrets (S3 keys, tokens) never belong here: they come from the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mel_ray.errors import UsageError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IngestConfig(Section):
+    format: Literal["mimic", "melbench", "jsonl"] = "mimic"
+    input: str | None = None
+    image_dir: str | None = None           # melbench only: folder of mention images
+    copy_images: bool = True               # copy images into DATASET/images (default) or reference them
+    check_images: bool = False             # decode every image; corrupt ones are counted and dropped
+    attr_separator: str = "."              # mimic `attr`: statements end with this separator ...
+    attr_kv_separator: str = ":"           # ... and are "property: value" pairs
+    split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)   # melbench: train/dev/test by hash
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "IngestConfig":
+        if any(r < 0 for r in self.split_ratios) or abs(sum(self.split_ratios) - 1.0) > 1e-6:
+            raise ValueError("split_ratios must be three non-negative numbers summing to 1")
+        return self
+
+
+class DataConfig(Section):
+    name: str = "dataset"
+    dataset: str = "data/dataset"          # URI of the canonical dataset (local path or s3://)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    merge: list[str] = Field(default_factory=list)   # datasets to merge into `dataset` (WikiDM / WikiDR)
+
+
+class ModelsConfig(Section):
+    clip: str = "openai/clip-vit-base-patch32"
+    diffusion: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    cache_dir: str = "~/.cache/mel-ray/models"       # where s3:// model folders are fetched to
+
+
+class NegativesConfig(Section):
+    k: int = Field(16, ge=1)                # pool size k_max; training samples its k from it
+    seed: int = 0
+    block_size: int = Field(4096, ge=1)
+
+
+class SynthesizeConfig(Section):
+    views: int = Field(3, ge=1)             # n_s
+    template: str = "An image of {mention}: {sentence}"
+    steps: int = Field(25, ge=1)
+    guidance: float = 7.5
+    size: int = Field(512, ge=8)
+    scheduler: str = "dpmsolver++"
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    concurrency: int = Field(1, ge=1)
+    num_gpus: float = Field(1.0, ge=0)
+
+
+class FeaturesConfig(Section):
+    text_length: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+    concurrency: int = Field(1, ge=1)
+    num_gpus: float = Field(1.0, ge=0)
+
+
+class ModelConfig(Section):
+    dv: int = 96                            # projected visual size
+    dt: int = 512                           # text size (CLIP text projection)
+    cvacpt_weight: float = Field(1.0, ge=0.0, le=1.0)   # w in feature + w * (alpha * feature + beta)
+
+
+class TrainConfig(Section):
+    lr: float = 1e-5
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(20, ge=1)
+    k: int = Field(6, ge=0)                 # hard negatives per positive, sampled from the mined pool
+    negatives: Literal["jaccard", "in_batch", "both"] = "both"
+    eval_every: int = Field(1, ge=1)
+    patience: int = Field(5, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    seed: int = 0
+
+
+class TrackingConfig(Section):
+    mlflow_uri: str | None = None           # None: MLFLOW_TRACKING_URI, else the embedded sqlite store
+    experiment: str = "mel-ray"
+    storage: str = "runs"                   # Ray Train storage_path / artifact root (local path or s3://)
+
+
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names allowed at a nested location, for the error message."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return sorted(model.model_fields)
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(Config, loc[:-1]))
+            lines.append(f"{source}: unknown key '{dotted}' (allowed here: {allowed})")
+        else:
+            lines.append(f"{source}: '{dotted}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UsageError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or defaults), apply `a.b=c` overrides, validate; errors name the file and key."""
+    tree: dict = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise UsageError(f"{path}: cannot read config: {err.strerror or err}") from err
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise UsageError(f"{path}: invalid YAML: {err}") from err
+        if not isinstance(tree, dict):
+            raise UsageError(f"{path}: top level must be a mapping of sections")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise UsageError(_format_errors(err, source)) from None
