@@ -1,0 +1,90 @@
+"""Where pretrained models come from: a local folder, an `s3://` folder, or a Hugging Face hub id.
+
+Cluster nodes often cannot reach the hub, so a model folder can live next to the data on S3; it is fetched
+once per node into a cache keyed by the URI. The fetch goes to a temporary folder that is renamed into
+place only when complete, so a killed fetch is never mistaken for a model and concurrent workers on one
+node do not corrupt each other's copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from mel_ray import storage
+
+DEFAULT_CACHE = "~/.cache/mel-ray/models"
+COMPLETE = ".mel-ray-complete"   # written inside the fetched folder before it is renamed into place
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(value)
+
+
+def resolve_model(id_or_path: str, cache_dir: str = DEFAULT_CACHE) -> str:
+    """A local folder as is; an s3:// folder fetched to `cache_dir` first; anything else is a hub id,
+    returned unchanged for from_pretrained to resolve (offline, it fails with the library's own error)."""
+    value = str(id_or_path)
+    if storage.is_s3(value):
+        return str(_fetch(value.rstrip("/"), Path(cache_dir).expanduser()))
+    if _looks_like_path(value):
+        return str(Path(value.removeprefix("file://")).expanduser())
+    return value
+
+
+def _fetch(uri: str, cache: Path) -> Path:
+    dest = cache / hashlib.sha256(uri.encode("utf-8")).hexdigest()[:24]
+    if (dest / COMPLETE).exists():
+        return dest
+    if not storage.list_files(uri):
+        raise FileNotFoundError(f"{uri}: no model files there")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        storage.download_dir(uri, tmp)
+        (tmp / COMPLETE).write_text(uri + "\n", encoding="utf-8")
+        if dest.exists() and not (dest / COMPLETE).exists():
+            shutil.rmtree(dest, ignore_errors=True)      # left by a fetch from an older, non-atomic layout
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / COMPLETE).exists():           # another worker's complete copy won the race: fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def load_clip(id_or_path: str, device: str = "cpu", dtype=None, cache_dir: str = DEFAULT_CACHE):
+    """(CLIPModel in eval mode on `device`, CLIPProcessor with `.tokenizer` and `.image_processor`)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    path = resolve_model(id_or_path, cache_dir)
+    kwargs = {} if dtype is None else {"dtype": _torch_dtype(dtype)}
+    model = CLIPModel.from_pretrained(path, **kwargs).to(device).eval()
+    return model, CLIPProcessor.from_pretrained(path)
+
+
+def load_diffusion(id_or_path: str, device: str = "cpu", dtype=None, cache_dir: str = DEFAULT_CACHE):
+    """StableDiffusionPipeline on `device`, without the safety checker (it would black out synthetic views
+    of ordinary mentions now and then, and costs a second CLIP), progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {"safety_checker": None, "requires_safety_checker": False,
+              # without accelerate diffusers warns and falls back anyway; say it up front
+              "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+    if dtype is not None:
+        kwargs["torch_dtype"] = _torch_dtype(dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model(id_or_path, cache_dir), **kwargs).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
