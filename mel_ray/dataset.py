@@ -63,19 +63,29 @@ def validate_tables(entities: pa.Table, mentions: dict[str, pa.Table], where: st
     seen: set[str] = set()
     n = len(ids)
     for split, table in mentions.items():
-        for mid, eid in zip(table.column("mention_id").to_pylist(), table.column("entity_id").to_pylist()):
+        if split not in SPLITS:
+            raise DataError(where, f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+        gold_qids = table.column("qid").to_pylist()
+        for row, (mid, eid) in enumerate(zip(table.column("mention_id").to_pylist(),
+                                             table.column("entity_id").to_pylist())):
             if mid in seen:
                 raise DataError(where, f"mention_id {mid!r} is not unique across splits", field="mention_id")
             seen.add(mid)
             if not 0 <= eid < n:
                 raise DataError(where, f"split {split}: mention {mid!r} has gold entity_id {eid} outside 0..{n-1}",
                                 field="entity_id")
+            if gold_qids[row] != qids[eid]:
+                raise DataError(where, f"split {split}: mention {mid!r} has qid {gold_qids[row]!r} but entity "
+                                f"{eid} is {qids[eid]!r}", field="qid")
 
 
 def write_dataset(uri: str, *, name: str, source_format: str, entities: pa.Table,
                   mentions: dict[str, pa.Table], report: dict[str, Any], extra: dict[str, Any] | None = None) -> dict:
     """Write tables, then the report, then manifest.json last (its presence marks completion)."""
     entities = entities.cast(ENTITY_SCHEMA)
+    unknown = sorted(set(mentions) - set(SPLITS))
+    if unknown:
+        raise DataError(uri, f"unknown split(s) {unknown} (expected {', '.join(SPLITS)})")
     mentions = {s: mentions.get(s, mentions_table([])).cast(MENTION_SCHEMA) for s in SPLITS}
     validate_tables(entities, mentions, where=uri)
     storage.delete(storage.join(uri, MANIFEST))  # a rewrite is incomplete until the new manifest lands

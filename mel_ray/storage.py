@@ -9,6 +9,7 @@ in one PUT of a finished buffer, so a killed writer never leaves a half object b
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -21,7 +22,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-S3_MAX_ATTEMPTS = 6  # bounded retries with exponential backoff (AWS standard strategy) on transient errors
+# bounded retries with exponential backoff (AWS standard strategy) on transient errors
+S3_MAX_ATTEMPTS = int(os.environ.get("MEL_RAY_S3_MAX_ATTEMPTS", "6"))
 
 
 class StorageError(OSError):
@@ -52,6 +54,8 @@ def s3_filesystem() -> pafs.S3FileSystem:
         kwargs: dict[str, Any] = {
             "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
             "region": region or "us-east-1",
+            # one PUT per object instead of a multipart upload: atomic and cheaper for small files
+            "allow_delayed_open": True,
         }
         if endpoint:
             kwargs["endpoint_override"] = endpoint
@@ -119,7 +123,11 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError:
         raise
     except OSError as err:
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        try:
+            missing = fs.get_file_info(path).type == pafs.FileType.NotFound
+        except OSError:
+            missing = False
+        if missing:
             raise FileNotFoundError(uri) from err
         raise _wrap(uri, "read", err) from err
 
@@ -132,11 +140,16 @@ def write_bytes(uri: str, data: bytes) -> None:
             parent = os.path.dirname(path)
             os.makedirs(parent, exist_ok=True)
             tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)
@@ -195,7 +208,8 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
     except OSError as err:
         raise _wrap(uri, "list", err) from err
     prefix = path.rstrip("/") + "/"
-    return sorted(i.path[len(prefix):] for i in infos if i.type == pafs.FileType.File)
+    return sorted(i.path[len(prefix):] for i in infos
+                  if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith(".tmp-"))
 
 
 def copy_file(src: str, dst: str) -> None:
