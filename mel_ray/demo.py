@@ -80,8 +80,8 @@ def summarize(uri: str) -> dict:
         "most_frequent_attribute": df.most_common(1)[0] if df else None,
         "mean_attributes_per_entity": round(sum(map(len, attrs)) / max(1, len(attrs)), 2),
         "entities_without_image": sum(1 for u in entities.column("image_uris").to_pylist() if not u),
-        "merge_conflicts": report.get("conflicts", {}).get("total") if isinstance(report.get("conflicts"), dict)
-        else report.get("conflicts"),
+        "merged_duplicate_entities": report.get("duplicate_entities"),
+        "merge_conflicting_fields": report.get("conflicting_entities_fields"),
     }
     return summary
 
