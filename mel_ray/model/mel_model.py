@@ -1,0 +1,101 @@
+"""MELModel = feature projections + CVaCPT (mention image only) + MIMIC matcher.
+
+Inputs are cached CLIP features (mel_ray/features.py): a batch is a dict of tensors with keys
+text_global [N, Dtg], text_local [N, L, Dtl], text_mask [N, L], image_global [N, Dig], image_local [N, P, Dil],
+and for mentions also synthetic_global [N, S, Dig] and n_views [N]. The encoder that produced them is frozen
+in this mode; `encoder` is kept as a module slot so an end-to-end mode can put CLIP there later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from mel_ray.model.cvacpt import CVaCPT
+from mel_ray.model.matcher import CMFU, TGLU, VDLU, Side
+
+UNITS = ("text", "image", "cross")   # TGLU, VDLU, CMFU logits; "overall" is their mean
+
+
+@dataclass
+class ModelDims:
+    text_global: int          # CLIP projection size (512 for ViT-B/32)
+    text_local: int           # CLIP text hidden size (512)
+    image_global: int         # CLIP projection size (512)
+    image_local: int          # CLIP vision hidden size (768)
+    dt: int = 512             # matcher text size (paper: text stays 512)
+    dv: int = 96              # matcher visual size (MIMIC: 96)
+    cvacpt_weight: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MELModel(nn.Module):
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        self.dims = dims
+        self.encoder = nn.Identity()   # frozen CLIP features are the inputs in this mode
+        self.text_global_proj = nn.Linear(dims.text_global, dims.dt)
+        self.text_local_proj = nn.Linear(dims.text_local, dims.dt)
+        self.image_global_proj = nn.Linear(dims.image_global, dims.dv)     # MIMIC: 512 -> 96
+        self.image_local_proj = nn.Linear(dims.image_local, dims.dv)       # MIMIC: 768 -> 96
+        self.cvacpt = CVaCPT(dims.dv, dims.dt, weight=dims.cvacpt_weight)
+        self.tglu = TGLU(dims.dt)
+        self.vdlu = VDLU(dims.dv)
+        self.cmfu = CMFU(dims.dt, dims.dv)
+
+    def _project(self, batch: dict) -> Side:
+        return Side(
+            text_global=self.text_global_proj(batch["text_global"]),
+            text_local=self.text_local_proj(batch["text_local"]),
+            text_mask=batch["text_mask"].bool(),
+            image_global=self.image_global_proj(batch["image_global"]),
+            image_local=self.image_local_proj(batch["image_local"]),
+        )
+
+    def entity_features(self, batch: dict) -> Side:
+        return self._project(self.encoder(batch))
+
+    def mention_features(self, batch: dict) -> Side:
+        side = self._project(self.encoder(batch))
+        views = self.image_global_proj(batch["synthetic_global"])           # VEs^G, same projection as VE^G
+        side.image_global, side.image_local = self.cvacpt(
+            side.image_global, side.image_local, views, batch["n_views"], side.text_global)
+        return side
+
+    def cvacpt_maps(self, batch: dict) -> dict:
+        """alpha/beta of the mention patches (paper Fig. 6), for plots."""
+        side = self._project(batch)
+        views = self.image_global_proj(batch["synthetic_global"])
+        _, _, alpha_l, beta_l, has_view = self.cvacpt.affine(side.image_global, side.image_local, views,
+                                                            batch["n_views"], side.text_global)
+        return {"alpha": alpha_l, "beta": beta_l, "has_view": has_view}
+
+    def entity_side(self, entities: Side) -> dict:
+        """Entity-side work of every unit: computed once per KB shard during evaluation."""
+        return {"text": self.tglu.entity_side(entities), "image": self.vdlu.entity_side(entities),
+                "cross": self.cmfu.entity_side(entities)}
+
+    def mention_side(self, mentions: Side) -> dict:
+        return {"text": self.tglu.mention_side(mentions), "image": self.vdlu.mention_side(mentions),
+                "cross": self.cmfu.mention_side(mentions)}
+
+    def pair_logits(self, ms: dict, es: dict) -> dict[str, torch.Tensor]:
+        logits = {"text": self.tglu.pair_scores(ms["text"], es["text"]),
+                  "image": self.vdlu.pair_scores(ms["image"], es["image"]),
+                  "cross": self.cmfu.pair_scores(ms["cross"], es["cross"])}
+        logits["overall"] = (logits["text"] + logits["image"] + logits["cross"]) / 3
+        return logits
+
+    def forward(self, mentions: dict, entities: dict) -> dict[str, torch.Tensor]:
+        """Logits [N_mentions, N_entities] for 'overall' and each unit."""
+        return self.pair_logits(self.mention_side(self.mention_features(mentions)),
+                                self.entity_side(self.entity_features(entities)))
+
+
+def slice_side(side_dict: dict, start: int, stop: int) -> dict:
+    """Rows start:stop of an entity_side() result (every tensor's first axis is the entity axis)."""
+    return {unit: {k: v[start:stop] for k, v in parts.items()} for unit, parts in side_dict.items()}

@@ -1,0 +1,182 @@
+"""The model reads like the paper; these tests pin the properties the paper and the issue state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mel_ray.model import MELModel, ModelDims
+from mel_ray.model.cvacpt import CVaCPT
+from mel_ray.model.losses import build_columns, contrastive_loss
+from mel_ray.model.mel_model import slice_side
+
+DIMS = dict(text_global=12, text_local=10, image_global=12, image_local=14, dt=16, dv=8)
+L, P, S = 6, 5, 3
+
+
+def batch(n: int, seed: int, views: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, L, dtype=torch.bool)
+    mask[:, 4:] = torch.rand(n, 2, generator=g) > 0.5          # some padded tokens
+    out = {
+        "text_global": torch.randn(n, DIMS["text_global"], generator=g),
+        "text_local": torch.randn(n, L, DIMS["text_local"], generator=g),
+        "text_mask": mask,
+        "image_global": torch.randn(n, DIMS["image_global"], generator=g),
+        "image_local": torch.randn(n, P, DIMS["image_local"], generator=g),
+    }
+    if views:
+        out["synthetic_global"] = torch.randn(n, S, DIMS["image_global"], generator=g)
+        out["n_views"] = torch.randint(0, S + 1, (n,), generator=g)
+    return out
+
+
+def model(weight: float = 1.0, seed: int = 0) -> MELModel:
+    torch.manual_seed(seed)
+    return MELModel(ModelDims(**DIMS, cvacpt_weight=weight)).eval()
+
+
+def test_cvacpt_with_w_zero_is_an_exact_identity():
+    torch.manual_seed(0)
+    module = CVaCPT(dv=8, dt=16, weight=0.0)
+    g, loc = torch.randn(4, 8), torch.randn(4, 5, 8)
+    out_g, out_l = module(g, loc, torch.randn(4, 3, 8), torch.tensor([3, 1, 0, 2]), torch.randn(4, 16))
+    assert torch.equal(out_g, g) and torch.equal(out_l, loc)
+    m = batch(5, 1)
+    plain = model(0.0)._project(m)
+    side = model(0.0).mention_features(m)
+    assert torch.equal(side.image_global, plain.image_global) and torch.equal(side.image_local, plain.image_local)
+
+
+def test_cvacpt_changes_features_when_w_positive():
+    m = batch(5, 1)
+    m["n_views"] = torch.full((5,), S)
+    side = model(1.0).mention_features(m)
+    plain = model(1.0)._project(m)
+    assert not torch.allclose(side.image_local, plain.image_local)
+
+
+def test_views_beyond_the_available_count_are_masked_not_zero_padded():
+    net = model(1.0)
+    m = batch(4, 2)
+    m["n_views"] = torch.tensor([1, 2, 3, 2])
+    ref = net.mention_features(m)
+    garbage = dict(m)
+    garbage["synthetic_global"] = m["synthetic_global"].clone()
+    garbage["synthetic_global"][0, 1:] = 1e3
+    garbage["synthetic_global"][1, 2:] = -1e3
+    garbage["synthetic_global"][3, 2:] = 0.0
+    out = net.mention_features(garbage)
+    assert torch.equal(out.image_local, ref.image_local)
+    # zero-padding would have been a different (wrong) answer for mentions whose contexts are all negative
+    ctx_all, _ = net.cvacpt.pooled_context(net.image_global_proj(m["synthetic_global"]), torch.full((4,), S),
+                                           net.text_global_proj(m["text_global"]))
+    ctx_1, _ = net.cvacpt.pooled_context(net.image_global_proj(m["synthetic_global"]), torch.ones(4, dtype=torch.long),
+                                         net.text_global_proj(m["text_global"]))
+    per_view = net.cvacpt.context(net.image_global_proj(m["synthetic_global"]), net.text_global_proj(m["text_global"]))
+    assert torch.allclose(ctx_all, per_view.amax(dim=1)) and torch.allclose(ctx_1, per_view[:, 0])
+
+
+def test_mention_without_views_is_left_unchanged():
+    net = model(1.0)
+    m = batch(3, 3)
+    m["n_views"] = torch.tensor([0, 0, 0])
+    assert torch.equal(net.mention_features(m).image_local, net._project(m).image_local)
+
+
+def test_forward_equals_precomputed_entity_side_in_chunks():
+    net = model(1.0)
+    m, e = batch(4, 4), batch(9, 5, views=False)
+    with torch.no_grad():
+        full = net(m, e)
+        es = net.entity_side(net.entity_features(e))
+        ms = net.mention_side(net.mention_features(m))
+        parts = [net.pair_logits(ms, slice_side(es, a, a + 4)) for a in range(0, 9, 4)]
+    assert set(full) == {"overall", "text", "image", "cross"}
+    for name, value in full.items():
+        assert value.shape == (4, 9)
+        assert torch.allclose(torch.cat([p[name] for p in parts], dim=1), value, atol=1e-6)
+    assert torch.allclose(full["overall"], (full["text"] + full["image"] + full["cross"]) / 3)
+
+
+def test_padded_tokens_do_not_change_scores():
+    net = model(1.0)
+    m, e = batch(3, 6), batch(5, 7, views=False)
+    m2, e2 = {k: v.clone() for k, v in m.items()}, {k: v.clone() for k, v in e.items()}
+    m2["text_local"][~m["text_mask"]] = 50.0
+    e2["text_local"][~e["text_mask"]] = -50.0
+    with torch.no_grad():
+        assert torch.allclose(net(m, e)["text"], net(m2, e2)["text"], atol=1e-5)
+
+
+def test_entity_order_only_permutes_columns():
+    net = model(1.0)
+    m, e = batch(3, 8), batch(6, 9, views=False)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    with torch.no_grad():
+        a = net(m, e)["overall"]
+        b = net(m, {k: v[perm] for k, v in e.items()})["overall"]
+    assert torch.allclose(a[:, perm], b, atol=1e-6)
+
+
+def test_columns_per_negative_mode():
+    gold = np.array([5, 7, 5])
+    pools = [np.array([1, 2, 3]), np.array([], dtype=np.int64), np.array([1, 2, 3])]
+    c = build_columns(gold, pools, k=2, mode="jaccard")
+    assert c.entity_ids.tolist() == [5, 7, 1, 2]
+    assert c.targets.tolist() == [0, 1, 0]
+    assert c.mask.tolist() == [[True, False, True, True],      # own gold + its 2 negatives
+                               [True, True, False, False],     # no mined negatives: in-batch fallback
+                               [True, False, True, True]]
+    assert c.fallbacks == 1
+    c = build_columns(gold, pools, k=2, mode="in_batch")
+    assert c.entity_ids.tolist() == [5, 7] and c.mask.all()
+    c = build_columns(gold, pools, k=2, mode="both")
+    assert c.entity_ids.tolist() == [5, 7, 1, 2] and c.mask.all()
+    rng = np.random.default_rng(0)
+    picks = {tuple(build_columns(gold[:1], pools[:1], k=1, mode="jaccard", rng=rng, sample_top=3).entity_ids)
+             for _ in range(30)}
+    assert picks == {(5, 1), (5, 2), (5, 3)}
+    with pytest.raises(ValueError):
+        build_columns(gold, pools, k=2, mode="random")
+
+
+def test_masked_columns_do_not_enter_the_loss():
+    logits = {n: torch.tensor([[2.0, 0.0, 9.0]]) for n in ("overall", "text", "image", "cross")}
+    mask = torch.tensor([[True, True, False]])
+    loss, parts = contrastive_loss(logits, torch.tensor([0]), mask)
+    expected = -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0]
+    assert torch.isclose(loss, 4 * expected)
+    assert set(parts) == {"loss_overall", "loss_text", "loss_image", "loss_cross"}
+
+
+def test_training_steps_learn_to_link():
+    """Mentions are a hidden linear map of their entities (so raw dot products fail): training must learn it."""
+    torch.manual_seed(0)
+    n = 16
+    e = batch(n, 10, views=False)
+    m = {}
+    for k, v in e.items():
+        if v.is_floating_point():
+            mix = torch.randn(v.shape[-1], v.shape[-1]) / v.shape[-1] ** 0.5
+            m[k] = v @ mix + 0.05 * torch.randn_like(v)
+        else:
+            m[k] = v.clone()
+    m["synthetic_global"] = torch.randn(n, S, DIMS["image_global"])
+    m["n_views"] = torch.full((n,), S)
+    net = model(1.0).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    targets, mask = torch.arange(n), torch.ones(n, n, dtype=torch.bool)
+    with torch.no_grad():
+        before = (net(m, e)["overall"].argmax(1) == targets).float().mean()
+        first, _ = contrastive_loss(net(m, e), targets, mask)
+    for _ in range(120):
+        loss, _ = contrastive_loss(net(m, e), targets, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = (net.eval()(m, e)["overall"].argmax(1) == targets).float().mean()
+    assert before < 0.5
+    assert after >= 0.9 and loss < 0.5 * first
