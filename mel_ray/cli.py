@@ -67,6 +67,77 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mine_negatives(args: argparse.Namespace) -> int:
+    from mel_ray.config import load_config
+    from mel_ray.negatives import mine_negatives
+
+    cfg = load_config(args.config, args.set).negatives
+    manifest = mine_negatives(args.dataset, k=args.k if args.k is not None else cfg.k,
+                              seed=args.seed if args.seed is not None else cfg.seed,
+                              block_size=cfg.block_size, num_workers=args.workers)
+    print(json.dumps(manifest, default=str))
+    return 0
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    from mel_ray.config import load_config
+    from mel_ray.synthesize import synthesize
+
+    c = load_config(args.config, args.set)
+    s = c.synthesize
+    summary = synthesize(args.dataset, args.model or c.models.diffusion,
+                         views=args.views if args.views is not None else s.views, template=s.template,
+                         steps=s.steps, guidance=s.guidance, size=s.size, scheduler=s.scheduler, seed=s.seed,
+                         batch_size=s.batch_size, concurrency=s.concurrency, num_gpus=s.num_gpus,
+                         limit=args.limit, cache_dir=c.models.cache_dir)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def _cmd_show_views(args: argparse.Namespace) -> int:
+    from mel_ray.synthesize import show_views
+
+    print(show_views(args.dataset, args.key, args.mention, args.output))
+    return 0
+
+
+def _cmd_extract_features(args: argparse.Namespace) -> int:
+    from mel_ray.config import load_config
+    from mel_ray.features import extract_features
+
+    c = load_config(args.config, args.set)
+    f = c.features
+    manifest = extract_features(args.dataset, args.model or c.models.clip, synthetic_key=args.synthetic,
+                                text_length=f.text_length, batch_size=f.batch_size, concurrency=f.concurrency,
+                                num_gpus=f.num_gpus, cache_dir=c.models.cache_dir)
+    print(json.dumps({"uri": manifest["uri"], "key": manifest["key"], "run": manifest["run"]}))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mel_ray.config import load_config
+    from mel_ray.train.run import train
+
+    cfg = load_config(args.config, args.set)
+    result = train(cfg, args.dataset or cfg.data.dataset, features_uri=args.features, negatives_uri=args.negatives,
+                   run_name=args.run_name)
+    print(json.dumps({k: result[k] for k in ("run_id", "tracking_uri", "best", "checkpoint")}, default=str))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mel_ray.eval.evaluate import evaluate, format_table
+    from mel_ray.train.run import find_features
+
+    features = find_features(args.dataset, args.features)
+    report = evaluate(args.dataset, features, args.checkpoint, args.split, output_uri=args.output,
+                      num_shards=args.shards)
+    print(format_table(report))
+    print(f"same-name failures: {report['same_name_failures']['count']} of "
+          f"{report['same_name_failures']['of_wrong_top1']} wrong top-1")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from mel_ray.dataset import load_dataset
 
@@ -119,6 +190,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="run the whole demo on the embedded default")
     p.add_argument("--output", default="demo_out")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("mine-negatives", parents=[common], help="JD-CCL: exact top-k Jaccard hard negatives")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--k", type=int, help="pool size k_max (default: negatives.k)")
+    p.add_argument("--seed", type=int, help="tie-break seed (default: negatives.seed)")
+    p.add_argument("--workers", type=int, help="Ray actors (default: one per CPU; 0 = no Ray)")
+    p.set_defaults(func=_cmd_mine_negatives)
+
+    p = sub.add_parser("synthesize", parents=[common], help="CVaCPT: draw synthetic views of every mention")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--model", help="diffusion model id or path (default: models.diffusion)")
+    p.add_argument("--views", type=int, help="n_s (default: synthesize.views)")
+    p.add_argument("--limit", type=int, help="only the first N mentions of each split")
+    p.set_defaults(func=_cmd_synthesize)
+
+    p = sub.add_parser("show-views", parents=[common], help="a PNG grid of mentions and their synthetic views")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--key", help="synthetic/<key> (default: the only one)")
+    p.add_argument("--mention", action="append", required=True, help="mention id (repeatable)")
+    p.add_argument("--output", default="views.png")
+    p.set_defaults(func=_cmd_show_views)
+
+    p = sub.add_parser("extract-features", parents=[common], help="frozen CLIP features (MIMIC's inputs)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--model", help="CLIP id or path (default: models.clip)")
+    p.add_argument("--synthetic", help="synthetic/<KEY> whose views to encode")
+    p.set_defaults(func=_cmd_extract_features)
+
+    p = sub.add_parser("train", parents=[common], help="distributed JD-CCL + CVaCPT training on Ray Train")
+    p.add_argument("--dataset", help="default: data.dataset")
+    p.add_argument("--features", help="features/<key> URI (default: the only one)")
+    p.add_argument("--negatives", help="negatives/k{K}.parquet URI (default: from negatives.k)")
+    p.add_argument("--run-name", default="train")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", parents=[common], help="exact full-KB ranking metrics")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--checkpoint", required=True, help="model.pt or a training checkpoint folder")
+    p.add_argument("--features", help="features/<key> URI (default: the only one)")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--shards", type=int, default=2, help="KB shards (Ray actors)")
+    p.add_argument("--output", help="where to write predictions_<split>.parquet and eval_<split>.json")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("info", parents=[common], help="print a dataset's manifest")
     p.add_argument("dataset")

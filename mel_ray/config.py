@@ -89,8 +89,18 @@ class TrainConfig(Section):
     negatives: Literal["jaccard", "in_batch", "both"] = "both"
     eval_every: int = Field(1, ge=1)
     patience: int = Field(5, ge=1)
-    num_workers: int = Field(1, ge=1)
+    sample_top: int | None = Field(None, ge=1)   # None: the pool's top-k; else k at random from its top-N
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)   # leave CPUs to Ray Data's readers: they feed the workers
+    max_failures: int = Field(2, ge=0)          # worker failures survived by restarting from the last checkpoint
+    keep_checkpoints: int = Field(2, ge=1)       # best by dev MRR are kept (the latest always is)
+    eval_mention_batch: int = Field(64, ge=1)
+    eval_entity_chunk: int = Field(1024, ge=1)
+    shuffle_buffer: int = Field(1024, ge=1)
+    torch_threads: int = Field(1, ge=1)          # per CPU worker; more threads than cores only slows DDP down
     seed: int = 0
 
 

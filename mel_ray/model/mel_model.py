@@ -61,6 +61,8 @@ class MELModel(nn.Module):
 
     def mention_features(self, batch: dict) -> Side:
         side = self._project(self.encoder(batch))
+        if "synthetic_global" not in batch:          # features extracted without synthetic views: no CVaCPT
+            return side
         views = self.image_global_proj(batch["synthetic_global"])           # VEs^G, same projection as VE^G
         side.image_global, side.image_local = self.cvacpt(
             side.image_global, side.image_local, views, batch["n_views"], side.text_global)

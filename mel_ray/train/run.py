@@ -1,0 +1,187 @@
+"""`mel-ray train`: build the TorchTrainer, run it, and record the run in MLflow.
+
+The driver does the MLflow work after `fit()` (params, per-epoch metrics from the run's history, artifacts),
+so workers need no access to the tracking server, and a run on a cluster with the embedded sqlite store still
+lands on the driver's machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mel_ray import storage
+from mel_ray.config import Config
+from mel_ray.errors import UsageError
+from mel_ray.runtime import init_ray
+from mel_ray.train.loop import CHECKPOINT_FILE, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+PATCH_MAP_MENTIONS = 4
+
+
+def mlflow_name(metric: str) -> str:
+    """MLflow metric names allow no '@': dev_H@1 is logged as dev_H_at_1."""
+    return metric.replace("@", "_at_")
+
+
+def find_features(dataset_uri: str, features_uri: str | None) -> str:
+    """The features folder to use: the given one, or the only complete one under DATASET/features/."""
+    if features_uri:
+        return features_uri
+    root = storage.join(dataset_uri, "features")
+    keys = sorted({p.split("/")[0] for p in storage.list_files(root) if p.endswith("manifest.json")})
+    if len(keys) != 1:
+        raise UsageError(f"{root}: {'no' if not keys else len(keys)} complete feature sets "
+                         f"({', '.join(keys) or 'run extract-features first'}); pass --features URI")
+    return storage.join(root, keys[0])
+
+
+def find_negatives(dataset_uri: str, negatives_uri: str | None, k_pool: int, mode: str) -> str | None:
+    if mode == "in_batch":
+        return None
+    uri = negatives_uri or storage.join(dataset_uri, "negatives", f"k{k_pool}.parquet")
+    if not storage.exists(uri):
+        raise UsageError(f"{uri}: no mined negatives; run `mel-ray mine-negatives --k {k_pool}` first "
+                         f"or train with --set train.negatives=in_batch")
+    return uri
+
+
+def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri: str | None, storage_path: str,
+                name: str):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mel_ray.train.data import mention_dataset
+
+    t = cfg.train
+    loop_config = {
+        "train": t.model_dump(),
+        "dims": {"dt": cfg.model.dt, "dv": cfg.model.dv, "cvacpt_weight": cfg.model.cvacpt_weight},
+        "dataset_uri": dataset_uri, "features_uri": features_uri, "negatives_uri": negatives_uri,
+    }
+    fs = None
+    path = storage_path
+    if storage.is_s3(storage_path):
+        fs, path = storage.resolve(storage_path)
+    else:
+        path = str(Path(storage_path).absolute())
+    run_config = ray.train.RunConfig(
+        name=name, storage_path=path, storage_filesystem=fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                                     checkpoint_score_attribute="checkpoint_score",
+                                                     checkpoint_score_order="max"),
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+    )
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        datasets={"train": mention_dataset(features_uri, dataset_uri, "train")},
+    )
+
+
+def load_checkpoint_state(checkpoint) -> dict:
+    with checkpoint.as_directory() as folder:
+        return torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+
+
+def export_model(state: dict, cfg: Config, path: Path) -> Path:
+    """The artifact users load later: state_dict + dims + resolved config, loadable with weights_only=True."""
+    torch.save({"state_dict": state["model"], "dims": state["dims"], "config": cfg.model_dump(mode="json")}, path)
+    return path
+
+
+def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, negatives_uri: str | None = None,
+          storage_path: str | None = None, run_name: str = "train", tracking_dir: str = ".") -> dict:
+    from mel_ray import tracking
+    from mel_ray.plots import plot_curves
+
+    features_uri = find_features(dataset_uri, features_uri)
+    negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
+    if cfg.train.k > cfg.negatives.k and cfg.train.negatives != "in_batch":
+        raise UsageError(f"train.k = {cfg.train.k} is larger than the mined pool negatives.k = {cfg.negatives.k}")
+    storage_path = storage_path or cfg.tracking.storage
+    init_ray()
+    trainer = trainer_for(cfg, dataset_uri, features_uri, negatives_uri, storage_path, run_name)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    best = result.get_best_checkpoint(metric="checkpoint_score", mode="max") or result.checkpoint
+    state = load_checkpoint_state(result.checkpoint)       # the latest holds the whole history
+    best_state = load_checkpoint_state(best)
+    history = state["state"]["history"]
+    best_metrics = max((h for h in history if "dev_MRR" in h), key=lambda h: h["dev_MRR"], default=history[-1])
+
+    uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, tracking_dir)
+    with tracking.start_run(cfg.tracking.experiment, run_name, uri) as run, tempfile.TemporaryDirectory() as tmp:
+        import mlflow
+
+        tracking.log_params_flat(cfg.model_dump(mode="json"))
+        mlflow.log_params({"inputs.dataset": dataset_uri, "inputs.features": features_uri,
+                           "inputs.negatives": negatives_uri or "none"})
+        for h in history:
+            mlflow.log_metrics({mlflow_name(k): float(v) for k, v in h.items()
+                                if isinstance(v, (int, float)) and k != "epoch"}, step=int(h["epoch"]))
+        tmp = Path(tmp)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        export_model(best_state, cfg, tmp / "model.pt")
+        report = {"best_epoch": best_metrics["epoch"], "best_dev": {k: v for k, v in best_metrics.items()
+                                                                   if k.startswith("dev_")},
+                  "epochs_trained": len(history), "history": history, "checkpoint": best.path}
+        (tmp / "eval_report.json").write_text(json.dumps(report, indent=2))
+        plot_curves(history, tmp / "curves.png")
+        maps = patch_maps(best_state, cfg, dataset_uri, features_uri, tmp / "cvacpt_patch_maps.png")
+        for name in ("config.yaml", "model.pt", "eval_report.json", "curves.png"):
+            mlflow.log_artifact(str(tmp / name))
+        if maps:
+            mlflow.log_artifact(str(maps))
+        run_id = run.info.run_id
+    log.info("training done: best dev MRR %.4f at epoch %s; MLflow run %s at %s",
+             best_metrics.get("dev_MRR", float("nan")), best_metrics["epoch"], run_id, uri)
+    return {"run_id": run_id, "tracking_uri": uri, "best": best_metrics, "history": history,
+            "checkpoint": best.path, "features_uri": features_uri, "negatives_uri": negatives_uri}
+
+
+def patch_maps(state: dict, cfg: Config, dataset_uri: str, features_uri: str, path: Path) -> Path | None:
+    """CVaCPT alpha/beta per patch over a few dev mention images with views (the paper's Fig. 6)."""
+    import io
+
+    from PIL import Image
+
+    from mel_ray.dataset import load_dataset
+    from mel_ray.model import MELModel, ModelDims
+    from mel_ray.plots import plot_patch_maps
+    from mel_ray.train.data import mention_tensors
+
+    dev = mention_tensors(features_uri, dataset_uri, "dev")
+    ds = load_dataset(dataset_uri)
+    table = ds.mentions("dev", columns=["mention_id", "mention", "image_uri"]).to_pylist()
+    by_id = {r["mention_id"]: r for r in table}
+    has_view = dev["n_views"] > 0 if "n_views" in dev else None
+    if has_view is None:
+        return None
+    picks = [i for i, mid in enumerate(dev["mention_id"]) if has_view[i] and by_id[mid]["image_uri"]]
+    picks = picks[:PATCH_MAP_MENTIONS]
+    if not picks:
+        return None
+    model = MELModel(ModelDims(**state["dims"]))
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        maps = model.eval().cvacpt_maps({k: v[picks] for k, v in dev.items() if isinstance(v, torch.Tensor)})
+    images, titles = [], []
+    for i in picks:
+        row = by_id[dev["mention_id"][i]]
+        data = storage.read_bytes(ds.resolve_uri(row["image_uri"]))
+        images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        titles.append(f"{row['mention_id']}: {row['mention']}")
+    return plot_patch_maps(images, list(maps["alpha"].numpy()), list(maps["beta"].numpy()), titles, path)
