@@ -12,8 +12,9 @@ Pure numpy/scipy, no Ray: `mel_ray.negatives` distributes `mine_rows` over row b
 
 Algorithm (exact; the naive sparse product costs sum_a df_a^2, ~N^2 for attributes with df 30-80%):
 
-1. Attribute ids are ranked by document frequency. The F most frequent ("head", F <= 64, chosen by a cost
-   model or forced with `frequent_bits`) become a bitmask m_i (uint64); the rest ("tail") stay as CSR.
+1. Attribute ids are ranked by document frequency. The F most frequent ("head", F <= 48, chosen by a cost
+   model or forced with `frequent_bits`) become a bitmask m_i in a uint64 that also holds |A_i| in its high
+   bits; the rest ("tail") stay as CSR.
 2. Groups: entities with the same (m_j, |A_j|). For a candidate j that shares no tail attribute with i
    (r_ij = 0), J(i, j) = f / (|A_i| + |A_j| - f) with f = popcount(m_i & m_j) depends on j's group only.
 3. Per query key (a group, since queries with equal (m, size) behave identically) over all groups:
@@ -22,14 +23,19 @@ Algorithm (exact; the naive sparse product costs sum_a df_a^2, ~N^2 for attribut
    with r_ij > 0 score strictly more than their group), so at least k candidates score >= g*: the k-th best
    score is >= g*. Candidate groups of the key: those with score > g* (fewer than k members in total, all
    taken) and those with score == g* ("tie" groups). If fewer than k members score > 0, g* = 0 and every
-   group with f > 0 is taken.
+   group with f > 0 is taken. A key's score for a group depends only on (f, group size), so the counts are
+   binned by (f, size) and g* is found on a few hundred bins instead of G groups.
 4. Per block of queries: tail overlaps r_ij from the sparse product A_tail[block] @ A_tail^T; these pairs
    get exact scores (popcount(m_i & m_j) + r_ij) / (s_i + s_j - inter) and are kept when >= g* (all others
-   rank below at least k candidates). Members of candidate groups are expanded; self and members already
-   found by the product (r_ij > 0: in the product, with their higher exact score) are dropped. Of the tie
-   members, only the k with the smallest pair keys can be selected, so large tie sets are thinned with a
-   key threshold (expected 4k survivors; a row left with fewer than k falls back to all). The union is
-   sorted by (row, score desc, pair key asc) and the first k per row are the result.
+   rank below at least k candidates; a float pre-filter with a safety margin runs first, the exact test on
+   its survivors). Members of candidate groups are expanded; self and members already found by the
+   product are dropped (a member with r_ij > 0 of a group scoring >= g* scores > g*, so it is among the
+   kept product pairs, with its exact score). Of the tie members only the k with the smallest pair keys
+   can be selected, so large tie sets are thinned with a key threshold (expected 4k survivors; a row left
+   with fewer than k falls back to all its ties). Final order: an int64 sort of (row, floor(score * 2^40))
+   finds each row's k-th best score (distinct rationals with denominators < 2^18 differ by > 2^-36, so
+   this integer image of the score is exact); candidates reaching it are ordered by (score, pair key) and
+   the first k per row are the result.
 
 Work: sum over tail attributes of df^2 (the product; the head is never multiplied) plus G^2 for the key x
 group table plus the members of candidate groups; memory per block is bounded by the block's work, which
@@ -40,8 +46,10 @@ one identical attribute set makes every query hash that whole tie group (quadrat
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,8 +61,8 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
 _C2 = np.uint64(0x94D049BB133111EB)
 _SALT_CAND = 0xD1B54A32D192ED03
-MAX_FREQUENT_BITS = 64
-CHUNK_WORK = 6_000_000        # pairs per chunk (product nnz bound + group members): ~0.5 GB of temporaries
+MAX_FREQUENT_BITS = 48       # the packed word holds the head mask (low bits) and the set size (high bits)
+CHUNK_WORK = 1_000_000        # pairs per chunk (product nnz bound + group members): cache-sized temporaries
 TIE_OVERSAMPLE = 4.0          # expected survivors of the tie thinning, in units of k
 KEY_TABLE_CHUNK = 4_000_000   # entries of the key x group score table computed at once
 ALGORITHM_VERSION = 1
@@ -158,9 +166,11 @@ def encode_attributes(attributes: Sequence[Sequence[str]] | pa.Array | pa.Chunke
     if isinstance(attributes, Encoded):
         return attributes
     if not isinstance(attributes, (pa.Array, pa.ChunkedArray)):
-        attributes = pa.array(list(map(list, attributes)), type=pa.list_(pa.string()))
+        attributes = pa.array([list(a) if a is not None else [] for a in attributes],
+                              type=pa.list_(pa.string()))
     if isinstance(attributes, pa.ChunkedArray):
-        attributes = attributes.combine_chunks() if attributes.num_chunks else pa.array([], pa.list_(pa.string()))
+        attributes = (attributes.combine_chunks() if attributes.num_chunks
+                      else pa.array([], pa.list_(pa.string())))
     n = len(attributes)
     if attributes.null_count:
         attributes = pc.fill_null(attributes, pa.scalar([], attributes.type))
@@ -207,15 +217,21 @@ def _count_groups(masks: np.ndarray, sizes: np.ndarray) -> int:
     return int(1 + np.count_nonzero(np.any(key[1:] != key[:-1], axis=1))) if len(key) else 0
 
 
+def size_shift(sizes: np.ndarray) -> int:
+    """Bit position of the size in the packed (mask | size << shift) word; the head gets the bits below."""
+    top = int(sizes.max()) if len(sizes) else 0
+    return 64 - max(top.bit_length(), 1)
+
+
 def choose_frequent_bits(enc: Encoded, max_bits: int = MAX_FREQUENT_BITS) -> tuple[int, dict]:
     """F minimising (tail product work) + (key x group table) = sum_{a >= F} df_a^2 + G(F)^2."""
     df = enc.df
     useful = int(np.count_nonzero(df >= 2))
-    limit = min(max_bits, useful)
-    tail_work = np.concatenate([np.cumsum((df[::-1] ** 2))[::-1], [0]])
+    limit = min(max_bits, useful, size_shift(enc.sizes))
+    tail_work = np.concatenate([np.cumsum(df[::-1] ** 2)[::-1], [0]])
     best, best_cost, table = 0, None, {}
     sizes = enc.sizes
-    for bits in sorted(set([0, *range(2, limit + 1, 2), limit])):
+    for bits in sorted({0, *range(2, limit + 1, 2), limit}):
         g = _count_groups(_masks(enc, bits), sizes)
         cost = int(tail_work[bits]) + g * g
         table[bits] = (int(tail_work[bits]), g)
@@ -240,7 +256,7 @@ class Index:
         return {"arrays": self.arrays, "params": self.params}
 
     @classmethod
-    def from_payload(cls, payload: dict) -> "Index":
+    def from_payload(cls, payload: dict) -> Index:
         return cls(payload["arrays"], payload["params"])
 
 
@@ -253,8 +269,10 @@ def build_index(enc: Encoded, k: int, frequent_bits: int | None = None) -> Index
     if frequent_bits is None:
         bits, _ = choose_frequent_bits(enc)
     else:
-        bits = int(min(max(frequent_bits, 0), MAX_FREQUENT_BITS, len(enc.df)))
+        bits = int(min(max(frequent_bits, 0), MAX_FREQUENT_BITS, len(enc.df), size_shift(sizes)))
     masks = _masks(enc, bits)
+    shift = size_shift(sizes)
+    packed = masks | (sizes.astype(np.uint64) << np.uint64(shift))
     # tail CSR (rows) and its transpose (postings)
     rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(enc.indptr))
     tail = enc.indices >= bits
@@ -267,6 +285,8 @@ def build_index(enc: Encoded, k: int, frequent_bits: int | None = None) -> Index
     p_ptr = np.zeros(n_tail + 1, dtype=np.int64)
     np.cumsum(np.bincount(t_cols, minlength=n_tail), out=p_ptr[1:])
     p_idx = t_rows[order].astype(np.int32)
+    if len(p_idx) < 2 ** 31 - 1:
+        p_ptr = p_ptr.astype(np.int32)   # all-int32 index arrays: scipy's product then copies nothing
     tail_df = enc.df[bits:]
     tail_work = np.zeros(n, dtype=np.int64)
     np.add.at(tail_work, t_rows, tail_df[t_cols])
@@ -285,61 +305,82 @@ def build_index(enc: Encoded, k: int, frequent_bits: int | None = None) -> Index
     gid[gorder] = np.repeat(np.arange(n_groups, dtype=np.int32), g_count)
     g_members = gorder.astype(np.int32)
     # key x group table: per key, its g* and candidate groups
-    kc_rows, kc_group, kc_score, kc_tie = [], [], [], []
-    g_star = np.zeros(n_groups, dtype=np.float64)
-    g_all = np.arange(n_groups)
-    chunk = max(1, KEY_TABLE_CHUNK // max(n_groups, 1))
-    for c0 in range(0, n_groups, chunk):
-        keys = np.arange(c0, min(c0 + chunk, n_groups))
-        f = _popcount(g_mask[keys][:, None] & g_mask[None, :]).astype(np.int64)
-        union = g_size[keys][:, None] + g_size[None, :] - f
-        with np.errstate(divide="ignore", invalid="ignore"):
-            score = np.where(f > 0, f / np.maximum(union, 1), 0.0)
-        weight = np.broadcast_to(g_count[None, :], score.shape) - (keys[:, None] == g_all[None, :])
-        weight = np.where(score > 0, weight, 0)
-        if n_groups > k + 1:
-            top = np.argpartition(-score, k, axis=1)[:, :k + 1]
-        else:
-            top = np.broadcast_to(g_all[None, :], score.shape)
-        st = np.take_along_axis(score, top, axis=1)
-        wt = np.take_along_axis(weight, top, axis=1)
-        o = np.argsort(-st, axis=1, kind="stable")
-        st, wt = np.take_along_axis(st, o, axis=1), np.take_along_axis(wt, o, axis=1)
-        cum = np.cumsum(wt, axis=1)
-        reached = cum >= k
-        has = reached.any(axis=1)
-        first = reached.argmax(axis=1)
-        gstar = np.where(has, st[np.arange(len(keys)), first], 0.0)
-        g_star[keys] = gstar
-        cand = (score > 0) & (score >= gstar[:, None])
-        r, c = np.nonzero(cand)
-        kc_rows.append(keys[r])
-        kc_group.append(c.astype(np.int32))
-        sc = score[r, c]
-        kc_score.append(sc)
-        kc_tie.append((sc == gstar[r]) & (gstar[r] > 0))
-    cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
-    kc_rows_a = cat(kc_rows, np.int64)
+    g_star, kc_rows, kc_group, kc_score, kc_tie = _key_table(g_mask, g_size, g_count, bits, k)
+    kc_rows_a = kc_rows
     kc_ptr = np.zeros(n_groups + 1, dtype=np.int64)
     np.cumsum(np.bincount(kc_rows_a, minlength=n_groups), out=kc_ptr[1:])
-    kc_group_a = cat(kc_group, np.int32)
+    kc_group_a = kc_group
     kc_members = np.zeros(n_groups, dtype=np.int64)
     np.add.at(kc_members, kc_rows_a, g_count[kc_group_a])
     arrays = {
-        "sizes": sizes, "masks": masks, "gid": gid, "tail_work": tail_work,
+        "sizes": sizes, "masks": masks, "packed": packed, "gid": gid, "tail_work": tail_work,
         "t_ptr": t_ptr, "t_idx": t_idx, "p_ptr": p_ptr, "p_idx": p_idx,
         "g_ptr": g_ptr, "g_members": g_members, "g_count": g_count, "g_star": g_star,
-        "kc_ptr": kc_ptr, "kc_group": kc_group_a, "kc_score": cat(kc_score, np.float64),
-        "kc_tie": cat(kc_tie, bool), "kc_members": kc_members,
+        "kc_ptr": kc_ptr, "kc_group": kc_group_a, "kc_score": kc_score,
+        "kc_tie": kc_tie, "kc_members": kc_members,
     }
     params = {
-        "n": n, "k": int(k), "frequent_bits": bits, "n_tail_attributes": n_tail, "n_groups": n_groups,
-        "key_group_entries": int(len(kc_group_a)),
+        "n": n, "k": int(k), "frequent_bits": bits, "size_shift": shift,
+        "fast_select": bool(2 * (int(sizes.max()) if n else 0) < (1 << 18)),
+        "n_tail_attributes": n_tail, "n_groups": n_groups,
+        "key_group_entries": len(kc_group_a),
         "tail_df2": int((tail_df.astype(np.int64) ** 2).sum()),
         "all_df2": int((enc.df.astype(np.int64) ** 2).sum()),
         "index_seconds": round(time.perf_counter() - t0, 3),
     }
     return Index(arrays, params)
+
+
+def _key_table(g_mask: np.ndarray, g_size: np.ndarray, g_count: np.ndarray, bits: int, k: int):
+    """For every key (= group, as a query), g* and its candidate groups (score >= g*, score > 0).
+
+    A key's score for a group depends only on (f, size) with f = popcount(key mask & group mask), so the
+    member counts are binned by (f, size) (a few hundred bins instead of G groups), g* is found on the
+    bins, and each group is a candidate iff its bin is.
+    """
+    n_groups = len(g_mask)
+    size_vals, sidx = np.unique(g_size, return_inverse=True)
+    n_sizes = len(size_vals)
+    n_bins = (bits + 1) * n_sizes
+    f_of_bin = np.repeat(np.arange(bits + 1, dtype=np.int64), n_sizes)
+    s_of_bin = np.tile(size_vals, bits + 1)
+    sidx = sidx.astype(np.int32)
+    weights = g_count.astype(np.float64)
+    g_star = np.zeros(n_groups, dtype=np.float64)
+    out_rows, out_group, out_score, out_tie = [], [], [], []
+    chunk = max(1, KEY_TABLE_CHUNK // max(n_groups, n_bins, 1))
+    for c0 in range(0, n_groups, chunk):
+        keys = np.arange(c0, min(c0 + chunk, n_groups))
+        c = len(keys)
+        f = np.bitwise_count(g_mask[keys][:, None] & g_mask[None, :]).astype(np.int32)
+        flat = f * n_sizes
+        flat += sidx[None, :]
+        flat += (np.arange(c, dtype=np.int32) * n_bins)[:, None]
+        w = np.bincount(flat.ravel(), weights=np.broadcast_to(weights, (c, n_groups)).ravel(),
+                        minlength=c * n_bins).reshape(c, n_bins)
+        self_bin = np.bitwise_count(g_mask[keys]).astype(np.int64) * n_sizes + sidx[keys]
+        w[np.arange(c), self_bin] -= 1                       # the query itself is no candidate
+        fb = f_of_bin[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(fb > 0, fb / np.maximum(g_size[keys][:, None] + s_of_bin[None, :] - fb, 1), 0.0)
+        w = np.where(score > 0, w, 0.0)
+        order = np.argsort(-score, axis=1, kind="stable")
+        s_sorted = np.take_along_axis(score, order, axis=1)
+        cum = np.cumsum(np.take_along_axis(w, order, axis=1), axis=1)
+        reached = cum >= k
+        has = reached.any(axis=1)
+        gstar = np.where(has, s_sorted[np.arange(c), reached.argmax(axis=1)], 0.0)
+        g_star[keys] = gstar
+        cand_bin = (score > 0) & (score >= gstar[:, None])
+        r, g = np.nonzero(cand_bin.ravel()[flat])
+        sc = score.ravel()[flat[r, g]]
+        out_rows.append(keys[r])
+        out_group.append(g.astype(np.int32))
+        out_score.append(sc)
+        out_tie.append((sc == gstar[r]) & (gstar[r] > 0))
+    cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
+    return (g_star, cat(out_rows, np.int64), cat(out_group, np.int32), cat(out_score, np.float64),
+            cat(out_tie, bool))
 
 
 # ------------------------------------------------------------------------------------------- mining
@@ -358,7 +399,8 @@ class _Tail:
 
 def new_stats() -> dict[str, int]:
     return {"rows": 0, "chunks": 0, "product_pairs": 0, "exact_kept": 0, "group_pairs": 0,
-            "tie_pairs": 0, "tie_fallback_rows": 0, "sorted_candidates": 0}
+            "tie_pairs": 0, "tie_fallback_rows": 0, "sorted_candidates": 0,
+            "t_product": 0.0, "t_exact": 0.0, "t_groups": 0.0, "t_select": 0.0}
 
 
 def mine_rows(ix: Index, start: int, stop: int, seed: int, tail: _Tail | None = None,
@@ -373,7 +415,7 @@ def mine_rows(ix: Index, start: int, stop: int, seed: int, tail: _Tail | None = 
         base = cum[bounds[-1] - start - 1] if bounds[-1] > start else 0
         nxt = start + int(np.searchsorted(cum, base + CHUNK_WORK, side="right"))
         bounds.append(min(stop, max(nxt, bounds[-1] + 1)))
-    parts = [_mine_chunk(ix, tail, a, b, seed, stats) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [_mine_chunk(ix, tail, a, b, seed, stats) for a, b in itertools.pairwise(bounds)]
     stats["rows"] += stop - start
     if not parts:
         return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -391,29 +433,44 @@ def _mine_chunk(ix: Index, tail: _Tail, c0: int, c1: int, seed: int, stats: dict
     q_key = gid[c0:c1].astype(np.int64)
     q_star = ix.g_star[q_key]
 
-    # 1. exact candidates: pairs sharing a tail attribute
+    # 1. exact candidates: pairs sharing a tail attribute. A float pre-filter with a safety margin keeps
+    #    every pair whose score could be >= g*; survivors get the exact score and the exact test.
     p0, p1 = ix.t_ptr[c0], ix.t_ptr[c1]
     if p1 > p0 and tail.n_tail:
-        a_q = sp.csr_matrix((tail.ones[:p1 - p0],
-                             ix.t_idx[p0:p1], ix.t_ptr[c0:c1 + 1] - p0), shape=(b, tail.n_tail), copy=False)
-        prod = (a_q @ tail.postings).tocsr()
+        a_q = sp.csr_matrix((tail.ones[:p1 - p0], ix.t_idx[p0:p1],
+                             (ix.t_ptr[c0:c1 + 1] - p0).astype(ix.p_ptr.dtype)),
+                            shape=(b, tail.n_tail), copy=False)
+        t0 = time.perf_counter()
+        prod = a_q @ tail.postings
+        t1 = time.perf_counter()
+        stats["t_product"] += t1 - t0
         per_row = np.diff(prod.indptr)
-        e_row = np.repeat(np.arange(b, dtype=np.int64), per_row)
-        e_col = prod.indices.astype(np.int64)
-        r = prod.data
-        del prod
-        stats["product_pairs"] += len(e_col)
-        inter = _popcount(np.repeat(q_mask, per_row) & masks[e_col]).astype(np.int64) + r
-        union = np.repeat(q_size, per_row) + sizes[e_col] - inter
-        e_score = inter / union
-        keep = (e_score >= np.repeat(q_star, per_row)) & (e_col != e_row + c0)
+        cols, r = prod.indices, prod.data
+        stats["product_pairs"] += len(cols)
+        pj = ix.packed[cols]
+        inter = np.bitwise_count(np.repeat(q_mask, per_row) & pj).astype(np.int32)
+        inter += r
+        union = (pj >> np.uint64(ix.params["size_shift"])).astype(np.int32)
+        union += np.repeat(q_size.astype(np.int32), per_row)
+        union -= inter
+        cut = np.repeat(q_star * (1.0 - 1e-9), per_row)
+        cut *= union
+        idx = np.flatnonzero(inter >= cut)
+        del pj, cut
+        e_row = np.searchsorted(prod.indptr, idx, side="right") - 1
+        e_col = cols[idx].astype(np.int64)
+        e_score = inter[idx] / union[idx]
+        del prod, cols, r, inter, union
+        keep = (e_score >= q_star[e_row]) & (e_col != e_row + c0)
         e_row, e_col, e_score = e_row[keep], e_col[keep], e_score[keep]
+        stats["t_exact"] += time.perf_counter() - t1
     else:
         e_row = e_col = np.zeros(0, np.int64)
         e_score = np.zeros(0, np.float64)
     stats["exact_kept"] += len(e_col)
 
     # 2. candidates without a shared tail attribute: members of the key's candidate groups
+    t2 = time.perf_counter()
     kst = ix.kc_ptr[q_key]
     kcnt = ix.kc_ptr[q_key + 1] - kst
     pidx, prow = _expand(kst, kcnt)
@@ -451,17 +508,35 @@ def _mine_chunk(ix: Index, tail: _Tail, c0: int, c1: int, seed: int, stats: dict
         m_row, m_col, m_score, m_key = m_row[passed], m_col[passed], m_score[passed], m_key[passed]
 
     # 3. final order: row, score desc, key asc; first k per row
+    t3 = time.perf_counter()
+    stats["t_groups"] += t3 - t2
     rows = np.concatenate([e_row, m_row])
     cols = np.concatenate([e_col, m_col])
     scores = np.concatenate([e_score, m_score])
-    keys = np.concatenate([pair_keys(seed, e_row + c0, e_col), m_key])
     stats["sorted_candidates"] += len(rows)
-    order = np.lexsort((keys, -scores, rows))
+    if ix.params["fast_select"] and b < (1 << 22):
+        # exact integer image of the score order (distinct rationals with denominators < 2^18 differ by
+        # more than 2^-36, so floor(score * 2^40) keeps them apart and equal ones together), composed
+        # with the row: one int64 sort gives each row's k-th best score; keep what reaches it (top k plus
+        # ties at the k-th score) and order only those by pair key.
+        comp = (rows << 41) | ((1 << 41) - 1 - np.floor(scores * 2.0 ** 40).astype(np.int64))
+        srt = np.sort(comp)
+        first = np.searchsorted(srt, np.arange(b, dtype=np.int64) << 41)
+        last = np.append(first[1:], len(srt))
+        full = last - first >= k
+        kth = np.full(b, np.iinfo(np.int64).max, dtype=np.int64)
+        kth[full] = srt[first[full] + k - 1]
+        keep = comp <= kth[rows]
+        rows, cols, scores, comp = rows[keep], cols[keep], scores[keep], comp[keep]
+        order = np.lexsort((pair_keys(seed, rows + c0, cols), comp))
+    else:
+        order = np.lexsort((pair_keys(seed, rows + c0, cols), -scores, rows))
     rows, cols, scores = rows[order], cols[order], scores[order]
     first = np.searchsorted(rows, np.arange(b))
     rank = np.arange(len(rows)) - first[rows]
     sel = rank < k
     counts = np.bincount(rows[sel], minlength=b).astype(np.int32)
+    stats["t_select"] += time.perf_counter() - t3
     return counts, cols[sel], scores[sel].astype(np.float32)
 
 
@@ -474,7 +549,7 @@ def brute_force_topk(attributes, k: int, seed: int = 0) -> tuple[list[np.ndarray
         sets = [set(attributes.indices[attributes.indptr[i]:attributes.indptr[i + 1]].tolist())
                 for i in range(attributes.n)]
     else:
-        sets = [set(a for a in attrs if a is not None) for attrs in attributes]
+        sets = [{a for a in attrs if a is not None} for attrs in attributes]
     ids_out, scores_out = [], []
     for i, a in enumerate(sets):
         cands = []
