@@ -25,5 +25,8 @@ test: setup
 lint: setup
 	$(BIN)/ruff check mel_ray jobs tests benchmarks
 
+bench-mining: setup
+	$(BIN)/python benchmarks/bench_mining.py
+
 clean:
 	rm -rf demo_out .pytest_cache

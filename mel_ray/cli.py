@@ -74,7 +74,8 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set).negatives
     manifest = mine_negatives(args.dataset, k=args.k if args.k is not None else cfg.k,
                               seed=args.seed if args.seed is not None else cfg.seed,
-                              block_size=cfg.block_size, num_workers=args.workers)
+                              block_size=args.block_size or cfg.block_size, num_workers=args.workers,
+                              force=args.force)
     print(json.dumps(manifest, default=str))
     return 0
 
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="pool size k_max (default: negatives.k)")
     p.add_argument("--seed", type=int, help="tie-break seed (default: negatives.seed)")
     p.add_argument("--workers", type=int, help="Ray actors (default: one per CPU; 0 = no Ray)")
+    p.add_argument("--block-size", type=int, help="query entities per Ray Data block (default: negatives.block_size)")
+    p.add_argument("--force", action="store_true", help="recompute even if the same pool is complete")
     p.set_defaults(func=_cmd_mine_negatives)
 
     p = sub.add_parser("synthesize", parents=[common], help="CVaCPT: draw synthetic views of every mention")

@@ -64,6 +64,17 @@ def build_datasets(root: Path, cfg: Config) -> str:
     return merged
 
 
+def mine(merged: str, cfg: Config) -> dict:
+    from mel_ray.negatives import mine_negatives
+
+    t0 = _step(f"JD-CCL hard negatives (exact top-{cfg.negatives.k} Jaccard)")
+    manifest = mine_negatives(merged, k=cfg.negatives.k, seed=cfg.negatives.seed,
+                              block_size=cfg.negatives.block_size)
+    counts = manifest.get("counts", {})
+    _done(t0, f"{'already mined' if manifest.get('skipped') else 'mined'}: {counts}")
+    return manifest
+
+
 def summarize(uri: str) -> dict:
     ds = load_dataset(uri)
     entities = ds.entities(columns=["name", "attributes", "image_uris"])
@@ -92,6 +103,7 @@ def run_demo(output: str, config_path: str | None = None, overrides: list[str] |
     cfg = load_config(config_path, overrides)
     t_start = time.perf_counter()
     merged = build_datasets(root, cfg)
+    mine(merged, cfg)
     summary = summarize(merged)
     print("==> summary")
     print(json.dumps(summary, indent=2, default=str))

@@ -48,7 +48,8 @@ def find_negatives(dataset_uri: str, negatives_uri: str | None, k_pool: int, mod
     if mode == "in_batch":
         return None
     uri = negatives_uri or storage.join(dataset_uri, "negatives", f"k{k_pool}.parquet")
-    if not storage.exists(uri):
+    # the manifest is written last: a pool without one is incomplete
+    if not storage.exists(uri) or not storage.exists(uri.replace(".parquet", ".manifest.json")):
         raise UsageError(f"{uri}: no mined negatives; run `mel-ray mine-negatives --k {k_pool}` first "
                          f"or train with --set train.negatives=in_batch")
     return uri
