@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.set)
     n = cfg.negatives
     manifest = mine_negatives(cfg.data.dataset, k=n.k, seed=n.seed, block_size=n.block_size)
-    print(json.dumps({"skipped": manifest.get("skipped", False), **manifest.get("counts", {})}))
+    print(json.dumps({k: manifest.get(k) for k in ("output", "skipped", "n_entities", "n_without_attributes",
+                                                  "n_short")}))
     return 0
 
 

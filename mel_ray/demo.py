@@ -70,7 +70,7 @@ def mine(merged: str, cfg: Config) -> dict:
     t0 = _step(f"JD-CCL hard negatives (exact top-{cfg.negatives.k} Jaccard)")
     manifest = mine_negatives(merged, k=cfg.negatives.k, seed=cfg.negatives.seed,
                               block_size=cfg.negatives.block_size)
-    counts = manifest.get("counts", {})
+    counts = {k: manifest[k] for k in ("n_entities", "n_without_attributes", "n_short") if k in manifest}
     _done(t0, f"{'already mined' if manifest.get('skipped') else 'mined'}: {counts}")
     return manifest
 
