@@ -102,3 +102,11 @@ def test_cli_make_demo_data_and_ingest_with_overrides(tmp_path, capsys):
     assert report["options"]["check_images"] is True and report["options"]["copy_images"] is False
     uris = [u for row in ds.entities(columns=["image_uris"]).column("image_uris").to_pylist() for u in row]
     assert uris and all(os.path.isabs(u) for u in uris)
+
+
+def test_demo_mines_negatives_and_the_job_reuses_them(demo_root):
+    merged = demo_root / "datasets" / "demo-merged"
+    assert (merged / "negatives" / "k8.parquet").exists() and (merged / "negatives" / "k8.manifest.json").exists()
+    r = _job("mine_negatives.py", "--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"data.dataset={merged}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["skipped"] is True
