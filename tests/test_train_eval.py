@@ -78,3 +78,52 @@ def test_sharded_evaluation_equals_brute_force(trained):
     for key, value in expected.items():
         assert report["metrics"][key] == pytest.approx(value, abs=1e-9), key
     assert report["entities"] == store.num_entities
+
+
+def _train_workers(token: str) -> list:
+    """Live Ray Train worker processes of THIS test session's cluster (its auth token is unique)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker") and \
+                    proc.environ().get("RAY_AUTH_TOKEN") == token:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(prepared, trained):
+    """SIGKILL one training worker mid-epoch: the run restarts from its checkpoint and still finishes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from mel_ray.train.run import train
+
+    root, features = prepared
+    cfg = load_config(None, ["train.negatives=in_batch", "train.epochs=2", "train.batch_size=16",
+                             "train.num_workers=2", "train.cpus_per_worker=0.5", "train.lr=1e-3",
+                             "model.dt=32", "model.dv=16", "tracking.experiment=t", "train.max_failures=2"])
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=train(
+        cfg, str(root / "ds"), features_uri=features, storage_path=str(root / "runs-kill"), run_name="kill",
+        tracking_dir=str(root))))
+    runner.start()
+    run_dir = root / "runs-kill" / "kill"
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(p.name.startswith("checkpoint_") for p in run_dir.glob("*")):
+        time.sleep(0.5)
+    workers = _train_workers(os.environ["RAY_AUTH_TOKEN"])
+    assert workers, "no training worker found after the first checkpoint"
+    os.kill(workers[0].pid, signal.SIGKILL)        # a real process kill, mid-way through epoch 2
+    runner.join(timeout=900)
+    assert not runner.is_alive()
+    history = outcome["result"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]  # epoch 1 was not trained again
+    assert history[0]["restarts"] == 0 and history[1]["restarts"] == 1   # epoch 2 ran after a restart
+    uninterrupted = trained[2]["history"][-1]["dev_MRR"]
+    assert abs(history[-1]["dev_MRR"] - uninterrupted) < 0.15

@@ -82,6 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
+        state["restarts"] = state.get("restarts", 0) + 1
 
     # CVaCPT's parameters get no gradient when w = 0 or the features carry no synthetic views
     uses_cvacpt = dims.cvacpt_weight > 0.0 and "synthetic_global" in store.shapes
@@ -118,6 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
             steps += 1
             fallbacks += cols.fallbacks
         metrics = {"epoch": epoch + 1, "steps": steps, "negative_fallbacks": fallbacks,
+                   "restarts": state.get("restarts", 0),
                    "epoch_seconds": time.perf_counter() - t0,
                    **{k: v / max(steps, 1) for k, v in sums.items()}}
 
