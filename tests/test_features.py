@@ -1,0 +1,447 @@
+"""extract-features: shapes and dtypes as the manifest says, equality with a direct CLIPModel call, image
+flags and counters (missing / corrupt images and synthetic views), synthetic rows vs the synthetic manifest,
+byte-identical output across batch sizes, actor counts and engines, SIGKILL + resume, S3 round trip."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mel_ray import storage
+from mel_ray.config import IngestConfig
+from mel_ray.dataset import SPLITS, load_dataset
+from mel_ray.demo_data import make_demo_data
+from mel_ray.errors import DataError
+from mel_ray.features import (
+    MANIFEST,
+    entity_text,
+    extract_features,
+    image_config,
+    load_features,
+    mention_text,
+    model_fingerprint,
+    preprocess_image,
+    read_shard,
+    to_rgb,
+)
+from mel_ray.ingest import ingest
+from mel_ray.keys import sha256_hex, stable_seed
+from mel_ray.tiny_models import make_tiny_models
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTH = "synthkey0"
+N_S = 3
+SMALL = {"micro_batch": 4, "shard_rows": 16, "quiet": True}    # many shards and units on a small dataset
+SYNTH_SCHEMA = pa.schema([("mention_id", pa.string()), ("view", pa.int32()), ("seed", pa.int64()),
+                          ("prompt", pa.string()), ("uri", pa.string()), ("sha256", pa.string())])
+
+
+def _png(seed: int, side: int = 40) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_synthetic(dataset_uri: str, key: str = SYNTH, n_s: int = N_S) -> dict[str, list[dict]]:
+    """The synthesize stage's output contract (mel_ray/synthesize.py), written by hand: 0..n_s PNG views per
+    mention under DATASET/synthetic/<key>/images/, manifest.parquet (mention_id, view, seed, prompt, uri,
+    sha256), complete.json written last."""
+    ds = load_dataset(dataset_uri)
+    rows: list[dict] = []
+    for split in SPLITS:
+        for mid in ds.mentions(split, columns=["mention_id"]).column("mention_id").to_pylist():
+            for view in range(stable_seed("views", mid) % (n_s + 1)):
+                data = _png(stable_seed(mid, view))
+                rel = f"synthetic/{key}/images/{mid[-2:]}/{mid}_{view}.png"
+                storage.write_bytes(ds.path(rel), data)
+                rows.append({"mention_id": mid, "view": view, "seed": stable_seed(mid, view),
+                             "prompt": f"An image of {mid}", "uri": rel, "sha256": sha256_hex(data)})
+    storage.write_table(ds.path("synthetic", key, "manifest.parquet"), pa.Table.from_pylist(rows, schema=SYNTH_SCHEMA))
+    storage.write_json(ds.path("synthetic", key, "complete.json"), {"key": key, "images": len(rows)})
+    by_mention: dict[str, list[dict]] = {}
+    for r in rows:
+        by_mention.setdefault(r["mention_id"], []).append(r)
+    return by_mention
+
+
+def _files(uri: str) -> dict[str, bytes]:
+    return {rel: storage.read_bytes(storage.join(uri, rel)) for rel in storage.list_files(uri)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("features")
+    clip = make_tiny_models(str(root / "models"))["clip"]
+    make_demo_data(str(root / "raw"), n_entities=40, n_mentions=60, seed=0)
+    ingest("mimic", str(root / "raw"), str(root / "ds"), name="feat", options=IngestConfig())
+    synthetic = make_synthetic(str(root / "ds"))
+    return SimpleNamespace(root=root, clip=clip, ds=str(root / "ds"), synthetic=synthetic)
+
+
+@pytest.fixture(scope="module")
+def reference(world, ray_local) -> dict:
+    """batch_size 1, one actor: every other run must produce these exact bytes."""
+    manifest = extract_features(world.ds, world.clip, synthetic_key=SYNTH, batch_size=1, concurrency=1,
+                                features_root=str(world.root / "f-ref"), **SMALL)
+    return {"manifest": manifest, "files": _files(manifest["uri"])}
+
+
+@pytest.fixture(scope="module")
+def direct(world):
+    """A plain CLIPModel call, MIMIC-style: tokenizer to 40 tokens, LANCZOS resize, CLIP processor."""
+    import torch
+
+    from mel_ray.models import load_clip
+
+    model, proc = load_clip(world.clip)
+
+    def encode(text: str, image: Image.Image | None):
+        enc = proc.tokenizer([text], padding="max_length", max_length=40, truncation=True, return_tensors="pt")
+        img = (image or Image.new("RGB", (32, 32), (255, 255, 255))).convert("RGB")
+        px = proc.image_processor(images=[img.resize((32, 32), Image.Resampling.LANCZOS)],
+                                  return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px)
+        return {"text_global": out.text_embeds[0].numpy(), "text_local": out.text_model_output.last_hidden_state[0].numpy(),
+                "text_mask": enc["attention_mask"][0].numpy(), "image_global": out.image_embeds[0].numpy(),
+                "image_local": out.vision_model_output.last_hidden_state[0].numpy()}
+    return encode
+
+
+def _close(stored: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_allclose(stored.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=2e-3)
+
+
+# --------------------------------------------------------------------------------------------- pure parts
+
+
+def test_text_templates_follow_mimic():
+    assert entity_text("Gordon Brown", ["instance of: human", "occupation: politician"]) == \
+        "Gordon Brown [SEP] instance of: human. occupation: politician."
+    assert entity_text("Gordon Brown", []) == "Gordon Brown [SEP] "
+    assert mention_text("Brown", "Brown spoke today.") == "Brown [SEP] Brown spoke today."
+
+
+def test_model_fingerprint_is_by_content(world, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "clip-copy"
+    shutil.copytree(world.clip, copy)
+    assert model_fingerprint(str(copy)) == model_fingerprint(world.clip)
+    assert model_fingerprint("openai/clip-vit-base-patch32") == {"id": "openai/clip-vit-base-patch32"}
+    weights = load_file(str(copy / "model.safetensors"))
+    name = min(weights)
+    weights[name] = weights[name] + torch.ones_like(weights[name])
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    assert model_fingerprint(str(copy)) != model_fingerprint(world.clip)
+
+
+@pytest.mark.parametrize("sizes", [
+    {},                                                                      # CLIP ViT: 224 / 224
+    {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}},
+    {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 30}},   # resize, then crop
+    {"size": {"shortest_edge": 20}, "crop_size": {"height": 32, "width": 32}},   # crop pads with zeros
+    {"size": {"height": 20, "width": 36}, "crop_size": {"height": 16, "width": 16}},
+])
+def test_preprocessing_is_bit_identical_to_transformers_pil_backend(sizes):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    hf = CLIPImageProcessorPil(**sizes)
+    cfg = image_config(hf)
+    rng = np.random.default_rng(0)
+    for shape, mode in [((32, 32, 3), "RGB"), ((47, 23, 3), "RGB"), ((13, 70, 4), "RGBA"), ((90, 60), "P")]:
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).convert(mode)
+        ours = preprocess_image(to_rgb(image), cfg)
+        theirs = hf(images=[image], return_tensors="np")["pixel_values"][0]
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape
+        assert np.array_equal(ours, theirs), (sizes, shape, mode)
+
+
+def test_unknown_or_unfinished_synthetic_key_is_a_data_error(world, tmp_path):
+    with pytest.raises(DataError, match="synthesize"):
+        extract_features(world.ds, world.clip, synthetic_key="nope", engine="local", **SMALL)
+    ds_uri = str(tmp_path / "ds")
+    shutil.copytree(world.ds, ds_uri)
+    (Path(ds_uri) / "synthetic" / SYNTH / "complete.json").unlink()          # a synthesize run that did not finish
+    with pytest.raises(DataError, match="complete"):
+        extract_features(ds_uri, world.clip, synthetic_key=SYNTH, engine="local", **SMALL)
+
+
+def test_views_limits_synthetic_views_to_the_first_n(world, reference, tmp_path):
+    out = extract_features(world.ds, world.clip, synthetic_key=SYNTH, views=2, engine="local",
+                           features_root=str(tmp_path), **SMALL)
+    assert out["key"] != reference["manifest"]["key"] and out["shapes"]["synthetic_global"] == [2, 32]
+    full = load_features(reference["manifest"]["uri"], "mentions/train")
+    two = load_features(out["uri"], "mentions/train")
+    for i, mid in enumerate(two["mention_id"]):
+        views = [r["view"] for r in world.synthetic.get(mid, []) if r["view"] < 2]
+        assert two["synthetic_view_ids"][i] == views and two["n_views"][i] == len(views)
+        _close(two["synthetic_global"][i], full["synthetic_global"][i, :2])
+    for col in ("text_global", "text_local", "image_global", "image_local", "has_image"):
+        assert np.array_equal(two[col], full[col]), col      # a row's own features do not depend on the views
+
+
+# ------------------------------------------------------------------------------------ the reference run
+
+
+def test_layout_shapes_and_dtypes_match_the_manifest(world, reference):
+    manifest = reference["manifest"]
+    uri = manifest["uri"]
+    assert json.loads(reference["files"][MANIFEST]) == {k: v for k, v in manifest.items() if k not in ("uri", "run")}
+    ds = load_dataset(world.ds)
+    shapes = manifest["shapes"]
+    assert shapes == {"text_global": [32], "text_local": [40, 32], "text_mask": [40], "image_global": [32],
+                      "image_local": [17, 32], "synthetic_global": [N_S, 32]}      # tiny CLIP: 16 patches + CLS
+    assert set(manifest["tables"]) == {"entities", "mentions/train", "mentions/dev", "mentions/test"}
+    for name, info in manifest["tables"].items():
+        source = ds.entities() if name == "entities" else ds.mentions(name.split("/")[1])
+        assert info["rows"] == source.num_rows
+        assert info["shards"] == [f"{name}/part-{i:05d}.parquet" for i in range(-(-source.num_rows // 16))]
+        ids = []
+        for i, shard in enumerate(info["shards"]):
+            table = pq.read_table(storage.join(uri, shard))
+            assert table.column_names == info["columns"]
+            assert table.num_rows == min(16, source.num_rows - 16 * i)
+            for col in info["columns"]:
+                typ = table.schema.field(col).type
+                if col in shapes:
+                    assert pa.types.is_fixed_size_list(typ), col
+                    assert typ.list_size == int(np.prod(shapes[col])), col
+                    assert str(typ.value_type) == {"float16": "halffloat"}.get(manifest["dtypes"][col],
+                                                                                manifest["dtypes"][col]), col
+                    assert json.loads(table.schema.field(col).metadata[b"shape"]) == shapes[col]
+            assert table.schema.field("has_image").type == pa.bool_()
+            ids += table.column(info["columns"][0]).to_pylist()
+        assert ids == source.column(info["columns"][0]).to_pylist()     # dataset row order, nothing lost
+        loaded = load_features(uri, name)
+        for col, shape in shapes.items():
+            if col in loaded:
+                assert loaded[col].shape == (source.num_rows, *shape)
+                assert loaded[col].dtype == np.dtype(manifest["dtypes"][col])
+        assert loaded["text_mask"].dtype == np.int8 and loaded["has_image"].dtype == np.bool_
+    assert manifest["encoders"] == ["cpu/threads=1"]
+
+
+def test_features_equal_a_direct_clip_call(world, reference, direct):
+    uri = reference["manifest"]["uri"]
+    ds = load_dataset(world.ds)
+    ents = ds.entities().to_pylist()
+    feats = load_features(uri, "entities")
+    two = next(e for e in ents if len(e["image_uris"]) >= 2)    # the first image is the one encoded
+    row = two["entity_id"]
+    first = Image.open(ds.resolve_uri(two["image_uris"][0]))
+    want = direct(entity_text(two["name"], two["attributes"]), first)
+    for col, expected in want.items():
+        _close(feats[col][row], expected)
+    second = direct(entity_text(two["name"], two["attributes"]), Image.open(ds.resolve_uri(two["image_uris"][1])))
+    stored = feats["image_local"][row].astype(np.float32)
+    assert np.abs(stored - second["image_local"]).max() > 10 * np.abs(stored - want["image_local"]).max()
+    blank = next(e for e in ents if not e["image_uris"])             # no image: a white blank is encoded
+    _close(feats["image_global"][blank["entity_id"]], direct("x", None)["image_global"])
+    # a mention with an image and synthetic views
+    mentions = ds.mentions("train").to_pylist()
+    mfeats = load_features(uri, "mentions/train")
+    i, m = next((i, m) for i, m in enumerate(mentions) if m["image_uri"] and len(world.synthetic.get(m["mention_id"], [])) >= 2)
+    want = direct(mention_text(m["mention"], m["sentence"]), Image.open(ds.resolve_uri(m["image_uri"])))
+    for col, expected in want.items():
+        _close(mfeats[col][i], expected)
+    for j, view in enumerate(world.synthetic[m["mention_id"]]):
+        synth = direct("x", Image.open(ds.resolve_uri(view["uri"])))
+        _close(mfeats["synthetic_global"][i, j], synth["image_global"])
+
+
+def test_has_image_and_counters_follow_the_data(world, reference):
+    ds = load_dataset(world.ds)
+    manifest = reference["manifest"]
+    ents = ds.entities(columns=["image_uris"]).column("image_uris").to_pylist()
+    feats = load_features(manifest["uri"], "entities", columns=["entity_id", "has_image"])
+    assert feats["has_image"].tolist() == [bool(u) for u in ents]
+    assert manifest["counters"]["entities"] == {"rows": len(ents), "with_image": sum(map(bool, ents)),
+                                                "no_image": sum(not u for u in ents), "examples": {}}
+    without = 0
+    for split in SPLITS:
+        uris = ds.mentions(split, columns=["image_uri"]).column("image_uri").to_pylist()
+        flags = load_features(manifest["uri"], f"mentions/{split}", columns=["has_image"])["has_image"]
+        assert flags.tolist() == [u is not None for u in uris]
+        without += uris.count(None)
+        counters = manifest["counters"][f"mentions/{split}"]
+        assert counters.get("no_image", 0) == uris.count(None) and "missing" not in counters
+    assert without > 0, "the demo data is meant to have mentions without an image"
+
+
+def test_synthetic_rows_match_the_synthetic_manifest(world, reference):
+    manifest = reference["manifest"]
+    assert manifest["n_views"] == N_S
+    listed = used = 0
+    for split in SPLITS:
+        f = load_features(manifest["uri"], f"mentions/{split}")
+        for i, mid in enumerate(f["mention_id"]):
+            views = [r["view"] for r in world.synthetic.get(mid, [])]
+            assert f["n_views"][i] == len(views)
+            assert f["synthetic_view_ids"][i] == views
+            rows = f["synthetic_global"][i].astype(np.float32)
+            assert np.all(np.abs(rows[:len(views)]).sum(axis=1) > 0)
+            assert not rows[len(views):].any(), "rows beyond n_views must be zeros"
+            listed += len(views)
+        synth = manifest["counters"][f"mentions/{split}"]["synthetic"]
+        used += synth["used"]
+        assert synth["listed"] == synth["used"]
+    assert listed == used == sum(len(v) for v in world.synthetic.values()) > 0
+
+
+def test_rerun_skips_everything(world, reference):
+    uri = reference["manifest"]["uri"]
+    before = {p: p.stat().st_mtime_ns for p in Path(uri).rglob("*") if p.is_file()}
+    again = extract_features(world.ds, world.clip, synthetic_key=SYNTH, features_root=str(world.root / "f-ref"),
+                             **SMALL)
+    assert again["run"]["shards_written"] == 0 and again["run"]["shards_skipped"] == len(before) - 1
+    assert {p: p.stat().st_mtime_ns for p in Path(uri).rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------------------- determinism
+
+
+# batch_size 1 vs 7 with one actor is also checked by test_round_trip_on_s3 (batch_size 7, one actor)
+@pytest.mark.parametrize("batch_size,concurrency,engine", [(7, 2, "ray"), (64, 1, "local")])
+def test_output_does_not_depend_on_batch_size_actors_or_engine(world, reference, batch_size, concurrency, engine):
+    out = extract_features(world.ds, world.clip, synthetic_key=SYNTH, batch_size=batch_size, concurrency=concurrency,
+                           engine=engine, features_root=str(world.root / f"f-{batch_size}-{concurrency}-{engine}"),
+                           **SMALL)
+    assert out["key"] == reference["manifest"]["key"]
+    files = _files(out["uri"])
+    assert sorted(files) == sorted(reference["files"])
+    assert [f for f in files if files[f] != reference["files"][f]] == []
+
+
+# ----------------------------------------------------------------------------------- bad images, views
+
+
+def test_corrupt_and_missing_images_are_counted_and_flagged(world, tmp_path):
+    ds_uri = str(tmp_path / "ds")
+    shutil.copytree(world.ds, ds_uri)
+    ds = load_dataset(ds_uri)
+    ents = ds.entities().to_pylist()
+    bad_ent = next(e for e in ents if len(e["image_uris"]) >= 2)
+    Path(ds.resolve_uri(bad_ent["image_uris"][0])).write_bytes(b"\x89PNG\r\n\x1a\n garbage, not an image")
+    train = ds.mentions("train").to_pylist()
+    with_img = [i for i, m in enumerate(train) if m["image_uri"]]
+    corrupt, gone = with_img[0], with_img[1]
+    shared = {ds.resolve_uri(train[corrupt]["image_uri"]), ds.resolve_uri(train[gone]["image_uri"])}
+    assert not {ds.resolve_uri(u) for e in ents for u in e["image_uris"]} & shared
+    Path(ds.resolve_uri(train[corrupt]["image_uri"])).write_bytes(os.urandom(300))
+    Path(ds.resolve_uri(train[gone]["image_uri"])).unlink()
+    # synthetic views: one undecodable (its manifest sha256 updated to match), one replaced by a valid
+    # image whose bytes no longer match the manifest's sha256
+    multi = [i for i, m in enumerate(train) if len(world.synthetic.get(m["mention_id"], [])) >= 2]
+    v_bad, v_swap = world.synthetic[train[multi[0]]["mention_id"]][0], world.synthetic[train[multi[1]]["mention_id"]][1]
+    garbage = b"GIF89a truncated"
+    Path(ds.resolve_uri(v_bad["uri"])).write_bytes(garbage)
+    Path(ds.resolve_uri(v_swap["uri"])).write_bytes(_png(12345))
+    rows = [r for views in world.synthetic.values() for r in views]
+    rows = [{**r, "sha256": sha256_hex(garbage)} if r["uri"] == v_bad["uri"] else r for r in rows]
+    storage.write_table(ds.path("synthetic", SYNTH, "manifest.parquet"), pa.Table.from_pylist(rows, schema=SYNTH_SCHEMA))
+
+    out = extract_features(ds_uri, world.clip, synthetic_key=SYNTH, engine="local", **SMALL)
+    c = out["counters"]
+    assert c["entities"]["undecodable"] == 1 and c["entities"]["examples"]["undecodable"] == \
+        [ds.resolve_uri(bad_ent["image_uris"][0])]
+    t = c["mentions/train"]
+    assert t["undecodable"] == 1 and t["missing"] == 1
+    assert t["examples"]["missing"] == [ds.resolve_uri(train[gone]["image_uri"])]
+    assert t["synthetic"]["undecodable"] == 1 and t["synthetic"]["mismatched"] == 1
+    assert t["synthetic"]["used"] == t["synthetic"]["listed"] - 2
+    assert t["with_image"] == len(with_img) - 2
+    ef = load_features(out["uri"], "entities", columns=["has_image"])
+    assert not ef["has_image"][bad_ent["entity_id"]]
+    assert ef["has_image"].sum() == sum(bool(e["image_uris"]) for e in ents) - 1
+    mf = load_features(out["uri"], "mentions/train")
+    assert not mf["has_image"][corrupt] and not mf["has_image"][gone]
+    assert mf["has_image"].sum() == len(with_img) - 2
+    for row, view in ((multi[0], v_bad), (multi[1], v_swap)):
+        views = [r["view"] for r in world.synthetic[train[row]["mention_id"]]]
+        kept = [v for v in views if v != view["view"]]
+        assert mf["synthetic_view_ids"][row] == kept and mf["n_views"][row] == len(kept)
+        assert not mf["synthetic_global"][row, len(kept):].any()
+
+
+# ----------------------------------------------------------------------------------- kill, S3
+
+
+KILL_SCRIPT = """
+import sys, time
+import mel_ray.features as f
+write = f._write_shard
+def slow_write(uri, table):          # slow writes, so the kill lands mid-run
+    write(uri, table)
+    time.sleep(1.0)
+f._write_shard = slow_write
+f.extract_features(sys.argv[1], sys.argv[2], synthetic_key=sys.argv[3], features_root=sys.argv[4],
+                   batch_size=1, micro_batch=4, shard_rows=16)
+"""
+
+
+def test_sigkill_mid_run_then_resume_gives_identical_output(world, reference, ray_local, tmp_path):
+    root = tmp_path / "features"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.address_info["gcs_address"]}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, world.ds, world.clip, SYNTH, str(root)],
+                            env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    total = sum(len(t["shards"]) for t in reference["manifest"]["tables"].values())
+    deadline = time.monotonic() + 150
+    try:
+        while True:
+            done = [p for p in root.rglob("part-*.parquet")] if root.exists() else []
+            if len(done) >= 2:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the subprocess wrote no shards in time"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    key_dir = root / reference["manifest"]["key"]
+    survivors = {p: p.stat().st_mtime_ns for p in key_dir.rglob("part-*.parquet")}
+    assert 2 <= len(survivors) < total and not (key_dir / MANIFEST).exists()
+
+    out = extract_features(world.ds, world.clip, synthetic_key=SYNTH, features_root=str(root), batch_size=64, **SMALL)
+    assert out["run"]["shards_skipped"] == len(survivors)
+    assert {p: p.stat().st_mtime_ns for p in survivors} == survivors, "finished shards must not be redone"
+    files = _files(out["uri"])
+    assert sorted(files) == sorted(reference["files"])
+    assert [f for f in files if files[f] != reference["files"][f]] == []
+
+
+def test_round_trip_on_s3(world, reference, ray_local, s3_bucket, s3_client):
+    """Dataset, images, synthetic views and features on the S3 test server, read and written by Ray workers;
+    same bytes as the local reference (batch_size 7 there vs 1: batch size does not change the output)."""
+    ds_uri = f"{s3_bucket}/datasets/feat"
+    ingest("mimic", str(world.root / "raw"), ds_uri, name="feat", options=IngestConfig())
+    make_synthetic(ds_uri)
+    out = extract_features(ds_uri, world.clip, synthetic_key=SYNTH, batch_size=7, concurrency=1, **SMALL)
+    assert out["uri"] == f"{ds_uri}/features/{reference['manifest']['key']}"   # same tables -> same key
+    files = _files(out["uri"])
+    assert sorted(files) == sorted(reference["files"])
+    assert [f for f in files if files[f] != reference["files"][f]] == []
+    bucket, prefix = s3_bucket[len("s3://"):], f"datasets/feat/features/{out['key']}/"
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    assert sorted(o["Key"][len(prefix):] for o in listed["Contents"]) == sorted(files)
+    shard = read_shard(f"{out['uri']}/mentions/train/part-00000.parquet")
+    assert shard["image_local"].shape == (16, 17, 32)
