@@ -63,7 +63,7 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mel_ray.demo import run_demo
 
-    run_demo(args.output, config_path=args.config, overrides=args.set)
+    run_demo(args.output, config_path=args.config, overrides=args.set, until=args.until)
     return 0
 
 
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="run the whole demo on the embedded default")
     p.add_argument("--output", default="demo_out")
+    p.add_argument("--until", default="train", choices=["data", "features", "train"],
+                   help="stop after this part of the pipeline")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("mine-negatives", parents=[common], help="JD-CCL: exact top-k Jaccard hard negatives")

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
-    run_demo(str(root), config_path=str(ROOT / "configs" / "demo.yaml"))
+    run_demo(str(root), config_path=str(ROOT / "configs" / "demo.yaml"), until="data")
     return root
 
 
@@ -42,7 +42,7 @@ def test_demo_builds_two_datasets_and_a_merged_one(demo_root):
 
 def test_demo_rerun_skips_finished_steps(demo_root, capsys):
     before = {p: p.stat().st_mtime_ns for p in (demo_root / "datasets").rglob("*.parquet")}
-    summary = run_demo(str(demo_root), config_path=str(ROOT / "configs" / "demo.yaml"))
+    summary = run_demo(str(demo_root), config_path=str(ROOT / "configs" / "demo.yaml"), until="data")
     out = capsys.readouterr().out
     assert "ingest" not in out and "==> merge" not in out
     after = {p: p.stat().st_mtime_ns for p in (demo_root / "datasets").rglob("*.parquet")}
