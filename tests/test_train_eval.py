@@ -115,7 +115,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(prepared, trained):
     runner.start()
     run_dir = root / "runs-kill" / "kill"
     deadline = time.time() + 600
-    while time.time() < deadline and not any(p.name.startswith("checkpoint_") for p in run_dir.glob("*")):
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"   # written once Ray has REGISTERED a checkpoint
+    while time.time() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
         time.sleep(0.5)
     workers = _train_workers(os.environ["RAY_AUTH_TOKEN"])
     assert workers, "no training worker found after the first checkpoint"
