@@ -1,11 +1,12 @@
 """Benchmark of the synthesize stage on CPU: Ray Data actors vs a plain single-process loop (run by hand).
 
-    .venv/bin/python benchmarks/bench_synthesize.py [--mentions 8 --views 2 --steps 10 --size 64 --reps 3]
+    .venv/bin/python benchmarks/bench_synthesize.py [--mentions 5 --views 2 --steps 10 --size 64 --reps 3]
 
 A Stable Diffusion bigger than the test one (UNet block_out_channels (64, 128, 256), 64x64 images, random
 weights: timing only) draws the same images four ways, interleaved in each repetition:
 
-    loop-1t   one process, torch 1 thread, the stage's own ViewGenerator over the same batches
+    loop-1t   one process, torch 1 thread, the stage's own ViewGenerator over the same batches, at the
+              niceness Ray gives its workers (15)
     ray-1a    synthesize(): Ray Data, 1 actor x 1 thread
     ray-2a    synthesize(): Ray Data, 2 actors x 1 thread
     loop-2t   one process, torch 2 threads (other bits: the key includes the CPU thread count)
@@ -129,7 +130,9 @@ def _sha(path: Path) -> str:
 def run_loop(args, dataset: str, model: str, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MEL_RAY_TORCH_THREADS": str(threads)}
     t0 = time.time()
-    out = subprocess.run([sys.executable, __file__, "--loop", "--dataset", dataset, "--model", model,
+    # Ray starts its workers at niceness 15 (RAY_worker_niceness); the loop gets the same, so that on a
+    # machine shared with other work both sides compete for the cores on equal terms
+    out = subprocess.run(["nice", "-n", str(args.niceness), sys.executable, __file__, "--loop", "--dataset", dataset, "--model", model,
                           "--threads", str(threads), "--views", str(args.views), "--steps", str(args.steps),
                           "--size", str(args.size), "--batch-size", str(args.batch_size)],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True)
@@ -155,12 +158,13 @@ def run_stage(args, dataset: str, model: str, actors: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mentions", type=int, default=8, help="demo mentions to generate (before ingest)")
+    parser.add_argument("--mentions", type=int, default=5, help="demo mentions to generate (before ingest)")
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--niceness", type=int, default=15, help="niceness of the loop processes (Ray workers: 15)")
     parser.add_argument("--workdir", default="/tmp/mel-ray-bench-synthesize")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "synthesize.md"))
     # internal: the plain loop, run in a subprocess
@@ -250,7 +254,8 @@ def main() -> None:
         "",
         ("End-to-end includes process start, imports (torch + diffusers take 5-10 s per process here) and model "
         "load for every way: each Ray actor is a fresh worker process. Steady state is "
-        "(n - 1) / (last PNG written - first PNG written)."),
+        "(n - 1) / (last PNG written - first PNG written). Loops run at niceness "
+        f"{args.niceness}, as Ray runs its workers."),
         "",
         "Per repetition (end-to-end s / steady images/s):",
         "",
