@@ -86,7 +86,7 @@ def build_clip(folder: Path, hidden: int, layers: int, image: int, patch: int) -
 def build_data(work: Path, entities: int, mentions: int, views: int) -> str:
     ds_uri = str(work / "ds")
     if storage.exists(storage.join(ds_uri, "manifest.json")) and storage.exists(
-            storage.join(ds_uri, "synthetic", "bench", "manifest.parquet")):
+            storage.join(ds_uri, "synthetic", "bench", "complete.json")):
         return ds_uri
     make_demo_data(str(work / "raw"), n_entities=entities, n_mentions=mentions, seed=0)
     ingest("mimic", str(work / "raw"), ds_uri, name="bench", options=IngestConfig())
@@ -105,6 +105,7 @@ def build_data(work: Path, entities: int, mentions: int, views: int) -> str:
     schema = pa.schema([("mention_id", pa.string()), ("view", pa.int32()), ("seed", pa.int64()),
                         ("prompt", pa.string()), ("uri", pa.string()), ("sha256", pa.string())])
     storage.write_table(ds.path("synthetic", "bench", "manifest.parquet"), pa.Table.from_pylist(rows, schema=schema))
+    storage.write_json(ds.path("synthetic", "bench", "complete.json"), {"key": "bench", "images": len(rows)})
     return ds_uri
 
 

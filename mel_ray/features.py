@@ -908,20 +908,22 @@ def _manifest(plan: _Plan, existing: set[str]) -> dict:
 
 
 def extract_features(dataset_uri: str, model: str, *, synthetic_key: str | None = None, views: int | None = None,
-                     text_length: int = 40,
-                     batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0, dtype: str | None = None,
-                     splits: tuple[str, ...] | list[str] = SPLITS, micro_batch: int = DEFAULT_MICRO_BATCH,
-                     shard_rows: int = DEFAULT_SHARD_ROWS, num_cpus: float | None = None,
-                     decode_num_cpus: float = 0.5, features_root: str | None = None,
+                     text_length: int = 40, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0,
+                     dtype: str | None = None, splits: tuple[str, ...] | list[str] = SPLITS,
+                     micro_batch: int = DEFAULT_MICRO_BATCH, shard_rows: int = DEFAULT_SHARD_ROWS,
+                     num_cpus: float | None = None, decode_num_cpus: float = 0.5, features_root: str | None = None,
                      cache_dir: str = DEFAULT_CACHE, engine: str = "ray", quiet: bool = False) -> dict:
     """Write CLIP features of the dataset's entities and mentions (and synthetic views) under
     DATASET/features/<key>/ (or features_root/<key>/); returns the manifest plus `uri` and `run`.
 
     synthetic_key: DATASET/synthetic/<key> (synthesize's output); views: use only synthetic views < views
-    (n_s; default: every view in its manifest). batch_size: rows handed to an encoder actor per call (rounded up to whole micro-batches); it does not
-    change the output. micro_batch: rows per forward pass (part of the key). concurrency / num_gpus /
+    (n_s; default: every view in its manifest). dtype: float32 / float16 / bfloat16 for the model (default:
+    as saved); features are stored as float16 either way. batch_size: rows handed to an encoder actor per
+    call (rounded up to whole micro-batches); it does not change the output. micro_batch: rows per forward
+    pass (part of the key). shard_rows: rows per Parquet shard (part of the key). concurrency / num_gpus /
     num_cpus: the encoder actor pool; num_cpus None = 1 per actor with GPUs, else what fits next to one
-    decode task. decode_num_cpus: CPUs per decode task. engine "local" runs everything in this process.
+    decode task. decode_num_cpus: CPUs per decode task. engine "local" runs everything in this process
+    (debugging, the benchmark's baseline; same bytes). quiet: no progress lines on stderr.
     """
     if batch_size < 1 or concurrency < 1 or num_gpus < 0:
         raise UsageError("batch_size and concurrency must be >= 1 and num_gpus >= 0")

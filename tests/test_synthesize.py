@@ -276,15 +276,18 @@ def test_killed_run_resumes_with_only_the_missing_pairs(reference, sd, base_ds, 
         synthesize({ds!r}, {sd!r}, views=2, batch_size=1, concurrency=1, steps=2, size=32, num_gpus=0)
     """)
     env = {**os.environ, "RAY_ADDRESS": ray_local.address_info["gcs_address"]}   # + the session's token
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed-run.log"            # a file, not a pipe: a full pipe would stall the run
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
+                                stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             if len(list((out / "parts").glob("*.parquet"))) >= 3:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stderr.read().decode()[-3000:]}"
+        assert proc.poll() is None, f"run ended before it could be killed:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no progress within 120 s:\n{log.read_text()[-3000:]}"
         os.killpg(proc.pid, signal.SIGKILL)                 # the driver and anything in its process group
     finally:
         if proc.poll() is None:
