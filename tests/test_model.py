@@ -100,6 +100,28 @@ def test_forward_equals_precomputed_entity_side_in_chunks():
     assert torch.allclose(full["overall"], (full["text"] + full["image"] + full["cross"]) / 3)
 
 
+def test_tglu_layernorm_decomposition_equals_the_explicit_form_with_gradients():
+    net = model(1.0).double()
+    with torch.no_grad():                      # non-trivial LayerNorm scale and shift
+        net.tglu.norm.weight.normal_()
+        net.tglu.norm.bias.normal_()
+    m = {k: v.double() if v.is_floating_point() else v for k, v in batch(4, 11).items()}
+    e = {k: v.double() if v.is_floating_point() else v for k, v in batch(7, 12, views=False).items()}
+    results = []
+    for form in ("pair_scores_explicit", "pair_scores"):
+        net.zero_grad()
+        ms = net.tglu.mention_side(net.mention_features(m))
+        es = net.tglu.entity_side(net.entity_features(e))
+        scores = getattr(net.tglu, form)(ms, es)
+        (scores * torch.linspace(-1, 1, scores.numel(), dtype=scores.dtype).view_as(scores)).sum().backward()
+        results.append((scores.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    (explicit, grads_explicit), (light, grads_light) = results
+    assert torch.allclose(light, explicit, rtol=1e-9, atol=1e-9)
+    assert grads_light.keys() == grads_explicit.keys() and "tglu.norm.weight" in grads_light
+    for name in grads_light:
+        assert torch.allclose(grads_light[name], grads_explicit[name], rtol=1e-7, atol=1e-9), name
+
+
 def test_padded_tokens_do_not_change_scores():
     net = model(1.0)
     m, e = batch(3, 6), batch(5, 7, views=False)

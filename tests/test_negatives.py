@@ -313,3 +313,18 @@ def test_tie_thinning_and_its_fallback_are_exercised(monkeypatch):
         assert result.stats["tie_pairs"] > 0
         assert (result.stats["tie_fallback_rows"] > 0) == fallback
         assert_same(result.lists(), want)
+
+
+def test_training_refuses_pools_mined_on_other_entities(tmp_path):
+    """The pools index entities by id: after the entities table changes, train must not use stale pools."""
+    from mel_ray.train.run import find_negatives
+
+    uri = make_dataset(str(tmp_path / "ds"), random_attrs(40, 3))
+    mine_negatives(uri, k=4, num_workers=0)
+    assert find_negatives(uri, None, 4, "jaccard").endswith("negatives/k4.parquet")
+    other = make_dataset(str(tmp_path / "other"), random_attrs(40, 4))        # same shape, other attributes
+    with pytest.raises(UsageError, match=r"k4\.manifest\.json: entities_sha256 .* does not match .*entities\.parquet"):
+        find_negatives(other, storage.join(uri, "negatives", "k4.parquet"), 4, "jaccard")
+    with pytest.raises(UsageError, match="no mined negatives"):
+        find_negatives(other, None, 4, "jaccard")
+    assert find_negatives(other, None, 4, "in_batch") is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 import torch
@@ -29,22 +31,33 @@ def prepared(tmp_path_factory, ray_local):
 
 
 @pytest.fixture(scope="module")
-def trained(prepared):
+def trained(prepared, s3_server, mlflow_server):
+    """Ray Train's storage_path on the S3 test server; MLflow on the real server (artifacts on S3 too)."""
+    import services
+
     from mel_ray.train.run import train
 
     root, features = prepared
+    bucket = f"train-{uuid.uuid4().hex[:12]}"
+    services.create_bucket(s3_server.url, bucket)
     cfg = load_config(None, ["train.negatives=in_batch", "train.epochs=2", "train.batch_size=16",
                              "train.num_workers=2", "train.cpus_per_worker=0.5", "train.lr=1e-3",
-                             "model.dt=32", "model.dv=16", "tracking.experiment=t"])
-    result = train(cfg, str(root / "ds"), features_uri=features, storage_path=str(root / "runs"),
+                             "model.dt=32", "model.dv=16", "tracking.experiment=t",
+                             f"tracking.mlflow_uri={mlflow_server}"])
+    result = train(cfg, str(root / "ds"), features_uri=features, storage_path=f"s3://{bucket}/runs",
                    run_name="t", tracking_dir=str(root))
-    return root, features, result
+    return root, features, result, bucket
 
 
-def test_training_reports_every_epoch_and_logs_to_mlflow(trained):
+def test_training_reports_every_epoch_and_logs_to_mlflow(trained, s3_client):
     import mlflow
 
-    root, _, result = trained
+    root, _, result, bucket = trained
+    # checkpoints live in the bucket (RunConfig storage_path=s3://...), and the best one is a folder there
+    assert result["checkpoint"].startswith(f"s3://{bucket}/runs/t/checkpoint_"), result["checkpoint"]
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="runs/t/").get("Contents", [])]
+    assert any(k.endswith("/state.pt") for k in keys), keys[:20]
+    assert result["tracking_uri"].startswith("http://127.0.0.1:")
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert all(np.isfinite(h["loss_overall"]) and "dev_MRR" in h for h in result["history"])
     client = mlflow.tracking.MlflowClient(result["tracking_uri"])
@@ -59,7 +72,7 @@ def test_training_reports_every_epoch_and_logs_to_mlflow(trained):
 
 
 def test_sharded_evaluation_equals_brute_force(trained):
-    root, features, result = trained
+    root, features, result, _ = trained
     state = load_model_state(result["checkpoint"])
     report = evaluate(str(root / "ds"), features, result["checkpoint"], "test", num_shards=3, batch_size=16,
                       entity_chunk=7, mention_batch=5, cpus_per_shard=0.5)

@@ -44,21 +44,50 @@ class TGLU(nn.Module):
         self.scale = 1.0 / math.sqrt(dt)
 
     def entity_side(self, e: Side) -> dict:
-        return {"q": self.query(e.text_local) * self.scale, "g": self.entity_global(e.text_global),
-                "mask": e.text_mask, "cls": e.text_global}
+        g = self.entity_global(e.text_global)
+        gamma_g = self.norm.weight * g                        # γ⊙g: LayerNorm's scale folded into g
+        return {"q": self.query(e.text_local) * self.scale, "g": g, "gamma_g": gamma_g,
+                "gamma_g_sum": gamma_g.sum(-1), "beta_g": g @ self.norm.bias, "mask": e.text_mask,
+                "cls": e.text_global}
 
     def mention_side(self, m: Side) -> dict:
-        return {"k": self.key(m.text_local), "v": self.value(m.text_local), "mask": m.text_mask,
-                "cls": m.text_global}
+        v = self.value(m.text_local)
+        return {"k": self.key(m.text_local), "v": v, "v_mean": v.mean(-1),
+                "v_gram": v @ v.transpose(1, 2), "mask": m.text_mask, "cls": m.text_global}
 
-    def pair_scores(self, ms: dict, es: dict) -> torch.Tensor:
+    def _attention(self, ms: dict, es: dict) -> torch.Tensor:
         att = torch.einsum("eld,mkd->melk", es["q"], ms["k"])                           # [Nm, Ne, Le, Lm]
-        att = att.masked_fill(~ms["mask"][:, None, None, :], float("-inf")).softmax(dim=-1)
-        ctx = self.norm(torch.einsum("melk,mkd->meld", att, ms["v"]))                   # [Nm, Ne, Le, dt]
-        g2l = torch.einsum("meld,ed->mel", ctx, es["g"])
+        return att.masked_fill(~ms["mask"][:, None, None, :], float("-inf")).softmax(dim=-1)
+
+    def _g2l_and_g2g(self, g2l: torch.Tensor, ms: dict, es: dict) -> torch.Tensor:
         g2l = g2l.masked_fill(~es["mask"][None, :, :], float("-inf")).amax(dim=-1)       # [Nm, Ne]
         g2g = ms["cls"] @ es["cls"].T
         return (g2l + g2g) / 2
+
+    def pair_scores_explicit(self, ms: dict, es: dict) -> torch.Tensor:
+        """The unit as written: LayerNorm of every attended token, for every (mention, entity) pair.
+        Holds an [Nm, Ne, Le, dt] tensor; kept as the reference that pair_scores is tested against."""
+        ctx = self.norm(torch.einsum("melk,mkd->meld", self._attention(ms, es), ms["v"]))
+        return self._g2l_and_g2g(torch.einsum("meld,ed->mel", ctx, es["g"]), ms, es)
+
+    def pair_scores(self, ms: dict, es: dict) -> torch.Tensor:
+        """Same scores without the [Nm, Ne, Le, dt] context tensor (LayerNorm decomposition).
+
+        With x = sum_k a_k v_k (a = attention row, v = mention value tokens), LN(x) = γ⊙(x - μ)/σ + β and
+            <LN(x), g> = (<x, γ⊙g> - μ·Σ(γ⊙g)) / σ + <β, g>
+            <x, γ⊙g>   = sum_k a_k <v_k, γ⊙g>            (per mention token, not per pair token)
+            μ          = sum_k a_k mean(v_k)
+            E[x²]      = a^T (V V^T) a / dt,  σ = sqrt(E[x²] - μ² + eps)
+        so each pair needs only Lm-sized vectors; the dt-sized work is per mention or per entity.
+        """
+        att = self._attention(ms, es)                                                   # [Nm, Ne, Le, Lm]
+        v_gamma_g = torch.einsum("mkd,ed->mek", ms["v"], es["gamma_g"])                 # [Nm, Ne, Lm]
+        x_gamma_g = torch.einsum("melk,mek->mel", att, v_gamma_g)
+        mean = torch.einsum("melk,mk->mel", att, ms["v_mean"])
+        second = torch.einsum("melk,mkj,melj->mel", att, ms["v_gram"], att) / ms["v"].shape[-1]
+        inv_std = torch.rsqrt((second - mean * mean).clamp_min(0) + self.norm.eps)
+        g2l = (x_gamma_g - mean * es["gamma_g_sum"][None, :, None]) * inv_std + es["beta_g"][None, :, None]
+        return self._g2l_and_g2g(g2l, ms, es)
 
 
 class VDLU(nn.Module):

@@ -55,6 +55,26 @@ def metrics_from_statistics(stats: torch.Tensor, prefix: str = "dev_") -> dict[s
     return out
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mentions: dict, store: EntityStore,
+               pools: list[np.ndarray], cfg: dict, rng: np.random.Generator, device: torch.device,
+               use_gpu: bool) -> tuple[dict[str, float], int]:
+    """One JD-CCL step on a mention batch (tensors incl. `gold`): loss parts and the in-batch fallback count."""
+    mentions = {k: v.to(device) for k, v in mentions.items()}
+    gold = mentions.pop("gold").cpu().numpy()
+    cols = build_columns(gold, [pools[g] for g in gold], k=cfg["k"], mode=cfg["negatives"], rng=rng,
+                         sample_top=cfg["sample_top"])
+    entities = {k: v.to(device) for k, v in store.gather(cols.entity_ids).items()}
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_gpu):
+        logits = model(mentions, entities)
+    loss, parts = contrastive_loss({k: v.float() for k, v in logits.items()}, cols.targets.to(device),
+                                   cols.mask.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    optimizer.step()
+    return parts, cols.fallbacks
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -101,23 +121,12 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow",
                                         local_shuffle_buffer_size=cfg["shuffle_buffer"],
                                         local_shuffle_seed=cfg["seed"] * 1000 + epoch):
-            mentions = {k: v.to(device) for k, v in arrow_to_tensors(batch, shapes).items()}
-            gold = mentions.pop("gold").cpu().numpy()
-            cols = build_columns(gold, [pools[g] for g in gold], k=cfg["k"], mode=cfg["negatives"], rng=rng,
-                                 sample_top=cfg["sample_top"])
-            entities = {k: v.to(device) for k, v in store.gather(cols.entity_ids).items()}
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_gpu):
-                logits = model(mentions, entities)
-            loss, parts = contrastive_loss({k: v.float() for k, v in logits.items()}, cols.targets.to(device),
-                                           cols.mask.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            optimizer.step()
+            parts, n_fallbacks = train_step(model, optimizer, arrow_to_tensors(batch, shapes), store, pools, cfg,
+                                            rng, device, use_gpu)
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value
             steps += 1
-            fallbacks += cols.fallbacks
+            fallbacks += n_fallbacks
         metrics = {"epoch": epoch + 1, "steps": steps, "negative_fallbacks": fallbacks,
                    "restarts": state.get("restarts", 0),
                    "epoch_seconds": time.perf_counter() - t0,

@@ -19,7 +19,9 @@ import yaml
 
 from mel_ray import storage
 from mel_ray.config import Config
+from mel_ray.dataset import ENTITIES, load_dataset
 from mel_ray.errors import UsageError
+from mel_ray.keys import sha256_hex
 from mel_ray.runtime import init_ray
 from mel_ray.train.loop import CHECKPOINT_FILE, train_loop_per_worker
 
@@ -49,9 +51,18 @@ def find_negatives(dataset_uri: str, negatives_uri: str | None, k_pool: int, mod
         return None
     uri = negatives_uri or storage.join(dataset_uri, "negatives", f"k{k_pool}.parquet")
     # the manifest is written last: a pool without one is incomplete
-    if not storage.exists(uri) or not storage.exists(uri.replace(".parquet", ".manifest.json")):
+    manifest_uri = uri.replace(".parquet", ".manifest.json")
+    if not storage.exists(uri) or not storage.exists(manifest_uri):
         raise UsageError(f"{uri}: no mined negatives; run `mel-ray mine-negatives --k {k_pool}` first "
                          f"or train with --set train.negatives=in_batch")
+    # pools index entities by id: pools mined on another entities table would silently be wrong negatives
+    mined_for = storage.read_json(manifest_uri).get("entities_sha256")
+    entities_uri = load_dataset(dataset_uri).path(ENTITIES)
+    actual = sha256_hex(storage.read_bytes(entities_uri))
+    if mined_for != actual:
+        raise UsageError(f"{manifest_uri}: entities_sha256 {str(mined_for)[:12]}... does not match {entities_uri} "
+                         f"({actual[:12]}...); the entities changed since mining, rerun `mel-ray mine-negatives "
+                         f"--k {k_pool}`")
     return uri
 
 
@@ -122,6 +133,8 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     best_state = load_checkpoint_state(best)
     history = state["state"]["history"]
     best_metrics = max((h for h in history if "dev_MRR" in h), key=lambda h: h["dev_MRR"], default=history[-1])
+    # Ray reports paths inside its storage filesystem; users (and `evaluate`) need a URI
+    best_uri = f"s3://{best.path}" if storage.is_s3(storage_path) else best.path
 
     uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, tracking_dir)
     with tracking.start_run(cfg.tracking.experiment, run_name, uri) as run, tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +151,7 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
         export_model(best_state, cfg, tmp / "model.pt")
         report = {"best_epoch": best_metrics["epoch"], "best_dev": {k: v for k, v in best_metrics.items()
                                                                    if k.startswith("dev_")},
-                  "epochs_trained": len(history), "history": history, "checkpoint": best.path}
+                  "epochs_trained": len(history), "history": history, "checkpoint": best_uri}
         (tmp / "eval_report.json").write_text(json.dumps(report, indent=2))
         plot_curves(history, tmp / "curves.png")
         maps = patch_maps(best_state, cfg, dataset_uri, features_uri, tmp / "cvacpt_patch_maps.png")
@@ -150,7 +163,7 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     log.info("training done: best dev MRR %.4f at epoch %s; MLflow run %s at %s",
              best_metrics.get("dev_MRR", float("nan")), best_metrics["epoch"], run_id, uri)
     return {"run_id": run_id, "tracking_uri": uri, "best": best_metrics, "history": history,
-            "checkpoint": best.path, "features_uri": features_uri, "negatives_uri": negatives_uri}
+            "checkpoint": best_uri, "features_uri": features_uri, "negatives_uri": negatives_uri}
 
 
 def patch_maps(state: dict, cfg: Config, dataset_uri: str, features_uri: str, path: Path) -> Path | None:
