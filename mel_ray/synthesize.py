@@ -5,6 +5,11 @@ paper's "An image of" + sentence, with the mention named so that two mentions of
 prompts (and images). Prompts longer than the text encoder's limit are cut at the last whole word that fits,
 and the manifest stores exactly the text the pipeline received.
 
+model "procedural:demo" is a TEST TOOL, not a model (mel_ray/procedural.py): it draws what a demo-data prompt's
+attribute clues describe with the demo generator's drawing code, so experiments on generated data have views
+that carry information (the tiny Stable Diffusion's weights are random). It has no text encoder, so prompts
+are never cut; its settings key holds its name and version instead of a weights fingerprint.
+
 Output contract (read by extract-features), all under DATASET/synthetic/<key>/:
 
     settings.json       the settings that made <key> (everything that changes the pixels) + provenance
@@ -57,7 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mel_ray import __version__, storage
+from mel_ray import __version__, procedural, storage
 from mel_ray.config import SynthesizeConfig
 from mel_ray.dataset import SPLITS, load_dataset
 from mel_ray.errors import UsageError
@@ -212,6 +217,8 @@ def model_identity(model: str, revision: str | None = None, cache_dir: str = DEF
     the model cache first and fingerprinted there: that copy is what the workers load), or a hub id with
     the commit it resolves to in the local Hugging Face cache (else the revision as given)."""
     model = str(model)
+    if procedural.is_procedural(model):       # a test tool, no weights: see mel_ray/procedural.py
+        return procedural.identity(model)
     if storage.is_s3(model) or _looks_local(model):
         return {"fingerprint": model_fingerprint(resolve_model(model, cache_dir), cache_dir)}
     commit = revision or "main"
@@ -333,16 +340,23 @@ class ViewGenerator:
         self.dataset_uri, self.key = dataset_uri, key
         self.template, self.steps, self.guidance, self.size = template, steps, guidance, size
         self.device, self.write_parts = device, write_parts
-        self.pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler,
-                                  safety_checker=safety_checker, revision=revision, cache_dir=cache_dir)
-        self.limit = prompt_limit(self.pipe.tokenizer, self.pipe.text_encoder)
+        if procedural.is_procedural(model):   # TEST TOOL (mel_ray/procedural.py): no text encoder, no limit
+            self.pipe, self.limit = procedural.ProceduralPipeline(model), None
+        else:
+            self.pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler,
+                                      safety_checker=safety_checker, revision=revision, cache_dir=cache_dir)
+            self.limit = prompt_limit(self.pipe.tokenizer, self.pipe.text_encoder)
         self.safety_checker = safety_checker
 
     def prompt(self, mention: str, sentence: str) -> str:
-        return fit_prompt(render_prompt(self.template, mention, sentence), self.pipe.tokenizer, self.limit)
+        text = render_prompt(self.template, mention, sentence)
+        return text if self.limit is None else fit_prompt(text, self.pipe.tokenizer, self.limit)
 
     def generate_one(self, prompt: str, seed: int):
         import torch
+
+        if isinstance(self.pipe, procedural.ProceduralPipeline):
+            return self.pipe.generate(prompt, seed, self.size), None
 
         out = self.pipe(prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
                         height=self.size, width=self.size, output_type="np",

@@ -1,0 +1,531 @@
+"""Issue 5: do JD-CCL and CVaCPT help on the generated demo benchmark? An experiment, not a test.
+
+Run by hand (2 cores: ~15 min of preparation, then 2.5 to 4.5 min per arm x seed, ~33 runs: well over an
+hour; resumable, so it can be run in pieces; nice it when the machine is shared):
+
+    nice -n 19 .venv/bin/python benchmarks/experiments.py                 # everything, resumable
+    nice -n 19 .venv/bin/python benchmarks/experiments.py --until features   # data, views, features only
+
+One generated release (mel_ray.demo_data, larger than the demo's), ingested, mined (pool k = 8, which covers
+k in {2, 4, 6}), 3 synthetic views per mention from BOTH the tiny random-weight Stable Diffusion and the
+`procedural:demo` stand-in (mel_ray/procedural.py, a TEST TOOL that draws what a prompt's attribute clues
+describe), CLIP features with n_s = 1, 2, 3 views of each, then for every arm x seed the library's own
+`train()` (Ray Train, 2 workers x 0.5 CPU) and exact full-KB `evaluate()` on test. Arms:
+
+    base      JD-CCL (negatives=jaccard, k=4), CVaCPT w=1 with 3 tiny-SD views   -- (a)(b)(c)(d) reference
+    in_batch  MIMIC's in-batch negatives instead of JD-CCL                        -- (a)
+    both      JD-CCL's k=4 hard negatives AND the in-batch ones in one softmax    -- (a), added to explain it
+    k2, k6    k = 2 / 6 hard negatives                                            -- (c)
+    w0        CVaCPT off (w = 0: the module is an exact identity, so the views are ignored;
+              one arm serves as the w = 0 control for both view sources)          -- (b)
+    sd_ns1/2  n_s = 1 / 2 tiny-SD views                                           -- (d)
+    proc      CVaCPT w=1 with 3 procedural views                                  -- (b)(d)
+    proc_ns1/2 n_s = 1 / 2 procedural views                                       -- (d)
+
+Every arm x seed writes RESULTS/<arm>-s<seed>.json when it finishes; a rerun skips those (kill it any time).
+Then diagnostics (are the mined negatives the model's confusions? do the views carry information? does
+CVaCPT change the mention features, does it get gradient?) and docs/experiments.md: the part between the
+GENERATED markers is rewritten, the hand-written analysis around it is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from mel_ray import storage
+
+POOL_K = 8
+VIEWS = 3
+SOURCES = {"sd": "tiny Stable Diffusion (random weights)", "proc": "procedural:demo (test tool)"}
+# arm -> (features: (view source, n_s), config overrides on top of the common ones)
+ARMS = {
+    "base": (("sd", 3), []),
+    "in_batch": (("sd", 3), ["train.negatives=in_batch"]),
+    "both": (("sd", 3), ["train.negatives=both"]),
+    "k2": (("sd", 3), ["train.k=2"]),
+    "k6": (("sd", 3), ["train.k=6"]),
+    "w0": (("sd", 3), ["model.cvacpt_weight=0.0"]),
+    "sd_ns1": (("sd", 1), []),
+    "sd_ns2": (("sd", 2), []),
+    "proc": (("proc", 3), []),
+    "proc_ns1": (("proc", 1), []),
+    "proc_ns2": (("proc", 2), []),
+}
+BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/experiments.py) -->", "<!-- END GENERATED -->"
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def start_ray(temp_dir: Path) -> None:
+    """A private local Ray instance (never another user's cluster on this machine), token auth on."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(temp_dir), object_store_memory=1024**3)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def build_inputs(out: Path, args) -> dict:
+    """models, release, dataset, negatives, both view sets, six feature sets; each step resumes."""
+    from mel_ray.config import IngestConfig
+    from mel_ray.demo_data import make_demo_data
+    from mel_ray.ingest import ingest, summary_line
+    from mel_ray.negatives import mine_negatives
+    from mel_ray.tiny_models import make_tiny_models
+
+    t0 = time.perf_counter()
+    models = make_tiny_models(str(out / "models"))
+    stats = make_demo_data(str(out / "raw"), n_entities=args.entities, n_mentions=args.mentions, seed=args.data_seed)
+    dataset = str(out / "dataset")
+    if not storage.exists(storage.join(dataset, "manifest.json")):
+        report = ingest("mimic", str(out / "raw"), dataset, name="experiments",
+                        options=IngestConfig(check_images=True))
+        log(summary_line(dataset, report))
+    mined = mine_negatives(dataset, k=POOL_K, seed=0)
+    log(f"data ready ({time.perf_counter() - t0:.0f}s): {stats['entities']} entities, mentions {stats['mentions']}, "
+        f"name collisions {stats['name_collision_rate']}; negatives: n_short {mined.get('n_short')}")
+    views = {src: synthesize_views(dataset, models, src) for src in SOURCES}
+    features = {}
+    for src, key in views.items():
+        for n_s in range(1, VIEWS + 1):
+            features[(src, n_s)] = extract(dataset, models["clip"], key, n_s)
+    return {"dataset": dataset, "models": models, "data_stats": stats, "views": views, "features": features,
+            "negatives": {k: mined.get(k) for k in ("n_entities", "n_short", "n_without_attributes")},
+            "seconds": time.perf_counter() - t0}
+
+
+def synthesize_views(dataset: str, models: dict, source: str) -> str:
+    from mel_ray.synthesize import synthesize
+
+    t0 = time.perf_counter()
+    # tiny SD: the demo's settings (32 px, 2 steps; its weights are random, so more steps would add nothing);
+    # the stand-in draws at the demo images' own 64 px
+    model, size = (models["stable-diffusion"], 32) if source == "sd" else ("procedural:demo", 64)
+    summary = synthesize(dataset, model, views=VIEWS, steps=2, size=size, seed=0, batch_size=16,
+                         concurrency=2, num_gpus=0)
+    log(f"views {source}: {summary['images']} images, generated {summary['generated']} "
+        f"({time.perf_counter() - t0:.0f}s) -> synthetic/{summary['key']}")
+    return summary["key"]
+
+
+def extract(dataset: str, clip: str, key: str, n_s: int) -> str:
+    from mel_ray.features import extract_features
+
+    t0 = time.perf_counter()
+    feats = extract_features(dataset, clip, synthetic_key=key, views=n_s, batch_size=64, num_gpus=0, quiet=True)
+    log(f"features n_s={n_s} of {key[:12]}: {feats['uri']} ({time.perf_counter() - t0:.0f}s)")
+    return feats["uri"]
+
+
+# -------------------------------------------------------------------------------------------------- arms
+
+
+def arm_config(arm: str, seed: int, args):
+    from mel_ray.config import load_config
+
+    common = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=32", f"train.epochs={args.epochs}",
+              "train.lr=1e-3", "train.k=4", "train.negatives=jaccard", f"train.patience={args.epochs}",
+              f"train.seed={seed}", f"negatives.k={POOL_K}", "model.cvacpt_weight=1.0",
+              f"model.dt={args.dt}", f"model.dv={args.dv}", "tracking.experiment=mel-ray-experiments"]
+    return load_config(ROOT / "configs" / "demo.yaml", common + ARMS[arm][1])
+
+
+def run_arm(arm: str, seed: int, inputs: dict, out: Path, args) -> dict:
+    """The library's train() then evaluate() on test; the result JSON is written last."""
+    from mel_ray.eval.evaluate import evaluate
+    from mel_ray.train.run import train
+
+    cfg = arm_config(arm, seed, args)
+    features = inputs["features"][ARMS[arm][0]]
+    name = f"{arm}-s{seed}"
+    shutil.rmtree(out / "runs" / name, ignore_errors=True)    # a killed attempt must not be resumed into
+    t0 = time.perf_counter()
+    result = train(cfg, inputs["dataset"], features_uri=features, storage_path=str(out / "runs"), run_name=name,
+                   tracking_dir=str(out))
+    t_train = time.perf_counter() - t0
+    report = evaluate(inputs["dataset"], features, result["checkpoint"], "test", output_uri=str(out / "eval" / name),
+                      cpus_per_shard=0.5)
+    record = {"arm": arm, "seed": seed, "features": features, "overrides": ARMS[arm][1],
+              "test": report["metrics"], "dev": {k[4:]: v for k, v in result["best"].items() if k.startswith("dev_")},
+              "best_epoch": result["best"]["epoch"], "epochs": len(result["history"]),
+              "train_loss_last": {k: v for k, v in result["history"][-1].items() if k.startswith("loss")},
+              "same_name_failures": report["same_name_failures"].get("count"),
+              "checkpoint": result["checkpoint"], "train_seconds": t_train,
+              "eval_seconds": report["seconds"]}
+    storage.write_json(str(out / "results" / f"{name}.json"), record)
+    return record
+
+
+PRIORITY = (("base", "in_batch", "w0", "proc"), ("k2", "k6", "both"), ("proc_ns1", "proc_ns2", "sd_ns1", "sd_ns2"))
+
+
+def run_order(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """(a)/(b) first, then (c), then (d); every seed of a group before the next group, so a run stopped early
+    (or out of time) has whole comparisons at every seed rather than every arm at one seed."""
+    groups = [[a for a in g if a in arms] for g in PRIORITY] + [[a for a in arms if not any(a in g for g in PRIORITY)]]
+    return [(a, s) for group in groups for s in seeds for a in group]
+
+
+def run_arms(inputs: dict, out: Path, args) -> list[dict]:
+    todo = run_order(args.arms, args.seeds)
+    done_before = sum((out / "results" / f"{a}-s{s}.json").exists() for a, s in todo)
+    t0, ran = time.perf_counter(), 0
+    records = []
+    for i, (arm, seed) in enumerate(todo, 1):
+        path = out / "results" / f"{arm}-s{seed}.json"
+        if path.exists():
+            records.append(json.loads(path.read_text()))
+            continue
+        rec = run_arm(arm, seed, inputs, out, args)
+        ran += 1
+        left = len(todo) - i
+        per = (time.perf_counter() - t0) / ran
+        log(f"[{i}/{len(todo)}] {arm} seed {seed}: test H@1 {rec['test']['H@1']:.4f} MRR {rec['test']['MRR']:.4f} "
+            f"(dev MRR {rec['dev'].get('MRR', float('nan')):.4f}, {rec['train_seconds']:.0f}s train + "
+            f"{rec['eval_seconds']:.0f}s eval; ~{left * per / 60:.0f} min left)")
+        records.append(rec)
+    log(f"arms: {ran} run, {done_before} already done")
+    return records
+
+
+# ------------------------------------------------------------------------------------------- diagnostics
+
+
+def _cos_rank_stats(queries: np.ndarray, keys: np.ndarray, gold: np.ndarray) -> dict:
+    """H@1 / MRR of ranking every key by cosine to each query (ties count against the gold)."""
+    q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-9)
+    k = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-9)
+    scores = q @ k.T
+    gold_scores = scores[np.arange(len(gold)), gold]
+    ranks = (scores >= gold_scores[:, None]).sum(1)
+    return {"n": len(gold), "H@1": float((ranks == 1).mean()), "MRR": float((1 / ranks).mean())}
+
+
+def _mention_has_image(features_uri: str, split: str) -> np.ndarray:
+    """has_image of a split's mention features, in row order (mention_tensors keeps only tensors)."""
+    from mel_ray.train.data import mention_shard_uris
+
+    parts = [storage.read_table(u, columns=["has_image"]) for u in mention_shard_uris(features_uri, split)]
+    return np.concatenate([t.column("has_image").to_numpy(zero_copy_only=False) for t in parts]).astype(bool)
+
+
+def view_information(inputs: dict) -> dict:
+    """Do the views point at the gold entity? Rank every KB entity image by cosine to a mention's mean view
+    feature (no training involved), next to the mention's own image and a shuffled-views control."""
+    from mel_ray.train.data import EntityStore, mention_tensors
+
+    out = {}
+    for src in SOURCES:
+        uri = inputs["features"][(src, VIEWS)]
+        store = EntityStore(uri)
+        ents = store.gather(np.arange(store.num_entities))
+        keys = ents["image_global"].numpy()
+        ent_has_image = store.table.column("has_image").to_numpy(zero_copy_only=False).astype(bool)
+        test = mention_tensors(uri, inputs["dataset"], "test")
+        gold = test["gold"].numpy()
+        views = test["synthetic_global"].numpy()
+        n_views = test["n_views"].numpy()
+        mean_view = views.sum(1) / np.maximum(n_views, 1)[:, None]
+        has_img = _mention_has_image(uri, "test")
+        ok = (n_views > 0) & ent_has_image[gold]
+        rng = np.random.default_rng(0)
+        out[src] = {"views_vs_kb_images": _cos_rank_stats(mean_view[ok], keys, gold[ok]),
+                    "shuffled_views_control": _cos_rank_stats(mean_view[ok][rng.permutation(ok.sum())], keys, gold[ok]),
+                    "mention_image_vs_kb_images": _cos_rank_stats(test["image_global"].numpy()[ok & has_img], keys,
+                                                                  gold[ok & has_img])}
+    return out
+
+
+def procedural_look_agreement(inputs: dict) -> dict:
+    """Before CLIP: how often a procedural view draws the gold entity's shape / colour / pattern / background
+    (demo entities are rebuilt from their qid), per view and for the best of n_s views."""
+    from mel_ray import demo_data as dd
+    from mel_ray import procedural
+    from mel_ray.dataset import load_dataset
+    from mel_ray.synthesize import load_synthetic
+
+    ds = load_dataset(inputs["dataset"])
+    test = ds.mentions("test", columns=["mention_id", "qid"]).to_pylist()
+    views = load_synthetic(inputs["dataset"], inputs["views"]["proc"]).manifest.to_pylist()
+    by_mention: dict[str, list[dict]] = {}
+    for v in views:
+        by_mention.setdefault(v["mention_id"], []).append(v)
+    parts = ("shape", "fg", "pattern", "bg")
+    per_view = {p: [] for p in parts}
+    best = {n: {p: [] for p in parts} for n in range(1, VIEWS + 1)}
+    for row in test:
+        u = int(row["qid"][1:])
+        gold = dd._look(dd._make_entity(u, dd.TYPE_PATTERN[u % len(dd.TYPE_PATTERN)]))
+        looks = [procedural.view_look(v["prompt"], v["seed"]) for v in sorted(by_mention[row["mention_id"]],
+                                                                              key=lambda v: v["view"])]
+        for p in parts:
+            hits = [lk[p] == gold[p] for lk in looks]
+            per_view[p].extend(hits)
+            for n in best:
+                best[n][p].append(any(hits[:n]))
+    return {"test_mentions": len(test),
+            "per_view_match": {p: float(np.mean(v)) for p, v in per_view.items()},
+            "any_of_n_views_match": {f"n_s={n}": {p: float(np.mean(v)) for p, v in d.items()}
+                                     for n, d in best.items()},
+            "chance": {"fg": 1 / len(dd.PALETTE), "pattern": 1 / len(dd.PATTERNS), "bg": 1 / len(dd.BACKGROUNDS)}}
+
+
+def negative_confusability(inputs: dict, records: list[dict], out: Path) -> dict:
+    """Are the mined negatives the entities the trained models confuse the gold with?"""
+    import pyarrow.parquet as pq
+
+    from mel_ray.dataset import load_dataset
+    from mel_ray.negatives import read_negatives
+
+    ds = load_dataset(inputs["dataset"])
+    ents = ds.entities(columns=["entity_id", "name", "attributes"]).to_pylist()
+    names = [e["name"] for e in ents]
+    attrs = [set(e["attributes"] or []) for e in ents]
+    pools = [np.asarray(p, dtype=np.int64) for p in read_negatives(inputs["dataset"], POOL_K).column("neg_entity_ids").to_pylist()]
+    same_name = {}
+    for i, n in enumerate(names):
+        same_name.setdefault(n, []).append(i)
+    pool_same_name = [np.mean([names[j] == names[i] for j in p[:4]]) for i, p in enumerate(pools) if len(p)]
+    has_namesake = [i for i in range(len(names)) if len(same_name[names[i]]) > 1]
+    namesake_in_pool = [any(names[j] == names[i] for j in pools[i]) for i in has_namesake]
+    rng = np.random.default_rng(0)
+    jac = [len(attrs[i] & attrs[j]) / max(1, len(attrs[i] | attrs[j])) for i, p in enumerate(pools) for j in p[:4]]
+    rand = [len(attrs[i] & attrs[j]) / max(1, len(attrs[i] | attrs[j]))
+            for i, j in rng.integers(0, len(ents), size=(2000, 2)) if i != j]
+    # what names alone can reach: the gold is one of the entities carrying its name, picked at random
+    test_gold = ds.mentions("test", columns=["entity_id"]).column("entity_id").to_pylist()
+    name_only = float(np.mean([1 / len(same_name[names[g]]) for g in test_gold]))
+    result = {"name_only_expected_test_H@1": name_only,
+              "mean_jaccard_top4": float(np.mean(jac)), "mean_jaccard_random_pair": float(np.mean(rand)),
+              "top4_share_same_name": float(np.mean(pool_same_name)),
+              "entities_with_namesake": len(has_namesake),
+              "namesake_in_top8_pool": float(np.mean(namesake_in_pool)) if namesake_in_pool else None,
+              "errors": {}}
+    for arm in ("in_batch", "base"):
+        wrong = in_pool = named = 0
+        for rec in (r for r in records if r["arm"] == arm):
+            table = pq.read_table(out / "eval" / f"{arm}-s{rec['seed']}" / "predictions_test.parquet").to_pylist()
+            for row in table:
+                top, gold = row["top_entity_ids"][0], row["gold_entity_id"]
+                if top == gold:
+                    continue
+                wrong += 1
+                in_pool += int(top in set(pools[gold].tolist()))
+                named += int(names[top] == names[gold])
+        result["errors"][arm] = {"wrong_top1": wrong, "top1_in_gold_pool": in_pool / max(1, wrong),
+                                 "top1_same_name": named / max(1, wrong)}
+    return result
+
+
+def cvacpt_effect(inputs: dict, records: list[dict]) -> dict:
+    """How much CVaCPT moves the mention image features (||out - in|| / ||in||) in the trained models, and the
+    gradient its parameters receive on one training batch at the trained weights."""
+    import torch
+
+    from mel_ray.eval.evaluate import build_model, load_model_state
+    from mel_ray.model.losses import build_columns, contrastive_loss
+    from mel_ray.train.data import EntityStore, load_pools, mention_tensors
+
+    out = {}
+    for arm in ("base", "proc"):
+        rows = []
+        for rec in (r for r in records if r["arm"] == arm):
+            model = build_model(load_model_state(rec["checkpoint"]))
+            test = mention_tensors(rec["features"], inputs["dataset"], "test")
+            batch = {k: v for k, v in test.items() if isinstance(v, torch.Tensor)}
+            with torch.no_grad():
+                on = model.mention_features(batch)
+                model.cvacpt.weight, w = 0.0, model.cvacpt.weight
+                off = model.mention_features(batch)
+                model.cvacpt.weight = w
+            rel = (on.image_global - off.image_global).norm(dim=1) / off.image_global.norm(dim=1).clamp_min(1e-9)
+            has = torch.from_numpy(_mention_has_image(rec["features"], "test"))
+            train = mention_tensors(rec["features"], inputs["dataset"], "train", rows=slice(0, 32))
+            store = EntityStore(rec["features"])
+            pools = load_pools(str(Path(inputs["dataset"]) / "negatives" / f"k{POOL_K}.parquet"), store.num_entities)
+            gold = train.pop("gold").numpy()
+            cols = build_columns(gold, [pools[g] for g in gold], k=4, mode="jaccard")
+            mentions = {k: v for k, v in train.items() if isinstance(v, torch.Tensor)}
+            model.train()
+            loss, _ = contrastive_loss(model(mentions, store.gather(cols.entity_ids)), cols.targets, cols.mask)
+            loss.backward()
+            grads = {name: float(torch.sqrt(sum((p.grad ** 2).sum() for p in mod.parameters() if p.grad is not None)))
+                     for name, mod in (("cvacpt", model.cvacpt), ("vdlu", model.vdlu), ("tglu", model.tglu))}
+            rows.append({"seed": rec["seed"], "rel_change_with_image": float(rel[has].mean()),
+                         "rel_change_without_image": float(rel[~has].mean()) if (~has).any() else None,
+                         "grad_norm": grads})
+        out[arm] = rows
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for arm in ARMS:
+        recs = [r for r in records if r["arm"] == arm]
+        if not recs:
+            continue
+        src, n_s = ARMS[arm][0]
+        cfg = dict(o.split("=", 1) for o in ARMS[arm][1])
+        rows.append({
+            "arm": arm, "negatives": cfg.get("train.negatives", "jaccard"),
+            "k": "–" if cfg.get("train.negatives") == "in_batch" else cfg.get("train.k", "4"),
+            "w": cfg.get("model.cvacpt_weight", "1.0"), "views": "–" if cfg.get("model.cvacpt_weight") == "0.0"
+            else f"{src} × {n_s}", "seeds": len(recs),
+            **{f"{split}_{m}": _mean_std([r[split][m] for r in recs]) for split in ("test", "dev") for m in ("H@1", "MRR")},
+            "train_s": statistics.mean(r["train_seconds"] for r in recs)})
+    return rows
+
+
+def comparisons(records: list[dict]) -> list[str]:
+    """Per-seed paired differences (same seed, same data) for the four questions."""
+    by = {(r["arm"], r["seed"]): r for r in records}
+    pairs = [("(a) jaccard − in_batch", "base", "in_batch"), ("(a) both − in_batch", "both", "in_batch"), ("(b) SD views: w=1 − w=0", "base", "w0"),
+             ("(b) procedural views: w=1 − w=0", "proc", "w0"), ("(c) k=4 − k=2", "base", "k2"),
+             ("(c) k=6 − k=4", "k6", "base"), ("(d) SD n_s=3 − n_s=1", "base", "sd_ns1"),
+             ("(d) SD n_s=2 − n_s=1", "sd_ns2", "sd_ns1"), ("(d) procedural n_s=3 − n_s=1", "proc", "proc_ns1"),
+             ("(d) procedural n_s=2 − n_s=1", "proc_ns2", "proc_ns1"), ("procedural − SD views (n_s=3)", "proc", "base")]
+    lines = ["| comparison | seeds | Δ test H@1 (mean ± std) | Δ test MRR (mean ± std) | seeds where better (MRR) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    seeds = sorted({r["seed"] for r in records})
+    for label, a, b in pairs:
+        both = [s for s in seeds if (a, s) in by and (b, s) in by]
+        if not both:
+            continue
+        dh = [by[(a, s)]["test"]["H@1"] - by[(b, s)]["test"]["H@1"] for s in both]
+        dm = [by[(a, s)]["test"]["MRR"] - by[(b, s)]["test"]["MRR"] for s in both]
+        lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {sum(d > 0 for d in dm)}/{len(both)} |")
+    return lines
+
+
+def render(records: list[dict], inputs: dict, meta: dict, diag: dict) -> str:
+    rows = summary_rows(records)
+    lines = [BEGIN, "", "## Setup (generated)", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    lines += ["", "## Results: test and dev, mean ± sample std over seeds (generated)", "",
+              ("| arm | negatives | k | CVaCPT w | views × n_s | seeds | test H@1 | test MRR | dev H@1 | dev MRR | "
+              "train s |"), "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['negatives']} | {r['k']} | {r['w']} | {r['views']} | {r['seeds']} | "
+                     f"{r['test_H@1']} | {r['test_MRR']} | {r['dev_H@1']} | {r['dev_MRR']} | {r['train_s']:.0f} |")
+    lines += ["", "Paired per seed (same data, same training seed; positive = the first arm is better):", ""]
+    lines += comparisons(records)
+    lines += ["", "Per run (test H@1 / MRR, best dev epoch of the epochs trained):", ""]
+    for arm in ARMS:
+        recs = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["seed"])
+        if recs:
+            lines.append(f"- {arm}: " + "; ".join(f"s{r['seed']} {r['test']['H@1']:.4f} / {r['test']['MRR']:.4f} "
+                                                 f"(ep {r['best_epoch']}/{r['epochs']})" for r in recs))
+    lines += ["", "## Diagnostics (generated)", "", "```json", json.dumps(diag, indent=1), "```", "", END]
+    return "\n".join(lines)
+
+
+def write_doc(path: Path, generated: str) -> None:
+    """Replace the generated block, keep the hand-written text around it."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + generated + tail
+    else:
+        text = "# Experiments: do JD-CCL and CVaCPT help? (issue 5)\n\n" + generated + "\n" + text
+    path.write_text(text, encoding="utf-8")
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return (f"{platform.node() or 'vm'}, {platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GB, "
+            f"Python {platform.python_version()}, no GPU, shared with another user's benchmarks (run at nice 19)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output", default="/tmp/mel-ray-experiments", help="work folder (kept for resuming)")
+    p.add_argument("--entities", type=int, default=800)
+    p.add_argument("--mentions", type=int, default=2000)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=4)
+    # the tiny CLIP's features are 32-wide: the paper's 512 / 96 matcher sizes only cost time here
+    p.add_argument("--dt", type=int, default=64, help="model.dt (matcher text size)")
+    p.add_argument("--dv", type=int, default=32, help="model.dv (matcher visual size)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--until", choices=["features", "arms", "all"], default="all")
+    p.add_argument("--report-only", action="store_true",
+                   help="run no arm: diagnostics and the doc from the result JSONs already written")
+    p.add_argument("--doc", default=str(ROOT / "docs" / "experiments.md"))
+    args = p.parse_args(argv)
+    out = Path(args.output).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    start_ray(out / ("ray-report" if args.report_only else "ray"))   # a report may run beside the arms
+    inputs = build_inputs(out, args)
+    if args.until == "features":
+        return
+    if args.report_only:
+        records = [json.loads((out / "results" / f"{a}-s{s}.json").read_text())
+                   for a, s in run_order(args.arms, args.seeds) if (out / "results" / f"{a}-s{s}.json").exists()]
+    else:
+        records = run_arms(inputs, out, args)
+    if args.until == "arms":
+        return
+    log("diagnostics")
+    diag = {"negatives": negative_confusability(inputs, records, out), "views": view_information(inputs),
+            "procedural_views": procedural_look_agreement(inputs),
+            "cvacpt": cvacpt_effect(inputs, records)}
+    storage.write_json(str(out / "diagnostics.json"), diag)
+    meta = {
+        "command": "nice -n 19 .venv/bin/python benchmarks/experiments.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "data": (f"make_demo_data(n_entities={args.entities}, n_mentions={args.mentions}, seed={args.data_seed}): "
+                 f"{json.dumps(inputs['data_stats']['mentions'])} mentions, name collision rate "
+                 f"{inputs['data_stats']['name_collision_rate']}, no-image rate {inputs['data_stats']['no_image_rate']}"),
+        "negatives": f"pool k={POOL_K}: {inputs['negatives']}",
+        "views": f"{VIEWS} per mention from each of: " + "; ".join(SOURCES.values()),
+        "training": (f"train() with configs/demo.yaml + 2 workers x 0.5 CPU, batch 32, lr 1e-3, {args.epochs} epochs, "
+                     f"model.dt={args.dt}, model.dv={args.dv} "
+                     "(no early stop), best dev-MRR checkpoint evaluated on test with evaluate() over the full KB"),
+        "seeds": f"train.seed in {args.seeds}; data, mining and synthesis seeds fixed at 0",
+        "wall time of this invocation": f"{(time.perf_counter() - t0) / 60:.1f} min (arms already done were skipped)",
+    }
+    write_doc(Path(args.doc), render(records, inputs, meta, diag))
+    log(f"wrote {args.doc} ({(time.perf_counter() - t0) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
