@@ -67,6 +67,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from mel_ray.config import load_config
+    from mel_ray.pipeline import run_pipeline
+
+    result = run_pipeline(load_config(args.config, args.set), root=args.root)
+    print(json.dumps(result["stages"], default=str))
+    return 0
+
+
 def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     from mel_ray.config import load_config
     from mel_ray.negatives import mine_negatives
@@ -194,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this part of the pipeline")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("pipeline", parents=[common], help="every stage from one config (what jobs/pipeline.py runs)")
+    p.add_argument("--root", default=".", help="folder that relative paths in the config are under (default: .)")
+    p.set_defaults(func=_cmd_pipeline)
+
     p = sub.add_parser("mine-negatives", parents=[common], help="JD-CCL: exact top-k Jaccard hard negatives")
     p.add_argument("--dataset", required=True)
     p.add_argument("--k", type=int, help="pool size k_max (default: negatives.k)")
@@ -205,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synthesize", parents=[common], help="CVaCPT: draw synthetic views of every mention")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--model", help="diffusion model id or path (default: models.diffusion)")
+    p.add_argument("--model", help="diffusion model id or path (default: models.diffusion); 'procedural:demo' "
+                   "is a TEST TOOL for generated demo data, not a model (see mel_ray/procedural.py)")
     p.add_argument("--views", type=int, help="n_s (default: synthesize.views)")
     p.add_argument("--limit", type=int, help="only the first N mentions of each split")
     p.set_defaults(func=_cmd_synthesize)

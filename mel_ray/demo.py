@@ -1,18 +1,18 @@
 """`make demo`: the whole chain on the embedded default (no services), on generated data and tiny models.
 
 Each step is skipped when its output is already complete, so rerunning the demo after an interruption
-continues where it stopped. Paths in configs/demo.yaml are relative to the output folder.
+continues where it stopped. Paths in configs/demo.yaml are relative to the output folder. The stages are
+mel_ray.pipeline's functions; only the data differs (two generated releases, ingested, then merged).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
 
-from mel_ray import storage
+from mel_ray import pipeline
 from mel_ray.config import Config, load_config
 from mel_ray.dataset import SPLITS, load_dataset
 
@@ -28,15 +28,9 @@ def _done(t0: float, what: str) -> None:
     print(f"    {what} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
 
-def _under(root: Path, uri: str) -> str:
-    return uri if storage.is_s3(uri) or os.path.isabs(uri) else str(root / uri)
-
-
 def build_datasets(root: Path, cfg: Config) -> str:
     """tiny models -> demo data (two seeds) -> ingest both -> merge. Returns the merged dataset URI."""
     from mel_ray.demo_data import make_demo_data
-    from mel_ray.ingest import ingest, summary_line
-    from mel_ray.merge import merge
     from mel_ray.tiny_models import make_tiny_models
 
     t0 = _step("tiny offline models (CLIP, Stable Diffusion)")
@@ -48,68 +42,55 @@ def build_datasets(root: Path, cfg: Config) -> str:
         name = f"demo{seed}"
         raw = root / "raw" / name
         out = str(root / "datasets" / name)
-        if not storage.exists(storage.join(out, "manifest.json")):
+        if not pipeline.ingested_with(out, cfg.data.ingest, str(raw), name):
             t0 = _step(f"demo data seed {seed} (mimic format) -> ingest")
             if not (raw / "kb_entity.json").exists():
                 make_demo_data(str(raw), seed=seed)
-            report = ingest("mimic", str(raw), out, name=name, options=cfg.data.ingest)
-            _done(t0, summary_line(out, report))
+            note = pipeline.ingest_dataset(cfg.data.ingest, str(raw), out, name)[2]
+            _done(t0, note)
         parts.append(out)
 
-    merged = _under(root, cfg.data.dataset)
-    if not storage.exists(storage.join(merged, "manifest.json")):
+    merged = pipeline.under(root, cfg.data.dataset)
+    if not pipeline.merged_from(merged, parts, cfg.data.name):
         t0 = _step(f"merge {' + '.join(Path(p).name for p in parts)}")
-        merge(parts, merged, name=cfg.data.name)
+        pipeline.merge_datasets(parts, merged, cfg.data.name)
         _done(t0, merged)
     return merged
 
 
 def mine(merged: str, cfg: Config) -> dict:
-    from mel_ray.negatives import mine_negatives
-
     t0 = _step(f"JD-CCL hard negatives (exact top-{cfg.negatives.k} Jaccard)")
-    manifest = mine_negatives(merged, k=cfg.negatives.k, seed=cfg.negatives.seed,
-                              block_size=cfg.negatives.block_size)
-    counts = {k: manifest[k] for k in ("n_entities", "n_without_attributes", "n_short") if k in manifest}
-    _done(t0, f"{'already mined' if manifest.get('skipped') else 'mined'}: {counts}")
+    manifest, _, note, _ = pipeline.mine(cfg, merged)
+    _done(t0, note)
     return manifest
 
 
-def views_and_features(root: Path, merged: str, cfg: Config) -> str:
-    """CVaCPT synthetic views with the tiny diffusion model, then frozen CLIP features of everything."""
-    from mel_ray.features import extract_features
-    from mel_ray.synthesize import synthesize
-
-    s, f = cfg.synthesize, cfg.features
+def views_and_features(merged: str, cfg: Config) -> str:
+    """CVaCPT synthetic views with the tiny diffusion model, then frozen CLIP features of everything.
+    `cfg` has its paths resolved (pipeline.resolve_paths) after the tiny models exist."""
+    s = cfg.synthesize
     t0 = _step(f"synthetic views: {s.views} per mention ({s.steps} steps, {s.size}px, tiny Stable Diffusion)")
-    views = synthesize(merged, _under(root, cfg.models.diffusion), views=s.views, template=s.template,
-                       steps=s.steps, guidance=s.guidance, size=s.size, scheduler=s.scheduler, seed=s.seed,
-                       batch_size=s.batch_size, concurrency=s.concurrency, num_gpus=s.num_gpus)
+    views = pipeline.synthesize_views(cfg, merged)[0]
     _done(t0, f"synthetic/{views['key']}: {views.get('images', '')} images")
     t0 = _step("CLIP features (entities, mentions, synthetic views)")
-    feats = extract_features(merged, _under(root, cfg.models.clip), synthetic_key=views["key"],
-                             text_length=f.text_length, batch_size=f.batch_size, concurrency=f.concurrency,
-                             num_gpus=f.num_gpus)
+    feats = pipeline.encode_features(cfg, merged, views["key"])[0]
     _done(t0, feats["uri"])
     return feats["uri"]
 
 
 def train_and_evaluate(root: Path, merged: str, features: str, cfg: Config) -> dict:
-    from mel_ray.eval.evaluate import evaluate, format_table
-    from mel_ray.train.run import train
+    from mel_ray.eval.evaluate import format_table
 
     t0 = _step(f"training: {cfg.train.num_workers} Ray Train workers, {cfg.train.epochs} epochs, "
                f"negatives={cfg.train.negatives}, k={cfg.train.k}")
-    result = train(cfg, merged, features_uri=features, storage_path=str(root / "runs"), run_name="demo",
-                   tracking_dir=str(root))
-    _done(t0, f"best dev MRR {result['best'].get('dev_MRR', float('nan')):.4f} (epoch {result['best']['epoch']})")
+    trained, _, note, info = pipeline.train_model(cfg, merged, features, root, base="demo")
+    _done(t0, note)
     t0 = _step("exact full-KB evaluation on test")
-    report = evaluate(merged, features, result["checkpoint"], "test", output_uri=str(root / "eval"),
-                      cpus_per_shard=0.5)
+    report = pipeline.evaluate_model(cfg, merged, features, trained, info["run_name"])[0]
     _done(t0, f"{report['mentions']} mentions x {report['entities']} entities")
     print(format_table(report))
-    print(f"MLflow: run {result['run_id']} at {result['tracking_uri']} "
-          f"(mlflow ui --backend-store-uri {result['tracking_uri']})")
+    print(f"MLflow: run {trained['run_id']} at {trained['tracking_uri']} "
+          f"(mlflow ui --backend-store-uri {trained['tracking_uri']})")
     return report
 
 
@@ -148,12 +129,13 @@ def run_demo(output: str, config_path: str | None = None, overrides: list[str] |
     cfg = load_config(config_path, overrides)
     t_start = time.perf_counter()
     merged = build_datasets(root, cfg)
+    cfg = pipeline.resolve_paths(cfg, root)      # after build_datasets: local model folders exist now
     mine(merged, cfg)
     summary = summarize(merged)
     print("==> summary")
     print(json.dumps(summary, indent=2, default=str))
     if until != "data":
-        features = views_and_features(root, merged, cfg)
+        features = views_and_features(merged, cfg)
         if until == "train":
             summary["test"] = train_and_evaluate(root, merged, features, cfg)["metrics"]
     print(f"demo finished in {time.perf_counter() - t_start:.1f}s; outputs under {root}")

@@ -1,0 +1,55 @@
+"""The preamble every `jobs/<stage>.py` shares: `--config`, `--set a.b=c`, `--debug`, and errors as one line.
+
+It lives in the package rather than beside the jobs because `ray job submit --working-dir .` puts the working
+dir on the driver's PYTHONPATH (so this module comes from the same upload as the job) while `python
+jobs/x.py` puts only `jobs/` on sys.path: `mel_ray.jobs` imports the same way in both, a sibling module would
+depend on the script's location.
+
+Relative paths in the config are taken under the current directory (see mel_ray.pipeline). Under `ray job
+submit` that is Ray's unpacked copy of the working dir on the head node, which goes away with the cluster:
+on a cluster, point data.*, tracking.storage and models.* at s3:// or at a shared absolute path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mel_ray.cli import run_guarded
+from mel_ray.config import Config, load_config
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML config (configs/<dataset>.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show a traceback instead of the one-line error")
+    return p
+
+
+def report(result: Any) -> None:
+    """A stage's progress line, then its JSON summary as the last line (what scripts read)."""
+    from mel_ray.pipeline import StageResult
+
+    if isinstance(result, StageResult):
+        print(result.line())
+        result = result.summary()
+    print(json.dumps(result, default=str), flush=True)
+
+
+def run_job(stage: Callable[[Config], Any], doc: str | None, argv: list[str] | None = None) -> int:
+    """Parse the arguments, load the config and run `stage(config)`; returns the exit code (2: bad config or
+    data, one line on stderr; --debug adds the traceback)."""
+    def main(args_list: list[str] | None) -> int:
+        args = parser((doc or "").strip().splitlines()[0] if doc else None).parse_args(args_list)
+        cfg = load_config(args.config, args.set)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        report(stage(cfg))
+        return 0
+
+    return run_guarded(main, argv if argv is not None else sys.argv[1:])

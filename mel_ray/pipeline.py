@@ -1,0 +1,361 @@
+"""The whole chain from one config: ingest or merge -> mine negatives -> synthesize -> extract features ->
+train -> evaluate on test. `jobs/pipeline.py` and `mel-ray pipeline` run it; each `jobs/<stage>.py` runs one
+stage function; the demo reuses the lower-level functions.
+
+Resumable: every stage first checks for its complete output and is skipped when it is there, so resubmitting
+a failed pipeline continues where it stopped. Ingest and merge are skipped only when the complete dataset was
+built from the same inputs (and options); mining, synthesis and features are skipped by the stages
+themselves; train and evaluate leave a marker file beside the Ray Train run once they have finished, and a
+training run killed midway resumes from its last checkpoint (same Ray Train run name and storage path).
+
+Relative paths in the config (data.dataset, data.merge, data.ingest.input / image_dir, local model folders,
+tracking.storage) are taken under `root`: the current directory for jobs and `mel-ray pipeline` (--root
+changes it), the output folder for the demo. Absolute paths and s3:// URIs are used as they are; a relative
+models.* value that is not a folder under `root` is a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mel_ray import storage
+from mel_ray.config import Config, IngestConfig
+from mel_ray.dataset import MANIFEST, REPORT, load_dataset
+from mel_ray.errors import UsageError
+from mel_ray.keys import settings_key
+
+TRAIN_MARKER = "mel_ray_train.json"        # in <tracking.storage>/<run name>/, written after train() returned
+EVAL_MARKER = "mel_ray_evaluate_{split}.json"   # beside it, written after the test metrics reached MLflow
+SPLIT = "test"
+
+
+@dataclasses.dataclass
+class StageResult:
+    stage: str
+    ran: bool                  # False: complete output found, nothing done
+    seconds: float
+    note: str                  # one human line about what was done or found
+    info: dict[str, Any]       # small JSON summary (URIs, counts) for the job's last line
+    value: Any = None          # the stage's full return value, for the next stage
+
+    def line(self) -> str:
+        return f"[pipeline] {self.stage}: {'ran' if self.ran else 'skipped'} ({self.seconds:.1f}s) {self.note}"
+
+    def summary(self) -> dict[str, Any]:
+        return {"stage": self.stage, "skipped": not self.ran, "seconds": round(self.seconds, 2), **self.info}
+
+
+# ------------------------------------------------------------------------------------------------ paths
+
+
+def under(root: str | os.PathLike, uri: str) -> str:
+    """A relative local path taken under `root`; absolute paths and URIs with a scheme stay as they are."""
+    uri = str(uri)
+    if "://" in uri:
+        return uri
+    path = Path(uri).expanduser()
+    return str(path if path.is_absolute() else Path(root).absolute() / path)
+
+
+def model_under(root: str | os.PathLike, value: str) -> str:
+    """Like `under` for local folders; a relative value with no folder under `root` stays a hub id."""
+    if "://" in value or Path(value).expanduser().is_absolute():
+        return value
+    local = Path(root).absolute() / value
+    return str(local) if local.exists() else value
+
+
+def resolve_paths(cfg: Config, root: str | os.PathLike = ".") -> Config:
+    """A copy of `cfg` whose local paths are absolute (see the module doc); resolving twice changes nothing."""
+    c = cfg.model_copy(deep=True)
+    c.data.dataset = under(root, c.data.dataset)
+    c.data.merge = [under(root, u) for u in c.data.merge]
+    if c.data.ingest.input:
+        c.data.ingest.input = under(root, c.data.ingest.input)
+    if c.data.ingest.image_dir:
+        c.data.ingest.image_dir = under(root, c.data.ingest.image_dir)
+    c.models.clip = model_under(root, c.models.clip)
+    c.models.diffusion = model_under(root, c.models.diffusion)
+    c.tracking.storage = under(root, c.tracking.storage)
+    return c
+
+
+def _timed(stage: str, fn, *args, **kwargs) -> StageResult:
+    """Run `fn`, which returns (value, ran, note, info), and time it."""
+    t0 = time.perf_counter()
+    value, ran, note, info = fn(*args, **kwargs)
+    return StageResult(stage, ran, time.perf_counter() - t0, note, info, value)
+
+
+# ------------------------------------------------------------------------------------------ ingest, merge
+
+
+def ingested_with(output: str, options: IngestConfig, source: str, name: str) -> bool:
+    """True when `output` is a complete dataset ingested from `source` in this format with these options."""
+    if not storage.exists(storage.join(output, MANIFEST)):
+        return False
+    manifest = storage.read_json(storage.join(output, MANIFEST))
+    report = storage.read_json(storage.join(output, REPORT)) if storage.exists(storage.join(output, REPORT)) else {}
+    return (manifest.get("name") == name and report.get("format") == options.format
+            and report.get("input") == str(source)
+            and report.get("options") == options.model_dump(mode="json", exclude={"format", "input"}))
+
+
+def ingest_dataset(options: IngestConfig, source: str, output: str, name: str) -> tuple:
+    from mel_ray.ingest import ingest, summary_line
+
+    if ingested_with(output, options, source, name):
+        return load_dataset(output).manifest, False, f"already ingested {output} from {source}", {"dataset": output}
+    report = ingest(options.format, source, output, name=name, options=options)
+    return report, True, summary_line(output, report), {"dataset": output, "rows": report["rows"]}
+
+
+def merged_from(output: str, inputs: list[str], name: str) -> bool:
+    """True when `output` is a complete merge of `inputs` (same URIs, in order) whose counts have not changed.
+
+    Counts, not content hashes: cheap, and they catch the usual case (an input re-ingested from a new release).
+    """
+    if not storage.exists(storage.join(output, MANIFEST)):
+        return False
+    manifest = storage.read_json(storage.join(output, MANIFEST))
+    recorded = manifest.get("inputs") or []
+    if (manifest.get("source_format") != "merge" or manifest.get("name") != name
+            or [r.get("uri") for r in recorded] != [str(u) for u in inputs]):
+        return False
+    for r in recorded:
+        input_manifest = storage.join(r["uri"], MANIFEST)
+        if not storage.exists(input_manifest) or storage.read_json(input_manifest).get("counts") != r.get("counts"):
+            return False
+    return True
+
+
+def merge_datasets(inputs: list[str], output: str, name: str) -> tuple:
+    from mel_ray.merge import merge
+
+    if merged_from(output, inputs, name):
+        return load_dataset(output).manifest, False, f"already merged {output}", {"dataset": output}
+    manifest = merge(inputs, output, name=name)
+    note = f"merged {', '.join(inputs)} -> {output}: {manifest['counts']}"
+    return manifest, True, note, {"dataset": output, "counts": manifest["counts"]}
+
+
+def ingest_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
+    cfg = resolve_paths(cfg, root)
+    if not cfg.data.ingest.input:
+        raise UsageError("data.ingest.input is not set: nothing to ingest (set it, or list datasets in data.merge)")
+    return _timed("ingest", ingest_dataset, cfg.data.ingest, cfg.data.ingest.input, cfg.data.dataset, cfg.data.name)
+
+
+def merge_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
+    cfg = resolve_paths(cfg, root)
+    if not cfg.data.merge:
+        raise UsageError("data.merge lists no input datasets: nothing to merge")
+    return _timed("merge", merge_datasets, cfg.data.merge, cfg.data.dataset, cfg.data.name)
+
+
+def data_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
+    """Merge when data.merge lists datasets (already ingested), else ingest data.ingest.input."""
+    return merge_stage(cfg, root) if cfg.data.merge else ingest_stage(cfg, root)
+
+
+# ------------------------------------------------------------------------------ negatives, views, features
+
+
+def mine(cfg: Config, dataset: str) -> tuple:
+    from mel_ray.negatives import mine_negatives
+
+    n = cfg.negatives
+    manifest = mine_negatives(dataset, k=n.k, seed=n.seed, block_size=n.block_size)
+    counts = {k: manifest[k] for k in ("n_entities", "n_without_attributes", "n_short") if k in manifest}
+    ran = not manifest.get("skipped")
+    note = f"{'mined' if ran else 'already mined'} top-{n.k}: {counts}"
+    return manifest, ran, note, {"output": manifest.get("output"), **counts}
+
+
+def negatives_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
+    cfg = resolve_paths(cfg, root)
+    return _timed("mine_negatives", mine, cfg, cfg.data.dataset)
+
+
+def synthesize_views(cfg: Config, dataset: str) -> tuple:
+    from mel_ray.synthesize import synthesize
+
+    s = cfg.synthesize
+    summary = synthesize(dataset, cfg.models.diffusion, views=s.views, template=s.template, steps=s.steps,
+                         guidance=s.guidance, size=s.size, scheduler=s.scheduler, seed=s.seed,
+                         batch_size=s.batch_size, concurrency=s.concurrency, num_gpus=s.num_gpus,
+                         cache_dir=cfg.models.cache_dir)
+    ran = summary["generated"] > 0 or summary["todo"] > 0
+    note = f"synthetic/{summary['key']}: {summary['images']} images ({summary['generated']} new)"
+    return summary, ran, note, {"key": summary["key"], "uri": summary["uri"], "images": summary["images"]}
+
+
+def synthesize_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
+    cfg = resolve_paths(cfg, root)
+    return _timed("synthesize", synthesize_views, cfg, cfg.data.dataset)
+
+
+def synthetic_key(cfg: Config) -> str:
+    """The synthetic/<key> the config's synthesize settings write (without running anything); keep the
+    arguments in step with synthesize_views."""
+    from mel_ray.synthesize import synthesis_key, synthesis_settings
+
+    s = cfg.synthesize
+    return synthesis_key(synthesis_settings(cfg.models.diffusion, template=s.template, steps=s.steps,
+                                            guidance=s.guidance, size=s.size, scheduler=s.scheduler, seed=s.seed,
+                                            num_gpus=s.num_gpus, cache_dir=cfg.models.cache_dir))
+
+
+def encode_features(cfg: Config, dataset: str, key: str) -> tuple:
+    from mel_ray.features import extract_features
+
+    f = cfg.features
+    manifest = extract_features(dataset, cfg.models.clip, synthetic_key=key, views=cfg.synthesize.views,
+                                text_length=f.text_length, batch_size=f.batch_size, concurrency=f.concurrency,
+                                num_gpus=f.num_gpus, cache_dir=cfg.models.cache_dir)
+    run = manifest["run"]
+    note = f"{manifest['uri']}: {run['shards_written']} shards written, {run['shards_skipped']} already there"
+    return manifest, run["shards_written"] > 0, note, {"uri": manifest["uri"], "key": manifest["key"]}
+
+
+def features_stage(cfg: Config, root: str | os.PathLike = ".", synthetic: str | None = None) -> StageResult:
+    """synthetic: the synthetic/<key> to encode; default: the one the config's synthesize settings write."""
+    cfg = resolve_paths(cfg, root)
+    return _timed("extract_features", encode_features, cfg, cfg.data.dataset, synthetic or synthetic_key(cfg))
+
+
+# ------------------------------------------------------------------------------------------ train, evaluate
+
+
+def run_name(cfg: Config, dataset: str, features: str, base: str = "pipeline") -> str:
+    """Ray Train run (and MLflow run) name: the same settings and inputs give the same name, so a resubmitted
+    job finds its checkpoints and its marker; other settings never restore a run trained with different ones."""
+    key = settings_key({"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+                        "negatives": cfg.negatives.model_dump(mode="json"), "dataset": dataset,
+                        "features": features, "experiment": cfg.tracking.experiment}, length=10)
+    return f"{base}-{key}"
+
+
+def run_folder(cfg: Config, name: str) -> str:
+    return storage.join(cfg.tracking.storage, name)
+
+
+def train_model(cfg: Config, dataset: str, features: str, root: str | os.PathLike, base: str = "pipeline") -> tuple:
+    from mel_ray.train.run import train
+
+    name = run_name(cfg, dataset, features, base)
+    marker = storage.join(run_folder(cfg, name), TRAIN_MARKER)
+    if storage.exists(marker):
+        result = storage.read_json(marker)
+        return result, False, f"already trained: MLflow run {result['run_id']}", _train_info(result, name)
+    result = train(cfg, dataset, features_uri=features, storage_path=cfg.tracking.storage, run_name=name,
+                   tracking_dir=str(Path(root).absolute()))
+    kept = {k: result[k] for k in ("run_id", "tracking_uri", "best", "checkpoint", "features_uri", "negatives_uri")}
+    storage.write_json(marker, json.loads(json.dumps(kept, default=float)))
+    best = result["best"]
+    note = f"best dev MRR {best.get('dev_MRR', float('nan')):.4f} (epoch {best['epoch']}), MLflow run {result['run_id']}"
+    return kept, True, note, _train_info(kept, name)
+
+
+def _train_info(result: dict, name: str) -> dict:
+    return {"run_name": name, "run_id": result["run_id"], "tracking_uri": result["tracking_uri"],
+            "checkpoint": result["checkpoint"]}
+
+
+def _find_features(cfg: Config) -> str:
+    from mel_ray.train.run import find_features
+
+    load_dataset(cfg.data.dataset)      # a missing dataset says so, rather than "no feature sets"
+    return find_features(cfg.data.dataset, None)
+
+
+def train_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None = None,
+                base: str = "pipeline") -> StageResult:
+    """features: the features/<key> URI; default: the only complete set under the dataset."""
+    cfg = resolve_paths(cfg, root)
+    return _timed("train", train_model, cfg, cfg.data.dataset, features or _find_features(cfg), root, base)
+
+
+def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name: str, split: str = SPLIT) -> tuple:
+    """Exact full-KB evaluation of the best checkpoint: train.num_workers KB shards of train.cpus_per_worker
+    CPUs each (the resources training just gave back); the metrics are added to the training's MLflow run."""
+    from mel_ray.eval.evaluate import evaluate
+
+    folder = run_folder(cfg, name)
+    marker = storage.join(folder, EVAL_MARKER.format(split=split))
+    if storage.exists(marker):
+        report = storage.read_json(marker)
+        note = f"already evaluated on {split}: MRR {report['metrics'].get('MRR', float('nan')):.4f}"
+        return report, False, note, {"split": split, "metrics": report["metrics"]}
+    t = cfg.train
+    report = evaluate(dataset, features, trained["checkpoint"], split, output_uri=storage.join(folder, "eval"),
+                      num_shards=t.num_workers, entity_chunk=t.eval_entity_chunk, mention_batch=t.eval_mention_batch,
+                      threads_per_shard=t.torch_threads, cpus_per_shard=t.cpus_per_worker)
+    report = json.loads(json.dumps(report, default=float))
+    log_eval_to_mlflow(trained, report, split)
+    storage.write_json(marker, report)
+    note = (f"{report['mentions']} {split} mentions x {report['entities']} entities: "
+            f"MRR {report['metrics'].get('MRR', float('nan')):.4f}")
+    return report, True, note, {"split": split, "metrics": report["metrics"]}
+
+
+def log_eval_to_mlflow(trained: dict, report: dict, split: str) -> None:
+    """`<split>_<metric>` metrics and eval_<split>.json on the training's run, so one run holds dev and test."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from mel_ray.train.run import mlflow_name
+
+    client = MlflowClient(tracking_uri=trained["tracking_uri"])
+    now = int(time.time() * 1000)
+    client.log_batch(trained["run_id"], metrics=[Metric(f"{split}_{mlflow_name(k)}", float(v), now, 0)
+                                                 for k, v in report["metrics"].items()])
+    client.log_text(trained["run_id"], json.dumps(report, indent=2), f"eval_{split}.json")
+
+
+def evaluate_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None = None,
+                   trained: dict | None = None, base: str = "pipeline", split: str = SPLIT) -> StageResult:
+    """trained: train_model's result; default: the marker of the run this config trains."""
+    cfg = resolve_paths(cfg, root)
+    features = features or _find_features(cfg)
+    name = run_name(cfg, cfg.data.dataset, features, base)
+    if trained is None:
+        marker = storage.join(run_folder(cfg, name), TRAIN_MARKER)
+        if not storage.exists(marker):
+            raise UsageError(f"{marker}: no finished training for this config; run the train job first")
+        trained = storage.read_json(marker)
+    return _timed("evaluate", evaluate_model, cfg, cfg.data.dataset, features, trained, name, split)
+
+
+# ------------------------------------------------------------------------------------------------ chain
+
+
+def run_pipeline(cfg: Config, root: str | os.PathLike = ".", base: str = "pipeline") -> dict[str, Any]:
+    """Every stage in order, one progress line each; returns the stages' summaries, the MLflow run and the
+    test metrics."""
+    cfg = resolve_paths(cfg, root)
+    t0 = time.perf_counter()
+    results: list[StageResult] = []
+
+    def step(result: StageResult) -> StageResult:
+        print(result.line(), flush=True)
+        results.append(result)
+        return result
+
+    step(data_stage(cfg, root))
+    step(negatives_stage(cfg, root))
+    views = step(synthesize_stage(cfg, root))
+    features = step(features_stage(cfg, root, synthetic=views.value["key"])).value["uri"]
+    trained = step(train_stage(cfg, root, features=features, base=base)).value
+    report = step(evaluate_stage(cfg, root, features=features, trained=trained, base=base)).value
+    print(f"[pipeline] done in {time.perf_counter() - t0:.1f}s: {SPLIT} MRR "
+          f"{report['metrics'].get('MRR', float('nan')):.4f}, MLflow run {trained['run_id']} at "
+          f"{trained['tracking_uri']}", flush=True)
+    return {"stages": [r.summary() for r in results], "run_id": trained["run_id"],
+            "tracking_uri": trained["tracking_uri"], "checkpoint": trained["checkpoint"],
+            f"{SPLIT}_metrics": report["metrics"]}
