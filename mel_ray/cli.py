@@ -135,6 +135,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from mel_ray import pipeline
+    from mel_ray.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.dataset:
+        cfg.data.dataset = args.dataset
+    result = pipeline.tune_stage(cfg, root=args.root, features=args.features)
+    print(result.line())
+    print(json.dumps(result.summary(), default=str))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mel_ray.eval.evaluate import evaluate, format_table
     from mel_ray.train.run import find_features
@@ -199,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="run the whole demo on the embedded default")
     p.add_argument("--output", default="demo_out")
-    p.add_argument("--until", default="train", choices=["data", "features", "train"],
+    p.add_argument("--until", default="tune", choices=["data", "features", "train", "tune"],
                    help="stop after this part of the pipeline")
     p.set_defaults(func=_cmd_demo)
 
@@ -243,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", help="negatives/k{K}.parquet URI (default: from negatives.k)")
     p.add_argument("--run-name", default="train")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("tune", parents=[common], help="Ray Tune sweep of training runs over k x n_s (tune.*)")
+    p.add_argument("--dataset", help="default: data.dataset")
+    p.add_argument("--features", help="features/<key> URI (default: the only one)")
+    p.add_argument("--root", default=".", help="folder that relative paths in the config are under (default: .)")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("evaluate", parents=[common], help="exact full-KB ranking metrics")
     p.add_argument("--dataset", required=True)

@@ -30,7 +30,7 @@ class IngestConfig(Section):
     split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)   # melbench: train/dev/test by hash
 
     @model_validator(mode="after")
-    def _ratios(self) -> "IngestConfig":
+    def _ratios(self) -> IngestConfig:
         if any(r < 0 for r in self.split_ratios) or abs(sum(self.split_ratios) - 1.0) > 1e-6:
             raise ValueError("split_ratios must be three non-negative numbers summing to 1")
         return self
@@ -79,6 +79,7 @@ class ModelConfig(Section):
     dv: int = 96                            # projected visual size
     dt: int = 512                           # text size (CLIP text projection)
     cvacpt_weight: float = Field(1.0, ge=0.0, le=1.0)   # w in feature + w * (alpha * feature + beta)
+    views: int | None = Field(None, ge=0)   # n_s: synthetic views CVaCPT uses (None: all the features hold)
 
 
 class TrainConfig(Section):
@@ -104,6 +105,34 @@ class TrainConfig(Section):
     seed: int = 0
 
 
+class SweepConfig(Section):
+    """`mel-ray tune`: the paper's Table 2 grid (k x n_s), optionally lr, w and seeds."""
+
+    name: str = "sweep"
+    k: list[int] = Field(default_factory=lambda: [2, 4, 6])
+    views: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    lr: list[float] = Field(default_factory=list)             # empty: train.lr
+    cvacpt_weight: list[float] = Field(default_factory=list)  # empty: model.cvacpt_weight
+    seeds: list[int] = Field(default_factory=list)            # empty: train.seed
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    asha_grace_period: int = Field(1, ge=1)                   # epochs before ASHA may stop a trial
+    max_concurrent_trials: int = Field(1, ge=1)
+    # the trial's driver, idle while its Ray Train workers (which ask for train.* resources) run
+    trial_cpus: float = Field(0.05, gt=0)
+    evaluate_test: bool = True               # exact test evaluation of every trial (the table has dev and test)
+    # train.* values for every trial (shorter epochs, the trial's workers and CPUs, ...), over the train section
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> SweepConfig:
+        if not self.k or not self.views:
+            raise ValueError("tune.k and tune.views need at least one value each")
+        unknown = sorted(set(self.train) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"tune.train: unknown train keys {unknown} (allowed: {sorted(TrainConfig.model_fields)})")
+        return self
+
+
 class TrackingConfig(Section):
     mlflow_uri: str | None = None           # None: MLFLOW_TRACKING_URI, else the embedded sqlite store
     experiment: str = "mel-ray"
@@ -118,6 +147,7 @@ class Config(Section):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: SweepConfig = Field(default_factory=SweepConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
@@ -166,21 +196,41 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """One YAML file as a tree; `extends: OTHER.yaml` (relative to this file) is read first and this file's
+    values override it, section by section (so configs/tune/wikimel.yaml is configs/wikimel.yaml + a sweep)."""
+    if path.resolve() in seen:
+        raise UsageError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, seen))})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read config: {err.strerror or err}") from err
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(tree, dict):
+        raise UsageError(f"{path}: top level must be a mapping of sections")
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise UsageError(f"{path}: 'extends' must be a path to another config (got {parent!r})")
+    return _deep_merge(_read_tree(path.parent / parent, (*seen, path.resolve())), tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or defaults), apply `a.b=c` overrides, validate; errors name the file and key."""
-    tree: dict = {}
     source = str(path) if path else "<defaults>"
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as err:
-            raise UsageError(f"{path}: cannot read config: {err.strerror or err}") from err
-        try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise UsageError(f"{path}: invalid YAML: {err}") from err
-        if not isinstance(tree, dict):
-            raise UsageError(f"{path}: top level must be a mapping of sections")
+    tree = _read_tree(Path(path)) if path is not None else {}
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
     try:

@@ -116,12 +116,21 @@ def summarize(uri: str) -> dict:
     return summary
 
 
-STAGES = ("data", "features", "train")
+def tune_sweep(root: Path, merged: str, features: str, cfg: Config) -> dict:
+    t = cfg.tune
+    t0 = _step(f"Ray Tune sweep '{t.name}': k in {t.k} x n_s in {t.views}, one Ray Train run per trial")
+    result = pipeline.sweep(cfg, merged, features, root)[0]
+    _done(t0, f"ablation table, heatmaps and the best model on MLflow parent run {result['parent_run_id']}")
+    return result
+
+
+STAGES = ("data", "features", "train", "tune")
 
 
 def run_demo(output: str, config_path: str | None = None, overrides: list[str] | None = None,
-             until: str = "train") -> dict:
-    """until: 'data' stops after ingest/merge/mining, 'features' after synthesis + features, 'train' runs all."""
+             until: str = "tune") -> dict:
+    """until: 'data' stops after ingest/merge/mining, 'features' after synthesis + features, 'train' after
+    training + test evaluation, 'tune' (everything) after the sweep."""
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}")
     root = Path(output).absolute()
@@ -136,7 +145,9 @@ def run_demo(output: str, config_path: str | None = None, overrides: list[str] |
     print(json.dumps(summary, indent=2, default=str))
     if until != "data":
         features = views_and_features(merged, cfg)
-        if until == "train":
+        if until in ("train", "tune"):
             summary["test"] = train_and_evaluate(root, merged, features, cfg)["metrics"]
+        if until == "tune":
+            summary["sweep"] = tune_sweep(root, merged, features, cfg)["rows"]
     print(f"demo finished in {time.perf_counter() - t_start:.1f}s; outputs under {root}")
     return summary

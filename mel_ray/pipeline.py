@@ -332,6 +332,29 @@ def evaluate_stage(cfg: Config, root: str | os.PathLike = ".", features: str | N
     return _timed("evaluate", evaluate_model, cfg, cfg.data.dataset, features, trained, name, split)
 
 
+# ------------------------------------------------------------------------------------------------- tune
+
+
+def sweep(cfg: Config, dataset: str, features: str, root: str | os.PathLike) -> tuple:
+    from mel_ray.tune.sweep import run_sweep
+
+    result = run_sweep(cfg, dataset, features_uri=features, storage_path=cfg.tracking.storage,
+                       tracking_dir=str(Path(root).absolute()))
+    best = result.get("best") or {}
+    trial = best.get("params", {})
+    note = (f"{'already swept' if result['skipped'] else 'swept'} {len(result['rows'])} trials; best "
+            f"{trial} (dev MRR {best.get('metrics', {}).get('best_dev_MRR', float('nan')):.4f}), "
+            f"MLflow parent run {result['parent_run_id']}")
+    info = {"parent_run_id": result["parent_run_id"], "tracking_uri": result["tracking_uri"], "best": trial}
+    return result, not result["skipped"], note, info
+
+
+def tune_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None = None) -> StageResult:
+    """The Tune sweep (cfg.tune) on the dataset's features; skipped when the same sweep finished."""
+    cfg = resolve_paths(cfg, root)
+    return _timed("tune", sweep, cfg, cfg.data.dataset, features or _find_features(cfg), root)
+
+
 # ------------------------------------------------------------------------------------------------ chain
 
 
@@ -359,3 +382,21 @@ def run_pipeline(cfg: Config, root: str | os.PathLike = ".", base: str = "pipeli
     return {"stages": [r.summary() for r in results], "run_id": trained["run_id"],
             "tracking_uri": trained["tracking_uri"], "checkpoint": trained["checkpoint"],
             f"{SPLIT}_metrics": report["metrics"]}
+
+
+def run_tune_pipeline(cfg: Config, root: str | os.PathLike = ".") -> dict[str, Any]:
+    """What jobs/tune.py runs: the sweep's inputs (data, one mined pool of negatives.k >= max tune.k, one
+    synthesis of synthesize.views >= max tune.views, their features; each skipped when done), then the sweep."""
+    cfg = resolve_paths(cfg, root)
+    if max(cfg.tune.views) > cfg.synthesize.views:
+        raise UsageError(f"tune.views up to {max(cfg.tune.views)} needs synthesize.views >= that "
+                         f"(it is {cfg.synthesize.views}): one synthesis run serves every trial")
+    results = []
+    for make in (data_stage, negatives_stage, synthesize_stage):
+        results.append(make(cfg, root))
+        print(results[-1].line(), flush=True)
+    results.append(features_stage(cfg, root, synthetic=results[-1].value["key"]))
+    print(results[-1].line(), flush=True)
+    results.append(tune_stage(cfg, root, features=results[-1].value["uri"]))
+    print(results[-1].line(), flush=True)
+    return {"stages": [r.summary() for r in results], **results[-1].info}

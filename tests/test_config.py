@@ -10,7 +10,7 @@ from mel_ray.config import Config, load_config, parse_overrides
 from mel_ray.errors import UsageError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(CONFIG_DIR.glob("*.yml"))
+CONFIG_FILES = sorted(CONFIG_DIR.rglob("*.yaml")) + sorted(CONFIG_DIR.rglob("*.yml"))
 
 
 def _yaml(tmp_path: Path, text: str) -> Path:
@@ -19,7 +19,7 @@ def _yaml(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(CONFIG_DIR)) for p in CONFIG_FILES])
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
@@ -112,3 +112,21 @@ def test_set_errors():
     with pytest.raises(UsageError, match="'lr' is not a section"):
         load_config(None, ["train.lr=1", "train.lr.x=2"])
     assert parse_overrides(["a.b=", "c=d=e"]) == [("a.b", ""), ("c", "d=e")]
+
+
+def test_extends_reads_the_parent_first_and_overrides_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 0.5\n  epochs: 7\ntracking:\n  experiment: base\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "sweep.yaml").write_text("extends: ../base.yaml\ntrain:\n  epochs: 2\ntune:\n  k: [2]\n")
+    cfg = load_config(tmp_path / "sub" / "sweep.yaml", ["tracking.experiment=x"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.tune.k, cfg.tracking.experiment) == (0.5, 2, [2], "x")
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(UsageError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(UsageError, match="missing.yaml: cannot read config"):
+        load_config(tmp_path / "c.yaml")

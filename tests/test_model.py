@@ -78,6 +78,23 @@ def test_views_beyond_the_available_count_are_masked_not_zero_padded():
     assert torch.allclose(ctx_all, per_view.amax(dim=1)) and torch.allclose(ctx_1, per_view[:, 0])
 
 
+def test_n_s_cap_equals_features_holding_only_the_first_n_s_views():
+    """model.views = n_s lets one feature set (S views) serve every n_s: same as keeping views < n_s only."""
+    m, e = batch(6, 13), batch(5, 14, views=False)
+    m["n_views"] = torch.tensor([0, 1, 2, 3, 3, 2])
+    for n_s in (0, 1, 2):
+        capped = model(1.0)
+        capped.dims.views = n_s
+        fewer = {**m, "synthetic_global": m["synthetic_global"][:, :max(n_s, 1)],
+                 "n_views": m["n_views"].clamp(max=n_s)}
+        with torch.no_grad():
+            a, b = capped(m, e)["overall"], model(1.0)(fewer, e)["overall"]
+        assert torch.allclose(a, b, atol=1e-6), n_s
+    with torch.no_grad():       # and the cap changes something when a mention has more views than n_s
+        capped.dims.views = 1
+        assert not torch.allclose(capped(m, e)["overall"], model(1.0)(m, e)["overall"])
+
+
 def test_mention_without_views_is_left_unchanged():
     net = model(1.0)
     m = batch(3, 3)

@@ -9,8 +9,8 @@ result equals a full score matrix + stable sort, while no process ever holds men
 from __future__ import annotations
 
 import io
+import itertools
 import logging
-import os
 import time
 
 import numpy as np
@@ -75,10 +75,12 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
     mentions = mention_tensors(features_uri, dataset_uri, split)
     n = len(mentions["mention_id"])
     bounds = np.linspace(0, n_entities, num_shards + 1).astype(int)
-    actor = ray.remote(num_cpus=cpus_per_shard)(KBShard)
+    # "DEFAULT": the shards ask the cluster for their own CPUs even when called from inside a Tune trial,
+    # whose placement group (sized for the trial's driver only) would otherwise capture them
+    actor = ray.remote(num_cpus=cpus_per_shard, scheduling_strategy="DEFAULT")(KBShard)
     state_ref = ray.put(state)
     shards = [actor.remote(features_uri, state_ref, int(a), int(b), entity_chunk, mention_batch, threads_per_shard)
-              for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+              for a, b in itertools.pairwise(bounds) if b > a]
     counts = np.zeros(n, dtype=np.int64)
     top_ids = np.zeros((n, min(TOPK, n_entities)), dtype=np.int64)
     top_scores = np.zeros((n, min(TOPK, n_entities)), dtype=np.float32)
@@ -132,5 +134,5 @@ def format_table(report: dict) -> str:
     sep = "|" + "---|" * (len(keys) + 1)
     row = f"| {report['split']} | " + " | ".join(
         f"{m[k]:.2f}" if k == "MR" else f"{100 * m[k]:.2f}" for k in keys) + " |"
-    return "\n".join([head, sep, row])
+    return f"{head}\n{sep}\n{row}"
 

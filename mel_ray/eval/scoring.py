@@ -8,6 +8,7 @@ as the scores it is compared with (see ranking.py for the exact tie policy).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -37,7 +38,7 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict,
     model.eval()
     n = mentions["gold"].shape[0]
     bounds = list(range(0, n, mention_batch)) + [n]
-    spans = list(zip(bounds[:-1], bounds[1:]))
+    spans = list(itertools.pairwise(bounds))
     mention_sides = [model.mention_side(model.mention_features(_rows(mentions, a, b))) for a, b in spans]
     gold_sides = [model.entity_side(model.entity_features(_rows(gold_features, a, b))) for a, b in spans]
     counts = np.zeros(n, dtype=np.int64)

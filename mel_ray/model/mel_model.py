@@ -28,6 +28,7 @@ class ModelDims:
     dt: int = 512             # matcher text size (paper: text stays 512)
     dv: int = 96              # matcher visual size (MIMIC: 96)
     cvacpt_weight: float = 1.0
+    views: int | None = None  # n_s: use at most this many synthetic views per mention (None: all available)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,15 +66,20 @@ class MELModel(nn.Module):
             return side
         views = self.image_global_proj(batch["synthetic_global"])           # VEs^G, same projection as VE^G
         side.image_global, side.image_local = self.cvacpt(
-            side.image_global, side.image_local, views, batch["n_views"], side.text_global)
+            side.image_global, side.image_local, views, self.n_views(batch), side.text_global)
         return side
+
+    def n_views(self, batch: dict) -> torch.Tensor:
+        """Views each mention may use: what it has, capped at n_s (one feature set serves every n_s)."""
+        n = batch["n_views"]
+        return n if self.dims.views is None else n.clamp(max=self.dims.views)
 
     def cvacpt_maps(self, batch: dict) -> dict:
         """alpha/beta of the mention patches (paper Fig. 6), for plots."""
         side = self._project(batch)
         views = self.image_global_proj(batch["synthetic_global"])
         _, _, alpha_l, beta_l, has_view = self.cvacpt.affine(side.image_global, side.image_local, views,
-                                                            batch["n_views"], side.text_global)
+                                                            self.n_views(batch), side.text_global)
         return {"alpha": alpha_l, "beta": beta_l, "has_view": has_view}
 
     def entity_side(self, entities: Side) -> dict:

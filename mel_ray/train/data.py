@@ -113,6 +113,9 @@ def add_gold(batch: pa.Table, gold: dict[str, int]) -> pa.Table:
     return batch.append_column("gold", pa.array(ids, type=pa.int64()))
 
 
+READ_CPUS = 0.25
+
+
 def mention_dataset(features_uri: str, dataset_uri: str, split: str):
     """Ray Dataset of one split's mention features with a `gold` column."""
     import ray
@@ -120,8 +123,11 @@ def mention_dataset(features_uri: str, dataset_uri: str, split: str):
     uris = mention_shard_uris(features_uri, split)
     fs, _ = storage.resolve(uris[0])
     paths = [storage.resolve(u)[1] for u in uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs)
-    return ds.map_batches(add_gold, fn_kwargs={"gold": gold_ids(dataset_uri, split)}, batch_format="pyarrow")
+    # reading a few Parquet shards is light: a fraction of a CPU each, so the reads still fit next to the
+    # training workers (and a Tune trial's driver) on a machine whose whole CPUs are all reserved
+    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=READ_CPUS)
+    return ds.map_batches(add_gold, fn_kwargs={"gold": gold_ids(dataset_uri, split)}, batch_format="pyarrow",
+                          num_cpus=READ_CPUS)
 
 
 def mention_tensors(features_uri: str, dataset_uri: str, split: str, rows: slice | None = None) -> dict:

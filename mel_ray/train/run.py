@@ -67,7 +67,7 @@ def find_negatives(dataset_uri: str, negatives_uri: str | None, k_pool: int, mod
 
 
 def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri: str | None, storage_path: str,
-                name: str):
+                name: str, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -76,7 +76,8 @@ def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri:
     t = cfg.train
     loop_config = {
         "train": t.model_dump(),
-        "dims": {"dt": cfg.model.dt, "dv": cfg.model.dv, "cvacpt_weight": cfg.model.cvacpt_weight},
+        "dims": {"dt": cfg.model.dt, "dv": cfg.model.dv, "cvacpt_weight": cfg.model.cvacpt_weight,
+                 "views": cfg.model.views},
         "dataset_uri": dataset_uri, "features_uri": features_uri, "negatives_uri": negatives_uri,
     }
     fs = None
@@ -91,6 +92,7 @@ def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri:
                                                      checkpoint_score_attribute="checkpoint_score",
                                                      checkpoint_score_order="max"),
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        callbacks=callbacks or [],
     )
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
@@ -114,7 +116,13 @@ def export_model(state: dict, cfg: Config, path: Path) -> Path:
 
 
 def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, negatives_uri: str | None = None,
-          storage_path: str | None = None, run_name: str = "train", tracking_dir: str = ".") -> dict:
+          storage_path: str | None = None, run_name: str = "train", tracking_dir: str = ".",
+          parent_run_id: str | None = None, callbacks: list | None = None) -> dict:
+    """Train on Ray Train and record one MLflow run; returns run id, history, best dev metrics, checkpoint URI.
+
+    parent_run_id: make the MLflow run a child (a Tune trial of a sweep); callbacks: Ray Train callbacks
+    (a sweep passes Tune's TuneReportCallback so each epoch's metrics reach Tune).
+    """
     from mel_ray import tracking
     from mel_ray.plots import plot_curves
 
@@ -124,7 +132,7 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
         raise UsageError(f"train.k = {cfg.train.k} is larger than the mined pool negatives.k = {cfg.negatives.k}")
     storage_path = storage_path or cfg.tracking.storage
     init_ray()
-    trainer = trainer_for(cfg, dataset_uri, features_uri, negatives_uri, storage_path, run_name)
+    trainer = trainer_for(cfg, dataset_uri, features_uri, negatives_uri, storage_path, run_name, callbacks)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -137,7 +145,9 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     best_uri = f"s3://{best.path}" if storage.is_s3(storage_path) else best.path
 
     uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, tracking_dir)
-    with tracking.start_run(cfg.tracking.experiment, run_name, uri) as run, tempfile.TemporaryDirectory() as tmp:
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    with tracking.start_run(cfg.tracking.experiment, run_name, uri, tags=tags) as run, \
+            tempfile.TemporaryDirectory() as tmp:
         import mlflow
 
         tracking.log_params_flat(cfg.model_dump(mode="json"))

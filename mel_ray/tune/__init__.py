@@ -1,0 +1,1 @@
+"""Ray Tune sweeps of distributed training runs (the paper's k x n_s ablation)."""

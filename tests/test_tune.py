@@ -1,0 +1,127 @@
+"""`mel-ray tune`: a k x n_s grid of distributed training trials, MLflow parent/child runs with the ablation table,
+heatmaps and best model, and an interrupted sweep (the driver SIGKILLed) resumed with Tuner.restore."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from test_features import make_synthetic  # the synthesize stage's output contract, written by hand
+
+from mel_ray.config import IngestConfig, load_config
+from mel_ray.errors import UsageError
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ["tune.name=t", "tune.k=[2,4]", "tune.views=[2]", "tune.max_concurrent_trials=1",
+         "tune.train={epochs: 1, num_workers: 2, cpus_per_worker: 0.45}",
+         "train.negatives=jaccard", "train.epochs=5", "train.batch_size=16", "train.lr=1e-3",
+         "model.dt=32", "model.dv=16", "negatives.k=4", "tracking.experiment=tune-test"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_local):
+    from mel_ray.demo_data import make_demo_data
+    from mel_ray.features import extract_features
+    from mel_ray.ingest import ingest
+    from mel_ray.negatives import mine_negatives
+    from mel_ray.tiny_models import make_tiny_models
+
+    root = tmp_path_factory.mktemp("tune")
+    models = make_tiny_models(str(root / "models"))
+    make_demo_data(str(root / "raw"), n_entities=60, n_mentions=90, seed=1)
+    ds = str(root / "ds")
+    ingest("mimic", str(root / "raw"), ds, name="d", options=IngestConfig())
+    mine_negatives(ds, k=4, num_workers=0)
+    make_synthetic(ds, key="views", n_s=2)
+    features = extract_features(ds, models["clip"], synthetic_key="views", engine="local", quiet=True)["uri"]
+    return root, ds, features
+
+
+def _children(client, experiment: str, parent: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'") if exp else []
+
+
+def test_sweep_inputs_are_checked(prepared):
+    from mel_ray.tune.sweep import run_sweep
+
+    root, ds, features = prepared
+    with pytest.raises(UsageError, match="features hold 2 synthetic views"):
+        run_sweep(load_config(None, [*SWEEP, "tune.views=[3]"]), ds, features_uri=features,
+                  storage_path=str(root / "bad"), tracking_dir=str(root / "bad"))
+    with pytest.raises(UsageError, match="negatives.k >= that"):
+        run_sweep(load_config(None, [*SWEEP, "tune.k=[6]"]), ds, features_uri=features,
+                  storage_path=str(root / "bad"), tracking_dir=str(root / "bad"))
+    # 2 workers x 0.5 CPU + the trial's driver would leave Ray Data's file listing no whole CPU (a deadlock)
+    with pytest.raises(UsageError, match="one whole CPU"):
+        run_sweep(load_config(None, [*SWEEP, "tune.train={cpus_per_worker: 0.5}"]), ds, features_uri=features,
+                  storage_path=str(root / "bad"), tracking_dir=str(root / "bad"))
+    with pytest.raises(UsageError, match="unknown train keys"):
+        load_config(None, [*SWEEP, "tune.train={epoch: 1}"])
+
+
+def test_killed_sweep_resumes_and_logs_parent_and_children(prepared, ray_local):
+    from mlflow.tracking import MlflowClient
+
+    from mel_ray.tune.sweep import run_sweep
+
+    root, ds, features = prepared
+    runs, mlflow_dir = root / "runs", root / "mlflow"
+    mlflow_dir.mkdir()
+    sweep = [*SWEEP, f"tracking.mlflow_uri=sqlite:///{mlflow_dir / 'mlflow.db'}"]
+    script = textwrap.dedent(f"""
+        from mel_ray.config import load_config
+        from mel_ray.tune.sweep import run_sweep
+        run_sweep(load_config(None, {sweep!r}), {ds!r}, features_uri={features!r}, storage_path={str(runs)!r})
+    """)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.address_info["gcs_address"], "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    log = root / "sweep-1.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
+                                stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        # kill once Tune's own experiment state records a finished trial (so the restore must keep it)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            states = glob.glob(str(runs / "t" / "experiment_state-*.json"))
+            if any("TERMINATED" in Path(s).read_text() for s in states):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, f"sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no finished trial within the deadline:\n{log.read_text()[-3000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    result = run_sweep(load_config(None, sweep), ds, features_uri=features, storage_path=str(runs))
+    client = MlflowClient(result["tracking_uri"])
+    children = _children(client, "tune-test", result["parent_run_id"])
+    names = sorted(c.info.run_name for c in children)
+    assert names == ["k2_ns2", "k4_ns2"], names            # the finished trial was not trained again
+    for child in children:
+        assert {"test_MRR", "test_H_at_1", "dev_MRR"} <= set(child.data.metrics)
+        assert child.data.params["train.k"] in ("2", "4") and child.data.params["model.views"] == "2"
+        assert child.data.params["train.epochs"] == "1"          # tune.train over train
+    assert [r["status"] for r in result["rows"]] == ["done", "done"]
+    assert "| 2 | 2 |" in result["table"] and "| 4 | 2 |" in result["table"]
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and "best_test_MRR" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"ablation.md", "heatmaps", "best"} <= artifacts
+    assert len(client.list_artifacts(parent.info.run_id, "heatmaps")) == 4
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "best")] == ["best/model.pt"]
+
+    # a finished sweep is not run again: same parent run, nothing trained
+    again = run_sweep(load_config(None, sweep), ds, features_uri=features, storage_path=str(runs))
+    assert again["skipped"] and again["parent_run_id"] == result["parent_run_id"]
+    assert len(_children(client, "tune-test", result["parent_run_id"])) == 2
