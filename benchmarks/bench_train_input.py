@@ -125,7 +125,8 @@ def bench_loop(config: dict) -> None:
                 last = now
             times[mode].append(steps)
             epoch += 1
-    ray.train.report({"times": json.dumps(times), "rows": n})
+    # a file, not ray.train.report: Train V2 keeps metrics only with checkpoints (result.metrics is None here)
+    Path(config["times_out"]).write_text(json.dumps({"times": times, "rows": n}))
 
 
 def main() -> int:
@@ -158,15 +159,18 @@ def main() -> int:
     trainer = TorchTrainer(
         bench_loop,
         train_loop_config={"train": cfg.model_dump(), "features_uri": features, "dataset_uri": ds_uri,
-                           "negatives_uri": negatives, "reps": args.reps},
+                           "negatives_uri": negatives, "reps": args.reps,
+                           "times_out": str(work / "times.json")},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name="bench-train-input", storage_path=str(work / "runs")),
         datasets={"train": mention_dataset(features, ds_uri, "train")},
     )
     result = trainer.fit()
     ray.shutdown()
-    times = json.loads(result.metrics["times"])
-    rows = result.metrics["rows"]
+    if result.error:
+        raise result.error
+    saved = json.loads((work / "times.json").read_text())
+    times, rows = saved["times"], saved["rows"]
 
     def median_step(mode):
         return statistics.median(t for epoch in times[mode] for t in epoch[1:])   # first step: iterator start-up
