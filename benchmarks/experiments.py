@@ -70,6 +70,8 @@ ARMS = {
     "proc": (("proc", 3), []),
     "proc_ns1": (("proc", 1), []),
     "proc_ns2": (("proc", 2), []),
+    "sd_identity": (("sd", 3), ["model.cvacpt_init=identity"]),
+    "proc_identity": (("proc", 3), ["model.cvacpt_init=identity"]),
 }
 BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/experiments.py) -->", "<!-- END GENERATED -->"
 

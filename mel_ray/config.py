@@ -80,6 +80,9 @@ class ModelConfig(Section):
     dt: int = 512                           # text size (CLIP text projection)
     cvacpt_weight: float = Field(1.0, ge=0.0, le=1.0)   # w in feature + w * (alpha * feature + beta)
     views: int | None = Field(None, ge=0)   # n_s: synthetic views CVaCPT uses (None: all the features hold)
+    # A^G / A^L output layers: "random" (PyTorch's default init) or "identity" (zero, so CVaCPT starts as the
+    # identity and learns a residual modulation); the paper does not say (docs/experiments.md compares both)
+    cvacpt_init: Literal["random", "identity"] = "random"
 
 
 class TrainConfig(Section):

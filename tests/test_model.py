@@ -11,7 +11,7 @@ from mel_ray.model.cvacpt import CVaCPT
 from mel_ray.model.losses import build_columns, contrastive_loss
 from mel_ray.model.mel_model import slice_side
 
-DIMS = dict(text_global=12, text_local=10, image_global=12, image_local=14, dt=16, dv=8)
+DIMS = {"text_global": 12, "text_local": 10, "image_global": 12, "image_local": 14, "dt": 16, "dv": 8}
 L, P, S = 6, 5, 3
 
 
@@ -55,6 +55,23 @@ def test_cvacpt_changes_features_when_w_positive():
     side = model(1.0).mention_features(m)
     plain = model(1.0)._project(m)
     assert not torch.allclose(side.image_local, plain.image_local)
+
+
+def test_cvacpt_identity_init_starts_as_the_identity_and_still_learns():
+    torch.manual_seed(0)
+    module = CVaCPT(dv=8, dt=16, weight=1.0, init="identity")
+    g, loc = torch.randn(4, 8), torch.randn(4, 5, 8)
+    views, n, text = torch.randn(4, 3, 8), torch.tensor([3, 1, 0, 2]), torch.randn(4, 16)
+    out_g, out_l = module(g, loc, views, n, text)
+    assert torch.equal(out_g, g) and torch.equal(out_l, loc)
+    (out_g.square().sum() + out_l.square().sum()).backward()
+    # the zeroed output layers get gradient (so alpha, beta move away from 0 with the first step)
+    assert module.affine_global[-1].weight.grad.abs().sum() > 0
+    assert module.affine_local[-1].weight.grad.abs().sum() > 0
+    random_init = CVaCPT(dv=8, dt=16, weight=1.0)
+    assert not torch.allclose(random_init(g, loc, views, n, text)[0], g)
+    with pytest.raises(ValueError, match="identity"):
+        CVaCPT(dv=8, dt=16, init="zeros")
 
 
 def test_views_beyond_the_available_count_are_masked_not_zero_padded():

@@ -33,7 +33,8 @@ class ContextEncoder(nn.Module):
 
 
 class CVaCPT(nn.Module):
-    def __init__(self, dv: int, dt: int, dc: int | None = None, kernel_size: int = 3, weight: float = 1.0):
+    def __init__(self, dv: int, dt: int, dc: int | None = None, kernel_size: int = 3, weight: float = 1.0,
+                 init: str = "random"):
         super().__init__()
         dc = dc or dv
         self.weight = float(weight)          # w in eq. 5-6, from config (0 <= w <= 1)
@@ -44,6 +45,14 @@ class CVaCPT(nn.Module):
             nn.Conv1d(dv + dc, dv, kernel_size, padding=pad), nn.GELU(),
             nn.Conv1d(dv, 2 * dv, kernel_size, padding=pad),
         )
+        if init == "identity":
+            # alpha = beta = 0 at the start: eq. 5-6 return the feature unchanged until training moves them
+            # (randomly initialised, the untrained module already shifts the global feature by ~70 % of its norm)
+            for last in (self.affine_global[-1], self.affine_local[-1]):
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
+        elif init != "random":
+            raise ValueError(f"CVaCPT init must be 'random' or 'identity', got {init!r}")
 
     def pooled_context(self, view_global: torch.Tensor, n_views: torch.Tensor, text_global: torch.Tensor):
         """eq. 10-12: per-view context, max-pooled over the views each mention really has."""

@@ -29,6 +29,7 @@ class ModelDims:
     dv: int = 96              # matcher visual size (MIMIC: 96)
     cvacpt_weight: float = 1.0
     views: int | None = None  # n_s: use at most this many synthetic views per mention (None: all available)
+    cvacpt_init: str = "random"   # "identity": A^G / A^L output layers start at zero (see CVaCPT)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,7 +44,7 @@ class MELModel(nn.Module):
         self.text_local_proj = nn.Linear(dims.text_local, dims.dt)
         self.image_global_proj = nn.Linear(dims.image_global, dims.dv)     # MIMIC: 512 -> 96
         self.image_local_proj = nn.Linear(dims.image_local, dims.dv)       # MIMIC: 768 -> 96
-        self.cvacpt = CVaCPT(dims.dv, dims.dt, weight=dims.cvacpt_weight)
+        self.cvacpt = CVaCPT(dims.dv, dims.dt, weight=dims.cvacpt_weight, init=dims.cvacpt_init)
         self.tglu = TGLU(dims.dt)
         self.vdlu = VDLU(dims.dv)
         self.cmfu = CMFU(dims.dt, dims.dv)
