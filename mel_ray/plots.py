@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")   # no display on workers or CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def plot_curves(history: list[dict], path: str | Path, groups: dict[str, list[str]] | None = None) -> Path:
@@ -43,7 +43,7 @@ def plot_patch_maps(images: list[np.ndarray], alphas: list[np.ndarray], betas: l
     rows = len(images)
     fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
     for r, (img, alpha, beta, title) in enumerate(zip(images, alphas, betas, titles)):
-        side = int(math.isqrt(alpha.shape[0] - 1))      # token 0 is CLS, the rest a side x side grid
+        side = math.isqrt(alpha.shape[0] - 1)      # token 0 is CLS, the rest a side x side grid
         axes[r][0].imshow(img)
         axes[r][0].set_title(title[:60], fontsize=8)
         for c, (values, name) in enumerate(((alpha, "alpha"), (beta, "beta")), start=1):

@@ -17,7 +17,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     if "RAY_AUTH_MODE" not in os.environ:   # unset after `import mel_ray` by the caller: put it back on
         os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config      # ray caches the mode; refresh it as `ray start` does
+        from ray._raylet import Config  # ray caches the mode; refresh it as `ray start` does
         Config.initialize("")
     address = os.environ.get("RAY_ADDRESS") or None
     kwargs = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}

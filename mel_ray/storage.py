@@ -75,8 +75,7 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         return s3_filesystem(), uri[len("s3://"):].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"{uri}: unsupported URI scheme (use a local path or s3://bucket/prefix)")
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+    uri = uri.removeprefix("file://")
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 

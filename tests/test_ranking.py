@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mel_ray.eval.ranking import count_before_gold, local_topk, merge_topk, metrics_from_ranks
 
@@ -28,7 +31,7 @@ def test_sharded_counts_and_topk_equal_brute_force(n_m, n_e, levels, shards, see
     bounds = np.linspace(0, n_e, shards + 1).astype(int)
     counts = torch.zeros(n_m, dtype=torch.long)
     parts = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         if a == b:
             continue
         ids = torch.arange(a, b)
