@@ -148,6 +148,20 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_link(args: argparse.Namespace) -> int:
+    from mel_ray import pipeline
+    from mel_ray.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    for name in ("model", "kb", "mentions", "output", "top_k"):
+        if getattr(args, name) is not None:
+            setattr(cfg.link, name, getattr(args, name))
+    result = pipeline.link_stage(cfg, root=".")
+    print(result.line())
+    print(json.dumps(result.summary(), default=str))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mel_ray.eval.evaluate import evaluate, format_table
     from mel_ray.train.run import find_features
@@ -262,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="features/<key> URI (default: the only one)")
     p.add_argument("--root", default=".", help="folder that relative paths in the config are under (default: .)")
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("link", parents=[common], help="link new mentions against a KB with a trained model")
+    p.add_argument("--model", help="model.pt, an MLflow run id (runs:/<id>) or a checkpoint folder (link.model)")
+    p.add_argument("--kb", help="KB dataset URI with features from the model's CLIP (link.kb)")
+    p.add_argument("--mentions", help=".parquet or .jsonl: text, mention, optional image / mention_id")
+    p.add_argument("--output", help="folder or s3:// prefix for links.parquet + link_report.json")
+    p.add_argument("--top-k", dest="top_k", type=int, help="entities per mention (default 10)")
+    p.set_defaults(func=_cmd_link)
 
     p = sub.add_parser("evaluate", parents=[common], help="exact full-KB ranking metrics")
     p.add_argument("--dataset", required=True)

@@ -136,6 +136,20 @@ class SweepConfig(Section):
         return self
 
 
+class LinkConfig(Section):
+    """`mel-ray link` / jobs/link.py: new mentions against a KB with a trained model."""
+
+    model: str | None = None                # model.pt, an MLflow run id (runs:/<id>) or a checkpoint folder
+    kb: str | None = None                   # a mel-ray dataset with features made with the model's CLIP
+    mentions: str | None = None             # .parquet or .jsonl: text, mention, optional image, mention_id
+    output: str = "links"
+    top_k: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)       # mentions per encoder / scorer call
+    entity_chunk: int = Field(1024, ge=1)   # KB entities scored at once (memory: batch x chunk)
+    concurrency: int = Field(1, ge=1)       # actors per stage (diffusion, CLIP, scorer)
+    use_gpu: bool = False
+
+
 class TrackingConfig(Section):
     mlflow_uri: str | None = None           # None: MLFLOW_TRACKING_URI, else the embedded sqlite store
     experiment: str = "mel-ray"
@@ -151,6 +165,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: SweepConfig = Field(default_factory=SweepConfig)
+    link: LinkConfig = Field(default_factory=LinkConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

@@ -384,6 +384,31 @@ def run_pipeline(cfg: Config, root: str | os.PathLike = ".", base: str = "pipeli
             f"{SPLIT}_metrics": report["metrics"]}
 
 
+def link_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
+    """Batch linking (link.*): new mentions -> views -> features -> top-k over the whole KB."""
+    from mel_ray import tracking
+    from mel_ray.link import link
+
+    cfg = resolve_paths(cfg, root)
+    missing = [f"link.{k}" for k in ("model", "kb", "mentions") if not getattr(cfg.link, k)]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} not set: nothing to link")
+    lc = cfg.link
+    model = lc.model if "://" in lc.model or not Path(under(root, lc.model)).exists() else under(root, lc.model)
+
+    def run() -> tuple:
+        report = link(model, under(root, lc.kb), under(root, lc.mentions), under(root, lc.output), top_k=lc.top_k,
+                      config=cfg.model_dump(mode="json"),
+                      tracking_uri=tracking.tracking_uri(cfg.tracking.mlflow_uri, str(Path(root).absolute())),
+                      batch_size=lc.batch_size, entity_chunk=lc.entity_chunk, concurrency=lc.concurrency,
+                      use_gpu=lc.use_gpu, cache_dir=cfg.models.cache_dir)
+        note = f"{report['linked']} mentions linked -> {under(root, lc.output)}/links.parquet"
+        return report, not report["skipped"], note, {"output": under(root, lc.output), "linked": report["linked"],
+                                                      "images": report["images"]}
+
+    return _timed("link", run)
+
+
 def run_tune_pipeline(cfg: Config, root: str | os.PathLike = ".") -> dict[str, Any]:
     """What jobs/tune.py runs: the sweep's inputs (data, one mined pool of negatives.k >= max tune.k, one
     synthesis of synthesize.views >= max tune.views, their features; each skipped when done), then the sweep."""

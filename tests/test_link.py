@@ -1,0 +1,129 @@
+"""`mel-ray link`: new mentions against the whole KB, end to end (real tiny diffusion + CLIP, a real model).
+
+The reference is the evaluation stage: linking a dataset's own test mentions (same text, mention, image,
+mention_id, so the same seeds and views) must give the top-10 that exact full-KB evaluation gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mel_ray import cli, storage
+from mel_ray.config import IngestConfig, load_config
+from mel_ray.errors import DataError
+
+pytestmark = pytest.mark.slow
+SETTINGS = ["synthesize.views=2", "synthesize.steps=2", "synthesize.size=32", "model.dt=32", "model.dv=16"]
+
+
+@pytest.fixture(scope="module")
+def linked_setup(tmp_path_factory, ray_local):
+    from mel_ray.dataset import load_dataset
+    from mel_ray.demo_data import make_demo_data
+    from mel_ray.eval.evaluate import evaluate
+    from mel_ray.features import extract_features
+    from mel_ray.ingest import ingest
+    from mel_ray.model import MELModel, ModelDims
+    from mel_ray.synthesize import synthesize
+    from mel_ray.tiny_models import make_tiny_models
+    from mel_ray.train.data import model_dims_from, read_manifest
+    from mel_ray.train.run import export_model
+
+    root = tmp_path_factory.mktemp("link")
+    models = make_tiny_models(str(root / "models"))
+    make_demo_data(str(root / "raw"), n_entities=60, n_mentions=90, seed=2)
+    ds = str(root / "ds")
+    ingest("mimic", str(root / "raw"), ds, name="d", options=IngestConfig())
+    cfg = load_config(None, [*SETTINGS, f"models.clip={models['clip']}",
+                             f"models.diffusion={models['stable-diffusion']}"])
+    s = cfg.synthesize
+    views = synthesize(ds, cfg.models.diffusion, views=s.views, template=s.template, steps=s.steps,
+                       guidance=s.guidance, size=s.size, scheduler=s.scheduler, seed=s.seed, splits=("test",),
+                       batch_size=4, num_gpus=0)
+    # micro_batch 1: one CLIP forward per mention, as the linker encodes, so the features are bit-identical
+    features = extract_features(ds, cfg.models.clip, synthetic_key=views["key"], views=2, splits=("test",),
+                                micro_batch=1, engine="local", quiet=True)["uri"]
+    torch.manual_seed(3)
+    dims = ModelDims(**model_dims_from(read_manifest(features)), dt=32, dv=16)
+    net = MELModel(dims)                              # a real (untrained) model: its scores are real scores
+    model_pt = export_model({"model": net.state_dict(), "dims": dims.to_dict()}, cfg, root / "model.pt")
+    report = evaluate(ds, features, str(model_pt), "test", output_uri=str(root / "eval"), cpus_per_shard=0.5)
+    predictions = pq.read_table(root / "eval" / "predictions_test.parquet").to_pylist()
+
+    data = load_dataset(ds)
+    rows = [{"mention_id": m["mention_id"], "text": m["sentence"], "mention": m["mention"],
+             "image": data.resolve_uri(m["image_uri"]) if m["image_uri"] else None}
+            for m in data.mentions("test").to_pylist()]
+    jsonl = root / "new.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "ds": ds, "model": str(model_pt), "rows": rows, "jsonl": jsonl,
+            "predictions": {p["mention_id"]: p for p in predictions}, "report": report}
+
+
+def _links(output: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in pq.read_table(output / "links.parquet").to_pylist():
+        out.setdefault(row["mention_id"], []).append(row)
+    return out
+
+
+def test_links_equal_exact_full_kb_evaluation_and_rerun_skips(linked_setup, capsys):
+    from mel_ray.link import link
+
+    s = linked_setup
+    out = s["root"] / "out"
+    report = link(s["model"], s["ds"], str(s["jsonl"]), str(out), top_k=10, batch_size=8)
+    assert report["linked"] == len(s["rows"]) and not report["skipped"]
+    assert report["views_per_mention"] == 2 and report["views_drawn"] == 2 * len(s["rows"])
+    links = _links(out)
+    assert set(links) == set(s["predictions"])
+    for mention_id, ranked in links.items():
+        expected = s["predictions"][mention_id]
+        assert [r["rank"] for r in ranked] == list(range(1, 11))
+        assert [r["entity_id"] for r in ranked] == expected["top_entity_ids"], mention_id
+        assert torch.allclose(torch.tensor([r["score"] for r in ranked]), torch.tensor(expected["top_scores"]),
+                              atol=1e-4)
+    # the views a person can look at, under the output
+    assert len(list((out / "synthetic").rglob("*.png"))) == 2 * len(s["rows"])
+    before = (out / "links.parquet").stat().st_mtime_ns
+    again = link(s["model"], s["ds"], str(s["jsonl"]), str(out), top_k=10, batch_size=8)
+    assert again["skipped"] and (out / "links.parquet").stat().st_mtime_ns == before
+    # the CLI (what jobs/link.py runs through the config's link.* section) finds the same finished output
+    assert cli.main(["link", "--model", s["model"], "--kb", s["ds"], "--mentions", str(s["jsonl"]),
+                     "--output", str(out)]) == 0
+    assert '"skipped": true' in capsys.readouterr().out
+
+
+def test_parquet_input_missing_images_and_bad_fields(linked_setup):
+    from mel_ray.link import link
+
+    s = linked_setup
+    rows = [dict(r) for r in s["rows"][:4]]
+    corrupt = s["root"] / "corrupt.jpg"
+    corrupt.write_bytes(b"not an image")
+    rows[0]["image"] = str(corrupt)
+    rows[1]["image"] = str(s["root"] / "nowhere.jpg")
+    path = s["root"] / "new.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    report = link(s["model"], s["ds"], str(path), str(s["root"] / "out-pq"), top_k=5, batch_size=3)
+    assert report["linked"] == 4
+    assert report["images"]["undecodable"] == 1 and report["images"]["missing"] == 1
+    links = _links(s["root"] / "out-pq")
+    # untouched mentions link exactly as from JSONL (their views were drawn again, with the same seeds)
+    for r in rows[2:]:
+        assert [x["entity_id"] for x in links[r["mention_id"]]] == \
+            s["predictions"][r["mention_id"]]["top_entity_ids"][:5]
+
+    bad = s["root"] / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "A sentence.", "mention": ""}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: record 0: field 'mention'"):
+        link(s["model"], s["ds"], str(bad), str(s["root"] / "out-bad"))
+    bad.write_text(json.dumps({"mention": "Paris"}) + "\n")
+    with pytest.raises(DataError, match=r"field 'text'"):
+        link(s["model"], s["ds"], str(bad), str(s["root"] / "out-bad"))
+    assert not storage.exists(str(s["root"] / "out-bad" / "links.parquet"))
