@@ -810,13 +810,10 @@ def _run_ray(plan: _Plan, units: list[dict], *, batch_size: int, concurrency: in
              num_cpus: float | None, decode_num_cpus: float, quiet: bool) -> None:
     import ray
 
-    from mel_ray.runtime import init_ray
+    from mel_ray.runtime import check_gpus, init_ray
 
     init_ray()
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    if num_gpus > 0 and gpus < num_gpus:
-        raise UsageError(f"extract-features: num_gpus={num_gpus} per encoder but the Ray cluster has {gpus:g} GPUs; "
-                         "use num_gpus=0 (features.num_gpus) to encode on CPUs")
+    check_gpus("extract-features", num_gpus, "features.num_gpus")
     if num_cpus is None:
         if num_gpus > 0:
             num_cpus = 1.0

@@ -284,7 +284,7 @@ def train_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None
 def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name: str, split: str = SPLIT) -> tuple:
     """Exact full-KB evaluation of the best checkpoint: train.num_workers KB shards of train.cpus_per_worker
     CPUs each (the resources training just gave back); the metrics are added to the training's MLflow run."""
-    from mel_ray.eval.evaluate import evaluate
+    from mel_ray.eval.evaluate import evaluate, shard_settings
 
     folder = run_folder(cfg, name)
     marker = storage.join(folder, EVAL_MARKER.format(split=split))
@@ -292,10 +292,8 @@ def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name
         report = storage.read_json(marker)
         note = f"already evaluated on {split}: MRR {report['metrics'].get('MRR', float('nan')):.4f}"
         return report, False, note, {"split": split, "metrics": report["metrics"]}
-    t = cfg.train
     report = evaluate(dataset, features, trained["checkpoint"], split, output_uri=storage.join(folder, "eval"),
-                      num_shards=t.num_workers, entity_chunk=t.eval_entity_chunk, mention_batch=t.eval_mention_batch,
-                      threads_per_shard=t.torch_threads, cpus_per_shard=t.cpus_per_worker)
+                      **shard_settings(cfg.train))
     report = json.loads(json.dumps(report, default=float))
     log_eval_to_mlflow(trained, report, split)
     storage.write_json(marker, report)

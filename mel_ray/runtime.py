@@ -27,3 +27,28 @@ def init_ray(num_cpus: int | None = None) -> None:
 def cpu_threads_per_worker() -> int:
     """Torch threads for one actor: CPU actors share the cores, and oversubscription makes them far slower."""
     return max(1, int(os.environ.get("MEL_RAY_TORCH_THREADS", "1")))
+
+
+AUTOSCALING = "MEL_RAY_AUTOSCALING"
+
+
+def cluster_may_grow() -> bool:
+    """MEL_RAY_AUTOSCALING=1: the cluster adds nodes on demand, so its present size says nothing about what a
+    stage can get (a GPU group that scales from zero reports no GPU until the first GPU actor is requested)."""
+    return os.environ.get(AUTOSCALING) == "1"
+
+
+def check_gpus(stage: str, num_gpus: float, setting: str) -> None:
+    """Fail fast when GPU actors could never be placed, unless an autoscaler may still add GPU nodes (then the
+    stage submits its actors and waits)."""
+    import ray
+
+    from mel_ray.errors import UsageError
+
+    if num_gpus <= 0 or cluster_may_grow():
+        return
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if gpus < num_gpus:
+        raise UsageError(f"{stage}: num_gpus={num_gpus:g} per actor but the Ray cluster has {gpus:g} GPUs (set "
+                         f"{setting}=0 to run on CPUs; on an autoscaling cluster whose GPU nodes start at zero, "
+                         f"export {AUTOSCALING}=1)")

@@ -68,7 +68,7 @@ from mel_ray.dataset import SPLITS, load_dataset
 from mel_ray.errors import UsageError
 from mel_ray.keys import settings_key, sha256_hex, stable_seed
 from mel_ray.models import DEFAULT_CACHE, resolve_model
-from mel_ray.runtime import cpu_threads_per_worker, init_ray
+from mel_ray.runtime import check_gpus, cpu_threads_per_worker, init_ray
 
 log = logging.getLogger(__name__)
 
@@ -464,11 +464,7 @@ def _run_ray(todo: pa.Table, generator_kwargs: dict, *, batch_size: int, concurr
 
     init_ray()
     device = generator_kwargs["device"]
-    if device == "cuda" and ray.cluster_resources().get("GPU", 0) <= 0 \
-            and os.environ.get("MEL_RAY_WAIT_FOR_GPUS") != "1":
-        raise UsageError("synthesize: num_gpus > 0 but the Ray cluster has no GPU (set synthesize.num_gpus=0 to "
-                         "run on CPU; on an autoscaling cluster whose GPU nodes start at zero, export "
-                         "MEL_RAY_WAIT_FOR_GPUS=1)")
+    check_gpus("synthesize", num_gpus if device == "cuda" else 0, "synthesize.num_gpus")
     ds = ray.data.from_arrow(_blocks(todo, batch_size))
     resources = {"num_gpus": num_gpus, "num_cpus": 1} if device == "cuda" else {"num_cpus": cpu_threads}
     out = ds.map_batches(ViewGenerator, fn_constructor_kwargs=generator_kwargs, batch_size=batch_size,

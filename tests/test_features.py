@@ -25,7 +25,7 @@ from mel_ray import storage
 from mel_ray.config import IngestConfig
 from mel_ray.dataset import SPLITS, load_dataset
 from mel_ray.demo_data import make_demo_data
-from mel_ray.errors import DataError
+from mel_ray.errors import DataError, UsageError
 from mel_ray.features import (
     MANIFEST,
     entity_text,
@@ -445,3 +445,16 @@ def test_round_trip_on_s3(world, reference, ray_local, s3_bucket, s3_client):
     assert sorted(o["Key"][len(prefix):] for o in listed["Contents"]) == sorted(files)
     shard = read_shard(f"{out['uri']}/mentions/train/part-00000.parquet")
     assert shard["image_local"].shape == (16, 17, 32)
+
+
+def test_gpu_stages_fail_fast_on_a_cluster_without_gpus_unless_it_autoscales(world, ray_local, tmp_path,
+                                                                              monkeypatch):
+    from mel_ray.runtime import AUTOSCALING, check_gpus
+
+    monkeypatch.delenv(AUTOSCALING, raising=False)
+    with pytest.raises(UsageError, match=r"extract-features: num_gpus=1 .* has 0 GPUs .*features\.num_gpus=0"):
+        extract_features(world.ds, world.clip, features_root=str(tmp_path / "f"), num_gpus=1, **SMALL)
+    assert not (tmp_path / "f").exists() or not any((tmp_path / "f").rglob("*.parquet"))
+    check_gpus("extract-features", 0, "features.num_gpus")        # CPU encoders need no GPU
+    monkeypatch.setenv(AUTOSCALING, "1")                          # GPU nodes may still come: submit and wait
+    check_gpus("extract-features", 1, "features.num_gpus")

@@ -91,6 +91,7 @@ def test_sharded_evaluation_equals_brute_force(trained):
     for key, value in expected.items():
         assert report["metrics"][key] == pytest.approx(value, abs=1e-9), key
     assert report["entities"] == store.num_entities
+    assert report["shards"] == 3
 
 
 def _train_workers(token: str) -> list:

@@ -50,8 +50,9 @@ def _children(client, experiment: str, parent: str) -> list:
     return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'") if exp else []
 
 
-def test_sweep_inputs_are_checked(prepared):
-    from mel_ray.tune.sweep import run_sweep
+def test_sweep_inputs_are_checked(prepared, monkeypatch):
+    from mel_ray.runtime import AUTOSCALING
+    from mel_ray.tune.sweep import _check_resources, run_sweep
 
     root, ds, features = prepared
     with pytest.raises(UsageError, match="features hold 2 synthetic views"):
@@ -61,9 +62,12 @@ def test_sweep_inputs_are_checked(prepared):
         run_sweep(load_config(None, [*SWEEP, "tune.k=[6]"]), ds, features_uri=features,
                   storage_path=str(root / "bad"), tracking_dir=str(root / "bad"))
     # 2 workers x 0.5 CPU + the trial's driver would leave Ray Data's file listing no whole CPU (a deadlock)
+    tight = load_config(None, [*SWEEP, "tune.train={cpus_per_worker: 0.5}"])
     with pytest.raises(UsageError, match="one whole CPU"):
-        run_sweep(load_config(None, [*SWEEP, "tune.train={cpus_per_worker: 0.5}"]), ds, features_uri=features,
-                  storage_path=str(root / "bad"), tracking_dir=str(root / "bad"))
+        run_sweep(tight, ds, features_uri=features, storage_path=str(root / "bad"), tracking_dir=str(root / "bad"))
+    monkeypatch.setenv(AUTOSCALING, "1")     # a cluster that grows on demand is not judged by its present size
+    _check_resources(tight)
+    monkeypatch.delenv(AUTOSCALING)
     with pytest.raises(UsageError, match="unknown train keys"):
         load_config(None, [*SWEEP, "tune.train={epoch: 1}"])
 

@@ -62,6 +62,14 @@ class KBShard:
                            mention_batch=self.mention_batch, topk=TOPK)
 
 
+def shard_settings(train_cfg) -> dict:
+    """evaluate()'s parallelism after a training run: train.num_workers KB shards of train.cpus_per_worker CPUs
+    and train.torch_threads threads each (the resources training just gave back), with train's eval chunking."""
+    t = train_cfg
+    return {"num_shards": t.num_workers, "entity_chunk": t.eval_entity_chunk, "mention_batch": t.eval_mention_batch,
+            "threads_per_shard": t.torch_threads, "cpus_per_shard": max(0.1, t.cpus_per_worker)}
+
+
 def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: str = "test", *,
              output_uri: str | None = None, num_shards: int = 2, batch_size: int = 256, entity_chunk: int = 1024,
              mention_batch: int = 64, threads_per_shard: int = 1, cpus_per_shard: float = 1.0) -> dict:
@@ -96,6 +104,7 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
     seconds = time.perf_counter() - t0
     report = {"split": split, "mentions": n, "entities": n_entities, "metrics": metrics,
               "pairs_per_second": n * n_entities / max(seconds, 1e-9), "seconds": seconds,
+              "shards": len(shards), "threads_per_shard": threads_per_shard,
               "tie_policy": "rank = 1 + #{score > gold} + #{score == gold and entity_id < gold_id}",
               "same_name_failures": same_name_failures(ds, mentions, top_ids)}
     if output_uri:

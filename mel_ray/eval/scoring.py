@@ -18,8 +18,12 @@ from mel_ray.eval.ranking import count_before_gold, local_topk, merge_topk
 from mel_ray.model import MELModel
 
 
-def _rows(batch: dict, a: int, b: int) -> dict:
-    return {k: v[a:b] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+def _rows(batch: dict, a: int, b: int, device: torch.device) -> dict:
+    return {k: v[a:b].to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _on(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def _cat_sides(x: dict, y: dict) -> dict:
@@ -34,25 +38,30 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict,
 
     mentions: tensors of N mentions plus `gold` [N]; gold_features: entity tensors of those gold entities
     (row i = gold of mention i); entity_chunks yields (first entity id, entity tensors) covering the KB part.
+    Inputs may live on the CPU (they come from Arrow / memory maps); the work runs where the model's weights are
+    (a GPU during GPU training) and the results come back as numpy.
     """
     model.eval()
+    device = next(model.parameters()).device
     n = mentions["gold"].shape[0]
     bounds = list(range(0, n, mention_batch)) + [n]
     spans = list(itertools.pairwise(bounds))
-    mention_sides = [model.mention_side(model.mention_features(_rows(mentions, a, b))) for a, b in spans]
-    gold_sides = [model.entity_side(model.entity_features(_rows(gold_features, a, b))) for a, b in spans]
+    mention_sides = [model.mention_side(model.mention_features(_rows(mentions, a, b, device))) for a, b in spans]
+    gold_sides = [model.entity_side(model.entity_features(_rows(gold_features, a, b, device))) for a, b in spans]
+    gold_ids = mentions["gold"].to(device)
     counts = np.zeros(n, dtype=np.int64)
     tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in spans]
     for first_id, chunk in entity_chunks:
         n_chunk = chunk["text_global"].shape[0]
-        chunk_side = model.entity_side(model.entity_features(chunk))
-        ids = torch.arange(first_id, first_id + n_chunk)
+        chunk_side = model.entity_side(model.entity_features(_on(chunk, device)))
+        ids = torch.arange(first_id, first_id + n_chunk, device=device)
         for j, (a, b) in enumerate(spans):
             logits = model.pair_logits(mention_sides[j], _cat_sides(chunk_side, gold_sides[j]))["overall"]
             scores = logits[:, :n_chunk]
-            gold_scores = logits[torch.arange(b - a), n_chunk + torch.arange(b - a)]
-            counts[a:b] += count_before_gold(scores, ids, gold_scores, mentions["gold"][a:b]).numpy()
-            tops[j] = [merge_topk(tops[j] + [local_topk(scores, ids, topk)], topk)]
+            rows = torch.arange(b - a, device=device)
+            gold_scores = logits[rows, n_chunk + rows]
+            counts[a:b] += count_before_gold(scores, ids, gold_scores, gold_ids[a:b]).cpu().numpy()
+            tops[j] = [merge_topk(tops[j] + [local_topk(scores.cpu(), ids.cpu(), topk)], topk)]
     top_ids = np.concatenate([t[0][0] for t in tops]) if n else np.zeros((0, topk), dtype=np.int64)
     top_scores = np.concatenate([t[0][1] for t in tops]) if n else np.zeros((0, topk), dtype=np.float32)
     return counts, top_ids, top_scores

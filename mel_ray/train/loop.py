@@ -136,7 +136,10 @@ def train_loop_per_worker(config: dict) -> None:
             rows = np.arange(rank, len(dev["gold"]), world)
             stats = dev_statistics(core, store, {k: v for k, v in dev.items()}, rows, cfg)
             if world > 1:
+                # NCCL only reduces CUDA tensors (gloo takes CPU ones); device is the worker's own
+                stats = stats.to(device)
                 torch.distributed.all_reduce(stats)
+                stats = stats.cpu()
             metrics.update(metrics_from_statistics(stats))
             if metrics["dev_MRR"] > state["best_mrr"]:
                 state["best_mrr"], state["bad_evals"] = metrics["dev_MRR"], 0

@@ -70,7 +70,7 @@ def run_trial(params: dict, *, base: dict, dataset_uri: str, features_uri: str, 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mel_ray.eval.evaluate import evaluate
+    from mel_ray.eval.evaluate import evaluate, shard_settings
     from mel_ray.train.run import mlflow_name, train
 
     cfg = trial_config(base, params)
@@ -81,8 +81,7 @@ def run_trial(params: dict, *, base: dict, dataset_uri: str, features_uri: str, 
                    parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
     final = {f"best_{k}": v for k, v in result["best"].items() if k.startswith("dev_")}
     if cfg.tune.evaluate_test:
-        report = evaluate(dataset_uri, features_uri, result["checkpoint"], "test",
-                          cpus_per_shard=max(0.1, cfg.train.cpus_per_worker))
+        report = evaluate(dataset_uri, features_uri, result["checkpoint"], "test", **shard_settings(cfg.train))
         final.update({f"test_{k}": v for k, v in report["metrics"].items()})
         client = mlflow.tracking.MlflowClient(tracking_uri)
         for key, value in report["metrics"].items():
@@ -110,18 +109,21 @@ def _check_inputs(cfg: Config, features_uri: str) -> None:
 
 def _check_resources(cfg: Config) -> None:
     """Ray Data's file listing (the first operator of every read_parquet) asks for one whole CPU that no trial
-    may hold, or the trials' readers wait for it forever. Fail early instead."""
+    may hold, or the trials' readers wait for it forever. Fail early instead, unless the cluster may grow."""
     import ray
+
+    from mel_ray.runtime import cluster_may_grow
 
     trial = trial_config(cfg.model_dump(mode="json"), {"k": cfg.tune.k[0], "views": cfg.tune.views[0]})
     per_trial = cfg.tune.trial_cpus + trial.train.num_workers * trial.train.cpus_per_worker
     concurrent = min(cfg.tune.max_concurrent_trials, len(cfg.tune.k) * len(cfg.tune.views))
     total = ray.cluster_resources().get("CPU", 0.0)
-    if concurrent * per_trial > total - 1 + 1e-9:
+    if concurrent * per_trial > total - 1 + 1e-9 and not cluster_may_grow():
         raise UsageError(
             f"tune: {concurrent} concurrent trial(s) x {per_trial:g} CPUs (tune.trial_cpus + num_workers x "
             f"cpus_per_worker) leave less than the one whole CPU Ray Data's readers need on this cluster of "
-            f"{total:g} CPUs; lower tune.max_concurrent_trials or tune.train.cpus_per_worker")
+            f"{total:g} CPUs; lower tune.max_concurrent_trials or tune.train.cpus_per_worker (on an autoscaling "
+            f"cluster, export MEL_RAY_AUTOSCALING=1)")
 
 
 def _sweep_state(experiment_path: str) -> dict:
