@@ -289,7 +289,7 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     import ray
 
     from mel_ray.dataset import load_dataset
-    from mel_ray.models import DEFAULT_CACHE
+    from mel_ray.models import DEFAULT_CACHE, pin_model
     from mel_ray.runtime import init_ray
 
     t0 = time.perf_counter()
@@ -297,7 +297,8 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     state = load_linker(model, config, tracking_uri)
     cfg = state["config"]
     mentions = read_mentions(mentions_path)
-    features = kb_features(kb, cfg["models"]["clip"], cache_dir)
+    clip = pin_model(cfg["models"]["clip"])      # a hub id: the commit the KB's features must have been made with
+    features = kb_features(kb, clip, cache_dir)
     key = inputs_key(state, features, mentions, top_k)
     report_uri = storage.join(output, REPORT)
     if storage.exists(report_uri) and storage.read_json(report_uri).get("inputs_key") == key:
@@ -321,7 +322,7 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(MentionEncoder, batch_size=batch_size, concurrency=concurrency,
                         num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus,
-                        fn_constructor_kwargs={"clip": cfg["models"]["clip"], "cache_dir": cache_dir,
+                        fn_constructor_kwargs={"clip": clip, "cache_dir": cache_dir,
                                                "text_length": text_length, "use_gpu": use_gpu, "views": views,
                                                "output": output, "view_key": view_key})
     ds = ds.map_batches(KBScorer, batch_size=batch_size, concurrency=concurrency, num_cpus=actor_cpus,

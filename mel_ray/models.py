@@ -1,5 +1,9 @@
 """Where pretrained models come from: a local folder, an `s3://` folder, or a Hugging Face hub id.
 
+A hub id is pinned once, on the driver, to the commit its revision (default `main`) points at: `id@<commit>`.
+Stage keys are computed from the pinned form and workers load exactly that commit, so a key neither changes
+when the model gets cached nor mixes weights when `main` moves during a run.
+
 Cluster nodes often cannot reach the hub, so a model folder can live next to the data on S3; it is fetched
 once per node into a cache keyed by the URI. The fetch goes to a temporary folder that is renamed into
 place only when complete, so a killed fetch is never mistaken for a model and concurrent workers on one
@@ -10,12 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 
 from mel_ray import storage
+from mel_ray.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = "~/.cache/mel-ray/models"
 COMPLETE = ".mel-ray-complete"   # written inside the fetched folder before it is renamed into place
@@ -23,6 +32,51 @@ COMPLETE = ".mel-ray-complete"   # written inside the fetched folder before it i
 
 def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(value)
+
+
+def is_hub_id(value: str) -> bool:
+    return not (storage.is_s3(value) or _looks_like_path(value))
+
+
+def hub_commit(model_id: str, revision: str = "main") -> str:
+    """The commit `revision` of a hub model points at: asked of the hub, else found in the local Hugging Face
+    cache (offline nodes). Neither -> a UsageError, never a guess."""
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        return HfApi().model_info(model_id, revision=revision).sha
+    except Exception as err:  # noqa: BLE001 - offline, unreachable or refused: the local cache may still know
+        hub_error = err
+    try:
+        return Path(snapshot_download(model_id, revision=revision, local_files_only=True)).name
+    except Exception as err:  # reported below, with the hub's answer
+        raise UsageError(
+            f"{model_id}: cannot tell which commit revision {revision!r} is: the hub did not answer "
+            f"({type(hub_error).__name__}) and the model is not in the local Hugging Face cache "
+            f"({type(err).__name__}). Pass a 40-character commit as the revision, download the model first, "
+            "or use a local or s3:// model folder") from err
+
+
+def pin_model(id_or_path: str, revision: str | None = None) -> str:
+    """A local or s3:// folder as given (its content is fingerprinted); a hub id as `id@<commit>`."""
+    value = str(id_or_path)
+    if not is_hub_id(value):
+        return value
+    model_id, _, given = value.partition("@")
+    commit = hub_commit(model_id, given or revision or "main")      # an id@rev already given wins
+    log.info("%s: pinned to commit %s", model_id, commit)
+    return f"{model_id}@{commit}"
+
+
+def pretrained_args(id_or_path: str, cache_dir: str = DEFAULT_CACHE) -> tuple[str, dict]:
+    """(what to give from_pretrained, its extra kwargs): a folder path, or a hub id with its pinned revision."""
+    value = resolve_model(id_or_path, cache_dir)
+    if is_hub_id(value) and "@" in value:
+        model_id, _, revision = value.partition("@")
+        return model_id, {"revision": revision}
+    return value, {}
 
 
 def resolve_model(id_or_path: str, cache_dir: str = DEFAULT_CACHE) -> str:
@@ -69,10 +123,10 @@ def load_clip(id_or_path: str, device: str = "cpu", dtype=None, cache_dir: str =
     """(CLIPModel in eval mode on `device`, CLIPProcessor with `.tokenizer` and `.image_processor`)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    path = resolve_model(id_or_path, cache_dir)
+    path, pinned = pretrained_args(id_or_path, cache_dir)
     kwargs = {} if dtype is None else {"dtype": _torch_dtype(dtype)}
-    model = CLIPModel.from_pretrained(path, **kwargs).to(device).eval()
-    return model, CLIPProcessor.from_pretrained(path)
+    model = CLIPModel.from_pretrained(path, **pinned, **kwargs).to(device).eval()
+    return model, CLIPProcessor.from_pretrained(path, **pinned)
 
 
 def load_diffusion(id_or_path: str, device: str = "cpu", dtype=None, cache_dir: str = DEFAULT_CACHE):
@@ -85,6 +139,7 @@ def load_diffusion(id_or_path: str, device: str = "cpu", dtype=None, cache_dir: 
               "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
     if dtype is not None:
         kwargs["torch_dtype"] = _torch_dtype(dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_model(id_or_path, cache_dir), **kwargs).to(device)
+    path, pinned = pretrained_args(id_or_path, cache_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(path, **pinned, **kwargs).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

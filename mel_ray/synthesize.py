@@ -67,7 +67,7 @@ from mel_ray.config import SynthesizeConfig
 from mel_ray.dataset import SPLITS, load_dataset
 from mel_ray.errors import UsageError
 from mel_ray.keys import settings_key, sha256_hex, stable_seed
-from mel_ray.models import DEFAULT_CACHE, resolve_model
+from mel_ray.models import DEFAULT_CACHE, pin_model, pretrained_args, resolve_model
 from mel_ray.runtime import check_gpus, cpu_threads_per_worker, init_ray
 
 log = logging.getLogger(__name__)
@@ -214,21 +214,15 @@ def _looks_local(model: str) -> bool:
 
 def model_identity(model: str, revision: str | None = None, cache_dir: str = DEFAULT_CACHE) -> dict[str, Any]:
     """What identifies the weights: the content fingerprint of a local folder (an s3:// folder is fetched to
-    the model cache first and fingerprinted there: that copy is what the workers load), or a hub id with
-    the commit it resolves to in the local Hugging Face cache (else the revision as given)."""
+    the model cache first and fingerprinted there: that copy is what the workers load), or a hub id with the
+    commit its revision points at (mel_ray.models.pin_model: the hub, else the local cache, else an error)."""
     model = str(model)
     if procedural.is_procedural(model):       # a test tool, no weights: see mel_ray/procedural.py
         return procedural.identity(model)
     if storage.is_s3(model) or _looks_local(model):
         return {"fingerprint": model_fingerprint(resolve_model(model, cache_dir), cache_dir)}
-    commit = revision or "main"
-    try:
-        from huggingface_hub import snapshot_download
-
-        commit = Path(snapshot_download(model, revision=revision, local_files_only=True)).name
-    except Exception as err:  # noqa: BLE001 - not cached (or offline): keep the revision as given
-        log.debug("%s: no cached snapshot (%s); keying on revision %r", model, err, commit)
-    return {"hub_id": model, "revision": commit}
+    model_id, _, commit = pin_model(model, revision).partition("@")
+    return {"hub_id": model_id, "revision": commit}
 
 
 def resolve_device_dtype(num_gpus: float, dtype: str | None) -> tuple[str, str]:
@@ -279,7 +273,7 @@ def synthetic_uri(dataset_uri: str, key: str) -> str:
 
 
 def load_pipeline(model: str, *, device: str = "cpu", dtype: str = "float32", scheduler: str = "dpmsolver++",
-                  safety_checker: bool = False, revision: str | None = None, cache_dir: str = DEFAULT_CACHE):
+                  safety_checker: bool = False, cache_dir: str = DEFAULT_CACHE):
     """StableDiffusionPipeline on `device` in `dtype`, with the named scheduler; the safety checker only when
     asked for (it blacks out flagged images). Attention is diffusers' default SDPA (AttnProcessor2_0)."""
     import importlib.util
@@ -287,13 +281,11 @@ def load_pipeline(model: str, *, device: str = "cpu", dtype: str = "float32", sc
     import torch
     from diffusers import StableDiffusionPipeline
 
-    path = resolve_model(model, cache_dir)
+    path, pinned = pretrained_args(model, cache_dir)      # a hub id comes pinned: id@<commit> (see synthesize)
     # diffusers >= 0.36 takes `dtype` (and warns about `torch_dtype`); older releases only `torch_dtype`
     new_api = importlib.util.find_spec("diffusers.utils.deprecation_utils") is not None
     kwargs: dict[str, Any] = {"dtype" if new_api else "torch_dtype": getattr(torch, dtype),
-                              "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
-    if revision and not (storage.is_s3(model) or _looks_local(model)):
-        kwargs["revision"] = revision
+                              "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None, **pinned}
     if not safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     pipe = StableDiffusionPipeline.from_pretrained(path, **kwargs)
@@ -329,7 +321,7 @@ class ViewGenerator:
 
     def __init__(self, *, dataset_uri: str, key: str, model: str, template: str, steps: int, guidance: float,
                  size: int, scheduler: str, device: str, dtype: str, safety_checker: bool = False,
-                 revision: str | None = None, cache_dir: str = DEFAULT_CACHE, cpu_threads: int = 1,
+                 cache_dir: str = DEFAULT_CACHE, cpu_threads: int = 1,
                  write_parts: bool = True):
         import torch
 
@@ -344,7 +336,7 @@ class ViewGenerator:
             self.pipe, self.limit = procedural.ProceduralPipeline(model), None
         else:
             self.pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler,
-                                      safety_checker=safety_checker, revision=revision, cache_dir=cache_dir)
+                                      safety_checker=safety_checker, cache_dir=cache_dir)
             self.limit = prompt_limit(self.pipe.tokenizer, self.pipe.text_encoder)
         self.safety_checker = safety_checker
 
@@ -505,6 +497,8 @@ def synthesize(dataset_uri: str, model: str, views: int = _DEFAULTS.views, *, sp
     if isinstance(splits, str):
         splits = (splits,)
     cpu_threads = cpu_threads_per_worker()
+    if not procedural.is_procedural(model):
+        model = pin_model(model, revision)     # workers load the very commit the key names
     settings = synthesis_settings(model, template=template, steps=steps, guidance=guidance, size=size,
                                   scheduler=scheduler, seed=seed, num_gpus=num_gpus, dtype=dtype,
                                   safety_checker=safety_checker, revision=revision, cpu_threads=cpu_threads,
@@ -534,7 +528,7 @@ def synthesize(dataset_uri: str, model: str, views: int = _DEFAULTS.views, *, sp
         device, dtype_ = resolve_device_dtype(num_gpus, dtype)
         kwargs = {"dataset_uri": dataset_uri, "key": key, "model": str(model), "template": template,
                   "steps": int(steps), "guidance": float(guidance), "size": int(size), "scheduler": scheduler,
-                  "device": device, "dtype": dtype_, "safety_checker": bool(safety_checker), "revision": revision,
+                  "device": device, "dtype": dtype_, "safety_checker": bool(safety_checker),
                   "cache_dir": cache_dir, "cpu_threads": cpu_threads}
         new = _run_ray(todo, kwargs, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
                        cpu_threads=cpu_threads)

@@ -234,3 +234,43 @@ def test_models_on_s3_are_fetched_once_into_the_cache(tiny, s3_bucket, tmp_path,
     assert pipe.unet.config.sample_size == 16
     with pytest.raises(FileNotFoundError):
         resolve_model(f"{s3_bucket}/nothing-here", cache_dir=str(cache))
+
+
+def _in_hub_cache(model_id: str, folder: Path, commit: str) -> None:
+    """Lay a model folder out as huggingface_hub's cache holds a downloaded snapshot of `main`."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_are_pinned_to_the_commit_their_revision_points_at(tiny):
+    from mel_ray.errors import UsageError
+    from mel_ray.features import model_fingerprint
+    from mel_ray.synthesize import model_identity
+
+    commit = hashlib.sha1(str(time.time_ns()).encode()).hexdigest()
+    clip_id, sd_id = f"mel-ray-tests/clip-{commit[:8]}", f"mel-ray-tests/sd-{commit[:8]}"
+    # offline (the session's HF_HUB_OFFLINE) and not cached: no key can name the weights, so refuse
+    for stage_key in (models.pin_model, model_fingerprint, model_identity):
+        with pytest.raises(UsageError, match=rf"{clip_id}: cannot tell which commit revision 'main' is"):
+            stage_key(clip_id)
+    _in_hub_cache(clip_id, tiny[0] / "clip", commit)
+    _in_hub_cache(sd_id, tiny[0] / "stable-diffusion", commit)
+    # the hub does not answer; the local cache knows what main was when it was downloaded
+    assert models.pin_model(clip_id) == f"{clip_id}@{commit}"
+    assert models.pin_model(f"{clip_id}@{commit}", revision="main") == f"{clip_id}@{commit}"
+    assert models.pin_model(clip_id, revision=commit) == f"{clip_id}@{commit}"   # a commit needs no lookup
+    assert model_fingerprint(clip_id) == model_fingerprint(f"{clip_id}@{commit}") == {"id": f"{clip_id}@{commit}"}
+    assert model_identity(sd_id) == {"hub_id": sd_id, "revision": commit}
+    with pytest.raises(UsageError, match="revision 'v2'"):
+        models.pin_model(clip_id, revision="v2")
+    assert models.pin_model(str(tiny[0] / "clip")) == str(tiny[0] / "clip")      # folders: by content instead
+    # the pinned id loads that very snapshot through from_pretrained(id, revision=commit)
+    assert models.pretrained_args(f"{clip_id}@{commit}") == (clip_id, {"revision": commit})
+    pinned, _ = load_clip(f"{clip_id}@{commit}")
+    local, _ = load_clip(str(tiny[0] / "clip"))
+    assert all(torch.equal(a, b) for a, b in zip(pinned.state_dict().values(), local.state_dict().values()))
+    assert load_diffusion(f"{sd_id}@{commit}").unet.config.sample_size == 16
