@@ -103,6 +103,8 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         state["restarts"] = state.get("restarts", 0) + 1
+        if state["bad_evals"] >= cfg["patience"]:   # it had early-stopped before the failure: nothing to do
+            return
 
     # CVaCPT's parameters get no gradient when w = 0 or the features carry no synthetic views
     uses_cvacpt = dims.cvacpt_weight > 0.0 and "synthetic_global" in store.shapes
