@@ -1,0 +1,219 @@
+"""GPU checks and timings for a lent device machine, as one short run without Ray.
+
+The device machines (the `device` tool) have PyTorch, transformers and pyarrow but no Ray, MLflow or
+diffusers, and reach nothing outside. So this script checks the GPU code paths the CPU test suite cannot,
+calling the stage code directly:
+
+1. evaluation kernel: `rank_counts` with the model on the GPU and its inputs on the CPU (what the dev
+   evaluation inside a GPU training worker does) against the same kernel on the CPU: rank agreement on a
+   small KB, then pairs/s at the paper's sizes (40 text tokens, 50 patches, dt 512, dv 96, 110K entities);
+2. training step: `train_step` with bf16 autocast and JD-CCL columns at the paper's shapes: median step time,
+   finite loss parts;
+3. Stable Diffusion (needs diffusers and pydantic carried as wheels; skipped, and said so, without them): a
+   UNet, VAE and text encoder built from the SD 1.5 configs with random weights (timing only), saved in fp16,
+   loaded through `mel_ray.synthesize.load_pipeline` (fp16, SDPA, DPM-Solver++), 512x512, 25 steps: images/s.
+
+    python3 benchmarks/gpu_check.py --out "$OUT"                         # on the GPU machine
+    .venv/bin/python benchmarks/gpu_check.py --small --device cpu --out /tmp/gpu-smoke   # the script, here
+
+Writes OUT/gpu.md (for docs/benchmarks.md) and OUT/gpu.json. Exits 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_eval import build, ours  # noqa: E402 - the evaluation benchmark's inputs and kernel call
+from bench_eval import random_rows as eval_rows  # noqa: E402
+
+from mel_ray.train.loop import train_step  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def check_eval(device: str, args) -> dict:
+    """Ranks from the GPU equal the CPU's (up to float near-ties), then throughput at the paper's KB size."""
+    model, mentions, pool = build(0, args.check_entities, args.check_mentions, pool=min(args.check_entities, 4096))
+    cpu_ranks = ours(model, mentions, pool, args.check_entities, 32, 512)
+    model = model.to(device)
+    dev_ranks = ours(model, mentions, pool, args.check_entities, args.mention_batch, args.entity_chunk)
+    same = float((cpu_ranks == dev_ranks).mean())
+    worst = int(np.abs(cpu_ranks - dev_ranks).max())
+
+    model, mentions, pool = build(0, args.entities, args.mentions, pool=min(args.entities, 8192))
+    model = model.to(device)
+    ours(model, {k: v[:8] for k, v in mentions.items()}, pool, min(args.entities, args.entity_chunk), 8,
+         args.entity_chunk)                                             # warm-up: kernels, allocator
+    sync(device)
+    t0 = time.perf_counter()
+    ours(model, mentions, pool, args.entities, args.mention_batch, args.entity_chunk)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return {"ranks_identical_fraction": same, "max_rank_difference": worst,
+            "check": f"{args.check_mentions} mentions x {args.check_entities} entities",
+            "pairs": args.mentions * args.entities, "seconds": round(seconds, 2),
+            "pairs_per_second": round(args.mentions * args.entities / seconds),
+            "ok": same >= 0.9 and worst <= 3}
+
+
+def check_train(device: str, args) -> dict:
+    """JD-CCL steps at the paper's shapes; bf16 autocast exactly as the Ray Train worker runs it."""
+    from bench_eval import DIMS, EntityPool
+
+    from mel_ray.model import MELModel
+
+    torch.manual_seed(0)
+    model = MELModel(DIMS).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    n_pool = 4096
+    store = EntityPool(n_pool)
+    rng = np.random.default_rng(0)
+    pools = [rng.choice(n_pool, 16, replace=False) for _ in range(n_pool)]
+    cfg = {"k": 4, "negatives": "jaccard", "sample_top": None, "grad_clip": 1.0}
+    mentions = eval_rows(args.train_batch, 5, views=True)
+    mentions["gold"] = torch.from_numpy(rng.choice(n_pool, args.train_batch, replace=False))
+    times, parts = [], {}
+    for step in range(args.train_steps + 3):
+        sync(device)
+        t0 = time.perf_counter()
+        parts, _ = train_step(model, optimizer, dict(mentions), store, pools, cfg, rng, torch.device(device),
+                              use_gpu=device == "cuda")
+        sync(device)
+        if step >= 3:                                                 # after warm-up
+            times.append(time.perf_counter() - t0)
+    finite = all(math.isfinite(v) for v in parts.values())
+    return {"batch": args.train_batch, "k": 4, "steps_timed": len(times),
+            "median_step_seconds": round(statistics.median(times), 4),
+            "loss_parts": {k: round(v, 4) for k, v in parts.items()}, "ok": finite}
+
+
+def build_sd(folder: Path, small: bool) -> str:
+    """Stable Diffusion from configs: SD 1.5's UNet / VAE / CLIP text encoder sizes, or tiny ones (--small)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mel_ray.tiny_models import build_tokenizer
+
+    tokenizer, _ = build_tokenizer()
+    torch.manual_seed(0)
+    if small:
+        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        vae = AutoencoderKL(block_out_channels=(16, 32), latent_channels=4, norm_num_groups=16,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+        text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77)
+    else:   # the SD 1.5 configs (v1-inference.yaml): 860M-parameter UNet, 84M VAE, ViT-L/14 text encoder
+        unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                                    cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                              num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=unet,
+                                   scheduler=DPMSolverMultistepScheduler(steps_offset=1), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16 if not small else torch.float32)
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def check_sd(device: str, args, work: Path) -> dict:
+    if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("pydantic") is None:
+        return {"skipped": "diffusers or pydantic is not installed (carry them as wheels)", "ok": True}
+    from mel_ray.synthesize import load_pipeline
+
+    t0 = time.perf_counter()
+    path = build_sd(work / "sd", args.small)
+    built = time.perf_counter() - t0
+    dtype = "float16" if device == "cuda" else "float32"
+    pipe = load_pipeline(path, device=device, dtype=dtype, scheduler="dpmsolver++")
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    prompt = "An image of Jordan: Jordan scored 40 points in the final game of the season."
+
+    def draw(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        for i in range(n):
+            image = pipe(prompt, num_inference_steps=args.sd_steps, guidance_scale=7.5, height=args.sd_size,
+                         width=args.sd_size, generator=torch.Generator(device).manual_seed(i)).images[0]
+        sync(device)
+        assert image.size == (args.sd_size, args.sd_size)
+        return time.perf_counter() - start
+
+    draw(1)                                                          # warm-up
+    seconds = draw(args.sd_images)
+    return {"unet_parameters": params, "dtype": dtype, "size": args.sd_size, "steps": args.sd_steps,
+            "scheduler": "DPM-Solver++", "attention": type(pipe.unet.attn_processors[
+                next(iter(pipe.unet.attn_processors))]).__name__,
+            "images": args.sd_images, "seconds": round(seconds, 2),
+            "images_per_second": round(args.sd_images / seconds, 3), "build_seconds": round(built, 1), "ok": True}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--small", action="store_true", help="tiny sizes: checks the script itself on a CPU")
+    ap.add_argument("--only", nargs="*", choices=["eval", "train", "sd"], default=["eval", "train", "sd"])
+    args = ap.parse_args()
+    big = not args.small
+    args.check_entities, args.check_mentions = (20000, 32) if big else (300, 8)
+    args.entities, args.mentions = (110000, 256) if big else (600, 16)
+    args.mention_batch, args.entity_chunk = (64, 4096) if args.device == "cuda" else (16, 256)
+    args.train_batch, args.train_steps = (128, 20) if big else (8, 2)
+    args.sd_size, args.sd_steps, args.sd_images = (512, 25, 8) if big else (32, 2, 2)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"date": datetime.now(UTC).isoformat(timespec="minutes"), "device": args.device,
+              "gpu": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "python": platform.python_version(), "small": args.small,
+              "command": " ".join(sys.argv)}
+    checks = {"eval": lambda: check_eval(args.device, args),
+              "train": lambda: check_train(args.device, args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        checks["sd"] = lambda: check_sd(args.device, args, Path(tmp))
+        for name in args.only:
+            t0 = time.perf_counter()
+            print(f"[gpu_check] {name} ...", flush=True)
+            report[name] = checks[name]()
+            print(f"[gpu_check] {name}: {json.dumps(report[name])} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    (out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# GPU check ({report['gpu']}, torch {report['torch']}, {report['date']})", "",
+             f"- command: `{report['command']}`", ""]
+    for name in args.only:
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in report[name].items()))
+    (out / "gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(report[name]["ok"] for name in args.only) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
