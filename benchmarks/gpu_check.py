@@ -40,10 +40,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_eval import build, ours  # noqa: E402 - the evaluation benchmark's inputs and kernel call
-from bench_eval import random_rows as eval_rows  # noqa: E402
+from bench_eval import build, ours
+from bench_eval import random_rows as eval_rows
 
-from mel_ray.train.loop import train_step  # noqa: E402
+from mel_ray.train.loop import train_step
 
 
 def sync(device: str) -> None:
@@ -109,7 +109,12 @@ def check_train(device: str, args) -> dict:
 
 def build_sd(folder: Path, small: bool) -> str:
     """Stable Diffusion from configs: SD 1.5's UNet / VAE / CLIP text encoder sizes, or tiny ones (--small)."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from mel_ray.tiny_models import build_tokenizer
