@@ -27,6 +27,7 @@ from mel_ray.errors import UsageError
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = "~/.cache/mel-ray/models"
+HUB_TIMEOUT_S = 10     # a cluster without internet often drops packets instead of refusing: do not hang
 COMPLETE = ".mel-ray-complete"   # written inside the fetched folder before it is renamed into place
 
 
@@ -46,14 +47,14 @@ def hub_commit(model_id: str, revision: str = "main") -> str:
     from huggingface_hub import HfApi, snapshot_download
 
     try:
-        return HfApi().model_info(model_id, revision=revision).sha
+        return HfApi().model_info(model_id, revision=revision, timeout=HUB_TIMEOUT_S).sha
     except Exception as err:  # noqa: BLE001 - offline, unreachable or refused: the local cache may still know
         hub_error = err
     try:
         return Path(snapshot_download(model_id, revision=revision, local_files_only=True)).name
     except Exception as err:  # reported below, with the hub's answer
         raise UsageError(
-            f"{model_id}: cannot tell which commit revision {revision!r} is: the hub did not answer "
+            f"{model_id}: cannot tell which commit revision {revision!r} is: the hub gave none "
             f"({type(hub_error).__name__}) and the model is not in the local Hugging Face cache "
             f"({type(err).__name__}). Pass a 40-character commit as the revision, download the model first, "
             "or use a local or s3:// model folder") from err
