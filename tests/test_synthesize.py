@@ -249,6 +249,12 @@ def test_more_views_later_and_other_settings_elsewhere(batched, sd):
     assert storage.read_bytes(first["manifest"]) != manifest_bytes   # rewritten with the third views
 
 
+def _finished_parts(out: Path) -> list[Path]:
+    """Record parts written completely. A write cut by the kill leaves a hidden `.tmp-*` file, which the stage
+    never lists (storage.list_files) and deletes with the parts folder once the run completes."""
+    return [p for p in (out / "parts").glob("*.parquet") if not p.name.startswith(".")]
+
+
 def _quiet(folder: Path, seconds: float = 3.0, timeout: float = 60.0) -> None:
     """Wait until nothing under `folder` changes for `seconds` (the killed job's actors are gone)."""
     def snapshot():
@@ -283,7 +289,7 @@ def test_killed_run_resumes_with_only_the_missing_pairs(reference, sd, base_ds, 
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(list((out / "parts").glob("*.parquet"))) >= 3:
+            if len(_finished_parts(out)) >= 3:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, f"run ended before it could be killed:\n{log.read_text()[-3000:]}"
@@ -295,7 +301,7 @@ def test_killed_run_resumes_with_only_the_missing_pairs(reference, sd, base_ds, 
         proc.wait(timeout=30)
     _quiet(out)
     assert not (out / "manifest.parquet").exists() and not (out / "complete.json").exists()
-    parts = [storage.read_table(str(p)) for p in (out / "parts").glob("*.parquet")]
+    parts = [storage.read_table(str(p)) for p in _finished_parts(out)]
     recorded = sum(t.num_rows for t in parts)
     assert 3 <= recorded < n_pairs
     resumed = synthesize(ds, sd, views=2, batch_size=3, concurrency=1, **RUN)
@@ -303,6 +309,7 @@ def test_killed_run_resumes_with_only_the_missing_pairs(reference, sd, base_ds, 
     assert (resumed["skipped"], resumed["generated"]) == (recorded, n_pairs - recorded)
     assert _output(_files(resumed["uri"])) == _output(reference["files"])
     assert storage.read_bytes(resumed["manifest"]) == reference["manifest_bytes"]
+    assert not (out / "parts").exists()      # merged into the manifest, cut writes' temporary files with them
 
 
 def test_s3_round_trip_and_view_grid(reference, sd, base_ds, s3_bucket, s3_client, tmp_path):
