@@ -96,7 +96,7 @@ from mel_ray import __version__, storage
 from mel_ray.dataset import ENTITIES, SPLITS, load_dataset, mentions_path
 from mel_ray.errors import DataError, UsageError
 from mel_ray.keys import settings_key, sha256_hex
-from mel_ray.models import DEFAULT_CACHE, pin_model, pretrained_args, resolve_model
+from mel_ray.models import DEFAULT_CACHE, is_hub_id, pin_model, pretrained_args, resolve_model
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -130,10 +130,6 @@ def mention_text(mention: str, sentence: str) -> str:
 # ---------------------------------------------------------------------------------------- model identity
 
 
-def _looks_like_path(value: str) -> bool:
-    return storage.is_s3(value) or value.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(value)
-
-
 _SHA_CACHE: dict[tuple, str] = {}
 
 
@@ -150,10 +146,11 @@ def _file_sha(path: str) -> str:
 
 
 def model_fingerprint(model: str, cache_dir: str = DEFAULT_CACHE) -> dict[str, Any]:
-    """A hub id is its pinned form `id@<commit>` (mel_ray.models.pin_model); a local or s3:// folder is fingerprinted by content: sha256 of its
-    configs, tokenizer and processor files and of its weights (safetensors if any, else .bin), so a copy
-    elsewhere has the same fingerprint and a retrained checkpoint at the same path does not."""
-    if not _looks_like_path(str(model)):
+    """A hub id is its pinned form `id@<commit>` (mel_ray.models.pin_model); a local or s3:// folder is
+    fingerprinted by content: sha256 of its configs, tokenizer and processor files and of its weights
+    (safetensors if any, else .bin), so a copy elsewhere has the same fingerprint and a retrained checkpoint at
+    the same path does not."""
+    if is_hub_id(str(model)):
         return {"id": pin_model(str(model))}
     path = resolve_model(str(model), cache_dir)
     files = [f for f in storage.list_files(path) if not os.path.basename(f).startswith(".")]
@@ -927,7 +924,8 @@ def extract_features(dataset_uri: str, model: str, *, synthetic_key: str | None 
     if engine not in ("ray", "local"):
         raise UsageError(f"engine {engine!r}: expected 'ray' or 'local'")
     t0 = time.perf_counter()
-    plan = _plan(str(dataset_uri), pin_model(str(model)), synthetic_key=synthetic_key, views=views, text_length=text_length,
+    model = pin_model(str(model))         # a hub id: the commit the key names and every encoder loads
+    plan = _plan(str(dataset_uri), model, synthetic_key=synthetic_key, views=views, text_length=text_length,
                  dtype=dtype, splits=tuple(splits), micro_batch=micro_batch, shard_rows=shard_rows,
                  features_root=features_root, cache_dir=cache_dir)
     existing = set(storage.list_files(plan.uri))

@@ -12,6 +12,7 @@ node do not corrupt each other's copy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -39,9 +40,11 @@ def is_hub_id(value: str) -> bool:
     return not (storage.is_s3(value) or _looks_like_path(value))
 
 
+@functools.lru_cache(maxsize=64)
 def hub_commit(model_id: str, revision: str = "main") -> str:
     """The commit `revision` of a hub model points at: asked of the hub, else found in the local Hugging Face
-    cache (offline nodes). Neither -> a UsageError, never a guess."""
+    cache (offline nodes). Neither -> a UsageError, never a guess. Asked once per process: every key and load
+    of one run names the same commit, and the stages' repeated pins cost no further round trips."""
     if re.fullmatch(r"[0-9a-f]{40}", revision):
         return revision
     from huggingface_hub import HfApi, snapshot_download

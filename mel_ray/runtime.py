@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from mel_ray.errors import UsageError
+
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in RAY_ADDRESS, or start a local Ray instance; a no-op if Ray is already up."""
@@ -42,8 +44,6 @@ def check_gpus(stage: str, num_gpus: float, setting: str) -> None:
     """Fail fast when GPU actors could never be placed, unless an autoscaler may still add GPU nodes (then the
     stage submits its actors and waits)."""
     import ray
-
-    from mel_ray.errors import UsageError
 
     if num_gpus <= 0 or cluster_may_grow():
         return

@@ -49,7 +49,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import string
 import time
@@ -67,7 +66,7 @@ from mel_ray.config import SynthesizeConfig
 from mel_ray.dataset import SPLITS, load_dataset
 from mel_ray.errors import UsageError
 from mel_ray.keys import settings_key, sha256_hex, stable_seed
-from mel_ray.models import DEFAULT_CACHE, pin_model, pretrained_args, resolve_model
+from mel_ray.models import DEFAULT_CACHE, is_hub_id, pin_model, pretrained_args, resolve_model
 from mel_ray.runtime import check_gpus, cpu_threads_per_worker, init_ray
 
 log = logging.getLogger(__name__)
@@ -208,10 +207,6 @@ def model_fingerprint(folder: str | Path, cache_dir: str = DEFAULT_CACHE) -> str
     return sha256_hex(json.dumps(entries).encode("utf-8"))
 
 
-def _looks_local(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(model)
-
-
 def model_identity(model: str, revision: str | None = None, cache_dir: str = DEFAULT_CACHE) -> dict[str, Any]:
     """What identifies the weights: the content fingerprint of a local folder (an s3:// folder is fetched to
     the model cache first and fingerprinted there: that copy is what the workers load), or a hub id with the
@@ -219,7 +214,7 @@ def model_identity(model: str, revision: str | None = None, cache_dir: str = DEF
     model = str(model)
     if procedural.is_procedural(model):       # a test tool, no weights: see mel_ray/procedural.py
         return procedural.identity(model)
-    if storage.is_s3(model) or _looks_local(model):
+    if not is_hub_id(model):
         return {"fingerprint": model_fingerprint(resolve_model(model, cache_dir), cache_dir)}
     model_id, _, commit = pin_model(model, revision).partition("@")
     return {"hub_id": model_id, "revision": commit}
@@ -248,7 +243,7 @@ def synthesis_settings(model: str, *, template: str = DEFAULT_TEMPLATE, steps: i
     if steps < 1:
         raise UsageError(f"synthesize steps {steps}: must be at least 1")
     device, dtype = resolve_device_dtype(num_gpus, dtype)
-    if safety_checker and (storage.is_s3(model) or _looks_local(model)):
+    if safety_checker and not is_hub_id(model):
         index = json.loads((Path(resolve_model(model, cache_dir)) / "model_index.json").read_text("utf-8"))
         if not any(index.get("safety_checker") or [None]):
             raise UsageError(f"{model}: safety_checker=True but the model has no safety checker")

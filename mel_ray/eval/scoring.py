@@ -18,12 +18,9 @@ from mel_ray.eval.ranking import count_before_gold, local_topk, merge_topk
 from mel_ray.model import MELModel
 
 
-def _rows(batch: dict, a: int, b: int, device: torch.device) -> dict:
+def _on(batch: dict, device: torch.device, a: int = 0, b: int | None = None) -> dict:
+    """The tensors of rows [a, b) of a batch, on `device`."""
     return {k: v[a:b].to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
-def _on(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def _cat_sides(x: dict, y: dict) -> dict:
@@ -46,22 +43,23 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict,
     n = mentions["gold"].shape[0]
     bounds = list(range(0, n, mention_batch)) + [n]
     spans = list(itertools.pairwise(bounds))
-    mention_sides = [model.mention_side(model.mention_features(_rows(mentions, a, b, device))) for a, b in spans]
-    gold_sides = [model.entity_side(model.entity_features(_rows(gold_features, a, b, device))) for a, b in spans]
+    mention_sides = [model.mention_side(model.mention_features(_on(mentions, device, a, b))) for a, b in spans]
+    gold_sides = [model.entity_side(model.entity_features(_on(gold_features, device, a, b))) for a, b in spans]
     gold_ids = mentions["gold"].to(device)
     counts = np.zeros(n, dtype=np.int64)
     tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in spans]
     for first_id, chunk in entity_chunks:
         n_chunk = chunk["text_global"].shape[0]
         chunk_side = model.entity_side(model.entity_features(_on(chunk, device)))
-        ids = torch.arange(first_id, first_id + n_chunk, device=device)
+        ids_cpu = torch.arange(first_id, first_id + n_chunk)     # local_topk works in numpy
+        ids = ids_cpu.to(device)
         for j, (a, b) in enumerate(spans):
             logits = model.pair_logits(mention_sides[j], _cat_sides(chunk_side, gold_sides[j]))["overall"]
             scores = logits[:, :n_chunk]
             rows = torch.arange(b - a, device=device)
             gold_scores = logits[rows, n_chunk + rows]
             counts[a:b] += count_before_gold(scores, ids, gold_scores, gold_ids[a:b]).cpu().numpy()
-            tops[j] = [merge_topk(tops[j] + [local_topk(scores.cpu(), ids.cpu(), topk)], topk)]
+            tops[j] = [merge_topk(tops[j] + [local_topk(scores.cpu(), ids_cpu, topk)], topk)]
     top_ids = np.concatenate([t[0][0] for t in tops]) if n else np.zeros((0, topk), dtype=np.int64)
     top_scores = np.concatenate([t[0][1] for t in tops]) if n else np.zeros((0, topk), dtype=np.float32)
     return counts, top_ids, top_scores
