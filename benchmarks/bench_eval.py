@@ -12,7 +12,7 @@ dt = 512, dv = 96; random features and a random model (timing only). Both ways r
 - reference (what MIMIC's evaluation does): for every mention batch, the full model forward over every entity
   chunk (entity projections and entity-side work redone per mention batch, TGLU in its explicit form with the
   [Nm, Ne, Le, dt] LayerNorm input), the [batch, KB] score matrix kept, then a double argsort for the ranks.
-- mel-ray (mel_ray.eval.scoring.rank_counts, the kernel each KBShard actor runs): entity-side work once per
+- mel-ray (mel_ray.scoring.rank_counts, the kernel each KBShard actor runs): entity-side work once per
   entity chunk, TGLU in its LayerNorm-decomposed form, per-chunk counts and top-10 merged exactly; memory does
   not grow with mentions x KB.
 
@@ -42,9 +42,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from mel_ray.eval.ranking import metrics_from_ranks
-from mel_ray.eval.scoring import chunks_of, rank_counts
 from mel_ray.model import MELModel, ModelDims
+from mel_ray.scoring import chunks_of, metrics_from_ranks, rank_counts
 
 DIMS = ModelDims(text_global=512, text_local=512, image_global=512, image_local=768, dt=512, dv=96)
 L, P, S = 40, 50, 3

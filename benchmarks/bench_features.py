@@ -48,11 +48,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from mel_ray import features, storage
+from mel_ray import storage
 from mel_ray.config import IngestConfig
 from mel_ray.dataset import SPLITS, load_dataset
 from mel_ray.demo_data import make_demo_data
-from mel_ray.features import extract_features
+from mel_ray.features import extract_features, stage
 from mel_ray.ingest import ingest
 from mel_ray.keys import sha256_hex, stable_seed
 
@@ -151,13 +151,13 @@ def batch_invariance(clip: str, n: int = 29) -> list[str]:
 
 
 class FirstResult:
-    """Records when the driver receives its first encoded unit (both engines go through _Collector.add), so
+    """Records when the driver receives its first encoded unit (both engines go through stage.Collector.add), so
     start-up (model load, Ray Data and actor start) can be told apart from steady-state throughput."""
 
     def __init__(self):
         self.at = None
         self.images = 0
-        original = features._Collector.add
+        original = stage.Collector.add
         probe = self
 
         def add(collector, out):
@@ -165,7 +165,7 @@ class FirstResult:
                 probe.at = time.perf_counter()
                 probe.images = len(out["image_global"]) // (2 * collector.plan.shapes["image_global"][0])
             return original(collector, out)
-        features._Collector.add = add
+        stage.Collector.add = add
 
     def reset(self):
         self.at, self.images = None, 0

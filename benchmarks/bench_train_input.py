@@ -81,8 +81,14 @@ def prepare(work: Path, entities: int, mentions: int, views: int) -> tuple[str, 
 def bench_loop(config: dict) -> None:
     import ray.train
 
+    from mel_ray.feature_store import (
+        EntityStore,
+        arrow_to_tensors,
+        load_pools,
+        mention_tensors,
+        model_dims_from,
+    )
     from mel_ray.model import MELModel, ModelDims
-    from mel_ray.train.data import EntityStore, arrow_to_tensors, load_pools, mention_tensors, model_dims_from
     from mel_ray.train.loop import decay_groups, train_step
 
     cfg = config["train"]
@@ -146,7 +152,7 @@ def main() -> int:
     from ray.train.torch import TorchTrainer
 
     from mel_ray.config import load_config
-    from mel_ray.train.data import mention_dataset
+    from mel_ray.feature_store import mention_dataset
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

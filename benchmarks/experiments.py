@@ -230,7 +230,7 @@ def _cos_rank_stats(queries: np.ndarray, keys: np.ndarray, gold: np.ndarray) -> 
 
 def _mention_has_image(features_uri: str, split: str) -> np.ndarray:
     """has_image of a split's mention features, in row order (mention_tensors keeps only tensors)."""
-    from mel_ray.train.data import mention_shard_uris
+    from mel_ray.feature_store import mention_shard_uris
 
     parts = [storage.read_table(u, columns=["has_image"]) for u in mention_shard_uris(features_uri, split)]
     return np.concatenate([t.column("has_image").to_numpy(zero_copy_only=False) for t in parts]).astype(bool)
@@ -239,7 +239,7 @@ def _mention_has_image(features_uri: str, split: str) -> np.ndarray:
 def view_information(inputs: dict) -> dict:
     """Do the views point at the gold entity? Rank every KB entity image by cosine to a mention's mean view
     feature (no training involved), next to the mention's own image and a shuffled-views control."""
-    from mel_ray.train.data import EntityStore, mention_tensors
+    from mel_ray.feature_store import EntityStore, mention_tensors
 
     out = {}
     for src in SOURCES:
@@ -349,15 +349,15 @@ def cvacpt_effect(inputs: dict, records: list[dict]) -> dict:
     gradient its parameters receive on one training batch at the trained weights."""
     import torch
 
-    from mel_ray.eval.evaluate import build_model, load_model_state
+    from mel_ray.checkpoints import build_model, load_checkpoint
+    from mel_ray.feature_store import EntityStore, load_pools, mention_tensors
     from mel_ray.model.losses import build_columns, contrastive_loss
-    from mel_ray.train.data import EntityStore, load_pools, mention_tensors
 
     out = {}
     for arm in ("base", "proc"):
         rows = []
         for rec in (r for r in records if r["arm"] == arm):
-            model = build_model(load_model_state(rec["checkpoint"]))
+            model = build_model(load_checkpoint(rec["checkpoint"]))
             test = mention_tensors(rec["features"], inputs["dataset"], "test")
             batch = {k: v for k, v in test.items() if isinstance(v, torch.Tensor)}
             with torch.no_grad():

@@ -13,21 +13,21 @@ the diffusion model, the synthesis settings and n_s, so new mentions get views d
 Contract (docs/data-contract.md, "Batch linking"): OUTPUT/links.parquet, one row per (mention, rank):
 mention_id, mention, text, rank (1..top_k), entity_id, qid, name, score; OUTPUT/synthetic/<key>/ the PNG views
 (a person can look at them); OUTPUT/link_report.json the counts and the inputs' identity. A rerun with the same
-inputs is skipped; an interrupted one draws only the views that are missing. A mention's image that is missing
-or undecodable is counted and the mention is linked without it (blank image, has_image false, as in
-extract-features), never replaced by noise.
+inputs is skipped; an interrupted one draws only the views that are missing.
 
-Each mention is encoded on its own (one CLIP forward per mention) so its features do not depend on batching.
-Scorers run whole mention batches against the KB in entity chunks: memory is bounded by batch x chunk, never
-mentions x KB; the entity side is recomputed per mention batch (use large `batch_size` for large KBs).
+Mentions are prepared and encoded by the features stage's own functions (`prepare_unit`, `Encoder`), one
+mention per unit (one CLIP forward per mention, so its features do not depend on batching) and with its
+failure policy: an image that is missing or undecodable is counted and the mention is linked with a blank
+image (has_image false), never replaced by noise; a view that cannot be read is left out and counted.
+Scorers rank whole mention batches against the KB in entity chunks with the evaluation's kernel
+(mel_ray.scoring.rank_counts): memory is bounded by batch x chunk, never mentions x KB; the entity side is
+recomputed per mention batch (use large `batch_size` for large KBs).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -94,139 +94,91 @@ def read_mentions(path: str) -> pa.Table:
 
 
 def load_linker(model: str, config: dict | None = None, tracking_uri: str | None = None) -> dict:
-    """{'model': state_dict, 'dims', 'config'} from model.pt, an MLflow run (id or runs:/<id>) holding
-    model.pt, or a Ray Train checkpoint folder (state.pt, which has no config: `config` is then required)."""
-    import torch
+    """{'model': state_dict, 'dims', 'config'} from anything mel_ray.checkpoints.load_checkpoint takes; a Ray
+    Train checkpoint folder (state.pt) holds no config: `config` (the training config) is then required."""
+    from mel_ray.checkpoints import load_checkpoint
 
-    uri = model
-    if model.startswith("runs:/") or (len(model) == 32 and all(c in "0123456789abcdef" for c in model)):
-        from mlflow.tracking import MlflowClient
-
-        run_id = model.removeprefix("runs:/").split("/")[0]
-        with tempfile.TemporaryDirectory() as tmp:
-            local = MlflowClient(tracking_uri).download_artifacts(run_id, "model.pt", tmp)
-            saved = torch.load(local, weights_only=True)
-    else:
-        if not uri.endswith(".pt"):
-            uri = storage.join(uri, "model.pt") if storage.exists(storage.join(uri, "model.pt")) \
-                else storage.join(uri, "state.pt")
-        if not storage.exists(uri):
-            raise UsageError(f"{model}: no model.pt or state.pt there (give an exported model, a checkpoint "
-                             "folder or an MLflow run id)")
-        saved = torch.load(io.BytesIO(storage.read_bytes(uri)), weights_only=True)
-    cfg = saved.get("config") or config
-    if not cfg:
+    state = load_checkpoint(model, tracking_uri)
+    state["config"] = state["config"] or config
+    if not state["config"]:
         raise UsageError(f"{model}: a training checkpoint holds no config; pass --config (the training config)")
-    return {"model": saved.get("state_dict", saved.get("model")), "dims": saved["dims"], "config": cfg}
-
-
-def kb_features(kb: str, clip: str, cache_dir: str) -> str:
-    """The KB's complete features/<key> made with this CLIP (same fingerprint); a clear error otherwise."""
-    from mel_ray.features import model_fingerprint
-
-    want = model_fingerprint(clip, cache_dir)
-    root = storage.join(kb, "features")
-    keys = sorted({p.split("/")[0] for p in storage.list_files(root) if p.endswith("manifest.json")}) \
-        if storage.exists(root) else []
-    found = []
-    for key in keys:
-        uri = storage.join(root, key)
-        manifest = storage.read_json(storage.join(uri, "manifest.json"))
-        found.append(manifest.get("model", {}).get("fingerprint"))
-        if found[-1] == want:
-            return uri
-    raise UsageError(f"{kb}: no complete feature set made with {clip} (found {len(found)} with other models); "
-                     f"run: mel-ray extract-features --dataset {kb} --model {clip}")
+    return state
 
 
 # ------------------------------------------------------------------------------------------ Ray Data actors
 
+MENTION_COLUMNS = ("text_global", "text_local", "text_mask", "image_global", "image_local", "synthetic_global",
+                   "n_views", "has_image")
+
 
 class MentionEncoder:
-    """CLIP features of one mention at a time: text, its image (blank if none), its synthetic views."""
+    """CLIP features of one mention at a time (one unit of extract-features: its text, its image, its views),
+    prepared and encoded by the features stage's own functions, so bad images are counted and blanked alike."""
 
     def __init__(self, clip: str, cache_dir: str, text_length: int, use_gpu: bool, views: int, output: str,
                  view_key: str):
-        from mel_ray.features import _Encoder, _output_size, image_config
-        from mel_ray.models import load_clip
+        from mel_ray.features import Encoder, load_processor, output_size
 
-        _, processor = load_clip(clip, "cpu", None, cache_dir)    # tokenizer and image settings only
-        self.tokenizer, self.image_cfg = processor.tokenizer, image_config(processor.image_processor)
-        self.size = _output_size(self.image_cfg)
-        self.encoder = _Encoder(clip, cache_dir, None, use_gpu, self.size, text_length)
+        self.tokenizer, self.image_cfg = load_processor(clip, cache_dir)
+        self.size = output_size(self.image_cfg)
+        self.encoder = Encoder(clip, cache_dir, None, use_gpu, self.size, text_length)
         self.text_length, self.views, self.output, self.view_key = text_length, views, output, view_key
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from PIL import Image
-
-        from mel_ray.features import BLANK_COLOR, _decode, mention_text, preprocess_image, tokenize
+        from mel_ray.features import mention_text, prepare_unit, tokenize
         from mel_ray.synthesize import image_relpath
 
-        rows: dict[str, list] = {k: [] for k in ("mention_id", "text_global", "text_local", "text_mask",
-                                                 "image_global", "image_local", "synthetic_global", "n_views",
-                                                 "has_image", "image_status")}
+        rows: dict[str, list] = {k: [] for k in ("mention_id", *MENTION_COLUMNS, "stats")}
         for i, mention_id in enumerate(batch["mention_id"]):
             ids, mask = tokenize(self.tokenizer, [mention_text(batch["mention"][i], batch["text"][i])],
                                  self.text_length)
-            uri = batch["image"][i]
-            img, status = (None, "no_image") if not uri else _decode(uri, self.size)
-            if img is None:
-                img = Image.new("RGB", (self.size[1], self.size[0]), BLANK_COLOR)
-            images = [img]
-            for view in range(self.views):
-                view_uri = storage.join(self.output, image_relpath(self.view_key, mention_id, view))
-                view_img, view_status = _decode(view_uri, self.size)
-                if view_img is None:
-                    raise RuntimeError(f"link: view {view} of {mention_id} is {view_status}")
-                images.append(view_img)
-            pixels = np.stack([preprocess_image(im, self.image_cfg) for im in images])
-            f = self.encoder.encode(ids.astype(np.int64), mask, pixels, 1)
+            payload: dict[str, Any] = {"i": [batch["image"][i] or None]}
+            if self.views:
+                payload["v"] = [[(view, storage.join(self.output, image_relpath(self.view_key, mention_id, view)),
+                                  "") for view in range(self.views)]]
+            unit = prepare_unit(payload, image_cfg=self.image_cfg, image_size=self.size)
+            f = self.encoder.encode(ids.astype(np.int64), mask, unit["pixels"], 1)
+            synthetic = np.zeros((self.views, f["image_global"].shape[1]), dtype=f["image_global"].dtype)
+            synthetic[:len(f["image_global"]) - 1] = f["image_global"][1:]
             rows["mention_id"].append(mention_id)
-            for name in ("text_global", "text_local", "image_local"):
+            for name in ("text_global", "text_local", "image_global", "image_local"):
                 rows[name].append(f[name][0])
-            rows["image_global"].append(f["image_global"][0])
-            rows["synthetic_global"].append(f["image_global"][1:])
+            rows["synthetic_global"].append(synthetic)
             rows["text_mask"].append(mask[0].astype(bool))
-            rows["n_views"].append(self.views)
-            rows["has_image"].append(status == "ok")
-            rows["image_status"].append(status)
-        return {k: np.array(v) if k not in ("mention_id", "image_status") else np.array(v, dtype=object)
+            rows["n_views"].append(int(unit["n_views"][0]) if self.views else 0)
+            rows["has_image"].append(bool(unit["has_image"][0]))
+            rows["stats"].append(json.dumps(unit["stats"]))
+        return {k: np.array(v, dtype=object) if k in ("mention_id", "stats") else np.array(v)
                 for k, v in rows.items()}
 
 
 class KBScorer:
-    """The trained model and the KB's memory-mapped entity features; a mention batch -> its top-k entities."""
+    """The trained model and the KB's memory-mapped entity features; a mention batch -> its top-k entities,
+    with the evaluation's kernel (mel_ray.scoring.rank_counts, no gold)."""
 
     def __init__(self, features_uri: str, state: dict, top_k: int, entity_chunk: int, threads: int):
         import torch
 
-        from mel_ray.eval.evaluate import build_model
-        from mel_ray.train.data import EntityStore
+        from mel_ray.checkpoints import build_model
+        from mel_ray.feature_store import EntityStore
 
         torch.set_num_threads(threads)
         self.torch, self.store, self.model = torch, EntityStore(features_uri), build_model(state)
         self.top_k, self.entity_chunk = top_k, entity_chunk
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mel_ray.eval.ranking import local_topk, merge_topk
-        from mel_ray.eval.scoring import chunks_of
+        from mel_ray.scoring import chunks_of, rank_counts
 
         torch = self.torch
-        names = ("text_global", "text_local", "image_global", "image_local", "synthetic_global")
-        mentions = {k: torch.from_numpy(np.asarray(batch[k], dtype=np.float32)) for k in names}
+        mentions = {k: torch.from_numpy(np.asarray(batch[k], dtype=np.float32))
+                    for k in MENTION_COLUMNS if k not in ("text_mask", "n_views", "has_image")}
         mentions["text_mask"] = torch.from_numpy(np.asarray(batch["text_mask"], dtype=bool))
         mentions["n_views"] = torch.from_numpy(np.asarray(batch["n_views"], dtype=np.int64))
-        k = min(self.top_k, self.store.num_entities)
-        top: list = []
-        with torch.no_grad():
-            side = self.model.mention_side(self.model.mention_features(mentions))
-            for first, chunk in chunks_of(self.store.chunk, 0, self.store.num_entities, self.entity_chunk):
-                n = chunk["text_global"].shape[0]
-                scores = self.model.pair_logits(side, self.model.entity_side(self.model.entity_features(chunk)))
-                top = [merge_topk(top + [local_topk(scores["overall"], torch.arange(first, first + n), k)], k)]
-        ids, scores = top[0]
-        return {"mention_id": batch["mention_id"], "entity_ids": ids, "scores": scores,
-                "image_status": batch["image_status"]}
+        n = len(batch["mention_id"])
+        _, ids, scores = rank_counts(self.model, mentions, None,
+                                     chunks_of(self.store.chunk, 0, self.store.num_entities, self.entity_chunk),
+                                     mention_batch=max(1, n), topk=self.top_k)
+        return {"mention_id": batch["mention_id"], "entity_ids": ids, "scores": scores, "stats": batch["stats"]}
 
 
 # ------------------------------------------------------------------------------------------------- stage
@@ -289,6 +241,8 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     import ray
 
     from mel_ray.dataset import load_dataset
+    from mel_ray.feature_store import find_features, read_manifest
+    from mel_ray.features.shards import merge_stats
     from mel_ray.models import DEFAULT_CACHE, pin_model
     from mel_ray.runtime import init_ray
 
@@ -298,14 +252,14 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     cfg = state["config"]
     mentions = read_mentions(mentions_path)
     clip = pin_model(cfg["models"]["clip"])      # a hub id: the commit the KB's features must have been made with
-    features = kb_features(kb, clip, cache_dir)
+    features = find_features(kb, model=clip, cache_dir=cache_dir, several="first")
     key = inputs_key(state, features, mentions, top_k)
     report_uri = storage.join(output, REPORT)
     if storage.exists(report_uri) and storage.read_json(report_uri).get("inputs_key") == key:
         print(f"[link] already linked: {storage.join(output, LINKS)}")
         return {**storage.read_json(report_uri), "skipped": True}
 
-    manifest = storage.read_json(storage.join(features, "manifest.json"))
+    manifest = read_manifest(features)
     views = int(state["dims"].get("views") or cfg["synthesize"]["views"])
     if state["dims"].get("cvacpt_weight", 1.0) == 0.0:
         views = 0                                          # the model never looks at views: draw none
@@ -337,11 +291,10 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     entities = load_dataset(kb).entities(columns=["qid", "name"])
     qids, names = entities.column("qid").to_pylist(), entities.column("name").to_pylist()
     out: dict[str, list] = {f.name: [] for f in LINKS_SCHEMA}
-    status: dict[str, int] = {}
+    stats = merge_stats([json.loads(row["stats"]) for row in results.values()])
     for m, mention, text in zip(mentions.column("mention_id").to_pylist(), mentions.column("mention").to_pylist(),
                                 mentions.column("text").to_pylist()):
         row = results[m]
-        status[row["image_status"]] = status.get(row["image_status"], 0) + 1
         for rank, (eid, score) in enumerate(zip(row["entity_ids"], row["scores"]), start=1):
             for name, value in (("mention_id", m), ("mention", mention), ("text", text), ("rank", rank),
                                 ("entity_id", int(eid)), ("qid", qids[int(eid)]), ("name", names[int(eid)]),
@@ -350,9 +303,10 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     storage.write_table(storage.join(output, LINKS), pa.table(out, schema=LINKS_SCHEMA))
     report = {"inputs_key": key, "model": model, "kb": kb, "kb_features": features, "mentions_file": mentions_path,
               "mentions": mentions.num_rows, "linked": len(results), "top_k": top_k, "views_per_mention": views,
-              "views_drawn": drawn, "images": {"ok": status.get("ok", 0), "no_image": status.get("no_image", 0),
-                                                "missing": status.get("missing", 0),
-                                                "undecodable": status.get("undecodable", 0)},
+              "views_drawn": drawn,
+              "images": {"ok": stats.get("with_image", 0),
+                         **{k: stats.get(k, 0) for k in ("no_image", "missing", "undecodable")}},
+              "views": {k: stats.get("synthetic", {}).get(k, 0) for k in ("used", "missing", "undecodable")},
               "seconds": round(time.perf_counter() - t0, 2), "skipped": False}
     storage.write_json(report_uri, report)              # last: its presence means links.parquet is complete
     print(f"[link] wrote {storage.join(output, LINKS)}: {len(results)} mentions x top-{top_k}; images "

@@ -268,7 +268,7 @@ def _train_info(result: dict, name: str) -> dict:
 
 
 def _find_features(cfg: Config) -> str:
-    from mel_ray.train.run import find_features
+    from mel_ray.feature_store import find_features
 
     load_dataset(cfg.data.dataset)      # a missing dataset says so, rather than "no feature sets"
     return find_features(cfg.data.dataset, None)

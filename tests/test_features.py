@@ -388,11 +388,12 @@ def test_corrupt_and_missing_images_are_counted_and_flagged(world, tmp_path):
 KILL_SCRIPT = """
 import sys, time
 import mel_ray.features as f
-write = f._write_shard
+from mel_ray.features import shards
+write = shards.write_shard
 def slow_write(uri, table):          # slow writes, so the kill lands mid-run
     write(uri, table)
     time.sleep(1.0)
-f._write_shard = slow_write
+shards.write_shard = slow_write
 f.extract_features(sys.argv[1], sys.argv[2], synthetic_key=sys.argv[3], features_root=sys.argv[4],
                    batch_size=1, micro_batch=4, shard_rows=16)
 """

@@ -23,16 +23,16 @@ SETTINGS = ["synthesize.views=2", "synthesize.steps=2", "synthesize.size=32", "m
 
 @pytest.fixture(scope="module")
 def linked_setup(tmp_path_factory, ray_local):
+    from mel_ray.checkpoints import export_model
     from mel_ray.dataset import load_dataset
     from mel_ray.demo_data import make_demo_data
     from mel_ray.eval.evaluate import evaluate
+    from mel_ray.feature_store import model_dims_from, read_manifest
     from mel_ray.features import extract_features
     from mel_ray.ingest import ingest
     from mel_ray.model import MELModel, ModelDims
     from mel_ray.synthesize import synthesize
     from mel_ray.tiny_models import make_tiny_models
-    from mel_ray.train.data import model_dims_from, read_manifest
-    from mel_ray.train.run import export_model
 
     root = tmp_path_factory.mktemp("link")
     models = make_tiny_models(str(root / "models"))

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mel_ray.eval.ranking import count_before_gold, local_topk, merge_topk, metrics_from_ranks
+from mel_ray.scoring import count_before_gold, local_topk, merge_topk, metrics_from_ranks
 
 
 def brute_force(scores: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from mel_ray.checkpoints import build_model, load_checkpoint
 from mel_ray.config import IngestConfig, load_config
-from mel_ray.eval.evaluate import build_model, evaluate, load_model_state
-from mel_ray.train.data import EntityStore, mention_tensors
+from mel_ray.eval.evaluate import evaluate
+from mel_ray.feature_store import EntityStore, mention_tensors
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,7 @@ def test_training_reports_every_epoch_and_logs_to_mlflow(trained, s3_client):
 
 def test_sharded_evaluation_equals_brute_force(trained):
     root, features, result, _ = trained
-    state = load_model_state(result["checkpoint"])
+    state = load_checkpoint(result["checkpoint"])
     report = evaluate(str(root / "ds"), features, result["checkpoint"], "test", num_shards=3, batch_size=16,
                       entity_chunk=7, mention_batch=5, cpus_per_shard=0.5)
     model = build_model(state)
@@ -85,7 +86,7 @@ def test_sharded_evaluation_equals_brute_force(trained):
     order = np.argsort(-scores, axis=1, kind="stable")
     gold = mentions["gold"].numpy()
     ranks = np.array([1 + int(np.where(order[i] == gold[i])[0][0]) for i in range(len(gold))])
-    from mel_ray.eval.ranking import metrics_from_ranks
+    from mel_ray.scoring import metrics_from_ranks
 
     expected = metrics_from_ranks(ranks)
     for key, value in expected.items():

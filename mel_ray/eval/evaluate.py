@@ -2,13 +2,12 @@
 
 The KB is cut into contiguous shards, one Ray actor each; an actor memory-maps the node's entity features,
 loads the model once, and for each streamed mention batch returns per-mention counts of entities ranked
-before the gold one plus its local top-k (ranking.py). The driver sums counts and merges top-k lists, so the
+before the gold one plus its local top-k (mel_ray/scoring.py). The driver sums counts and merges top-k lists, so the
 result equals a full score matrix + stable sort, while no process ever holds mentions x KB scores.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import time
@@ -18,30 +17,14 @@ import pyarrow as pa
 import torch
 
 from mel_ray import storage
+from mel_ray.checkpoints import build_model, load_checkpoint
 from mel_ray.dataset import load_dataset
-from mel_ray.eval.ranking import merge_topk, metrics_from_ranks
-from mel_ray.eval.scoring import chunks_of, rank_counts
-from mel_ray.model import MELModel, ModelDims
+from mel_ray.feature_store import EntityStore, mention_tensors
 from mel_ray.runtime import init_ray
-from mel_ray.train.data import EntityStore, mention_tensors
+from mel_ray.scoring import chunks_of, merge_topk, metrics_from_ranks, rank_counts
 
 log = logging.getLogger(__name__)
 TOPK = 10
-
-
-def load_model_state(checkpoint_uri: str) -> dict:
-    """A training checkpoint folder (state.pt) or an exported model.pt: {'model': state_dict, 'dims': ...}."""
-    uri = checkpoint_uri
-    if not uri.endswith(".pt"):
-        uri = storage.join(uri, "state.pt")
-    saved = torch.load(io.BytesIO(storage.read_bytes(uri)), weights_only=True)
-    return {"model": saved.get("state_dict", saved.get("model")), "dims": saved["dims"]}
-
-
-def build_model(state: dict) -> MELModel:
-    model = MELModel(ModelDims(**state["dims"]))
-    model.load_state_dict(state["model"])
-    return model.eval()
 
 
 class KBShard:
@@ -73,11 +56,14 @@ def shard_settings(train_cfg) -> dict:
 def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: str = "test", *,
              output_uri: str | None = None, num_shards: int = 2, batch_size: int = 256, entity_chunk: int = 1024,
              mention_batch: int = 64, threads_per_shard: int = 1, cpus_per_shard: float = 1.0) -> dict:
+    """checkpoint_uri: anything mel_ray.checkpoints.load_checkpoint takes (a Ray Train checkpoint folder,
+    model.pt, an MLflow run holding one)."""
     import ray
 
     t0 = time.perf_counter()
     init_ray()
-    state = load_model_state(checkpoint_uri)
+    state = load_checkpoint(checkpoint_uri)
+    state.pop("config")                     # the shards need weights and dims only
     ds = load_dataset(dataset_uri)
     n_entities = ds.num_entities
     mentions = mention_tensors(features_uri, dataset_uri, split)

@@ -14,13 +14,11 @@ import time
 import numpy as np
 import torch
 
-from mel_ray.eval.ranking import HITS_AT
-from mel_ray.eval.scoring import chunks_of, rank_counts
+from mel_ray.checkpoints import CHECKPOINT_FILE
+from mel_ray.feature_store import EntityStore, arrow_to_tensors, load_pools, mention_tensors, model_dims_from
 from mel_ray.model import MELModel, ModelDims
 from mel_ray.model.losses import build_columns, contrastive_loss
-from mel_ray.train.data import EntityStore, arrow_to_tensors, load_pools, mention_tensors, model_dims_from
-
-CHECKPOINT_FILE = "state.pt"
+from mel_ray.scoring import HITS_AT, chunks_of, rank_counts
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

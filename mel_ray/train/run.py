@@ -18,12 +18,14 @@ import torch
 import yaml
 
 from mel_ray import storage
+from mel_ray.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from mel_ray.config import Config
 from mel_ray.dataset import ENTITIES, load_dataset
 from mel_ray.errors import UsageError
+from mel_ray.feature_store import find_features, mention_dataset, mention_tensors
 from mel_ray.keys import sha256_hex
 from mel_ray.runtime import init_ray
-from mel_ray.train.loop import CHECKPOINT_FILE, train_loop_per_worker
+from mel_ray.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 PATCH_MAP_MENTIONS = 4
@@ -32,18 +34,6 @@ PATCH_MAP_MENTIONS = 4
 def mlflow_name(metric: str) -> str:
     """MLflow metric names allow no '@': dev_H@1 is logged as dev_H_at_1."""
     return metric.replace("@", "_at_")
-
-
-def find_features(dataset_uri: str, features_uri: str | None) -> str:
-    """The features folder to use: the given one, or the only complete one under DATASET/features/."""
-    if features_uri:
-        return features_uri
-    root = storage.join(dataset_uri, "features")
-    keys = sorted({p.split("/")[0] for p in storage.list_files(root) if p.endswith("manifest.json")})
-    if len(keys) != 1:
-        raise UsageError(f"{root}: {'no' if not keys else len(keys)} complete feature sets "
-                         f"({', '.join(keys) or 'run extract-features first'}); pass --features URI")
-    return storage.join(root, keys[0])
 
 
 def find_negatives(dataset_uri: str, negatives_uri: str | None, k_pool: int, mode: str) -> str | None:
@@ -70,8 +60,6 @@ def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri:
                 name: str, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from mel_ray.train.data import mention_dataset
 
     t = cfg.train
     loop_config = {
@@ -108,12 +96,6 @@ def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri:
 def load_checkpoint_state(checkpoint) -> dict:
     with checkpoint.as_directory() as folder:
         return torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
-
-
-def export_model(state: dict, cfg: Config, path: Path) -> Path:
-    """The artifact users load later: state_dict + dims + resolved config, loadable with weights_only=True."""
-    torch.save({"state_dict": state["model"], "dims": state["dims"], "config": cfg.model_dump(mode="json")}, path)
-    return path
 
 
 def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, negatives_uri: str | None = None,
@@ -183,10 +165,7 @@ def patch_maps(state: dict, cfg: Config, dataset_uri: str, features_uri: str, pa
 
     from PIL import Image
 
-    from mel_ray.dataset import load_dataset
-    from mel_ray.model import MELModel, ModelDims
     from mel_ray.plots import plot_patch_maps
-    from mel_ray.train.data import mention_tensors
 
     dev = mention_tensors(features_uri, dataset_uri, "dev")
     ds = load_dataset(dataset_uri)
@@ -199,10 +178,9 @@ def patch_maps(state: dict, cfg: Config, dataset_uri: str, features_uri: str, pa
     picks = picks[:PATCH_MAP_MENTIONS]
     if not picks:
         return None
-    model = MELModel(ModelDims(**state["dims"]))
-    model.load_state_dict(state["model"])
+    model = build_model(state)
     with torch.no_grad():
-        maps = model.eval().cvacpt_maps({k: v[picks] for k, v in dev.items() if isinstance(v, torch.Tensor)})
+        maps = model.cvacpt_maps({k: v[picks] for k, v in dev.items() if isinstance(v, torch.Tensor)})
     images, titles = [], []
     for i in picks:
         row = by_id[dev["mention_id"][i]]

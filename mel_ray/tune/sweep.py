@@ -94,7 +94,7 @@ def run_trial(params: dict, *, base: dict, dataset_uri: str, features_uri: str, 
 
 
 def _check_inputs(cfg: Config, features_uri: str) -> None:
-    from mel_ray.train.data import read_manifest
+    from mel_ray.feature_store import read_manifest
 
     trial = trial_config(cfg.model_dump(mode="json"), {"k": max(cfg.tune.k), "views": max(cfg.tune.views)})
     if max(cfg.tune.k) > cfg.negatives.k and trial.train.negatives != "in_batch":
@@ -202,8 +202,9 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     from mlflow.tracking import MlflowClient
 
     from mel_ray import tracking
+    from mel_ray.feature_store import find_features
     from mel_ray.runtime import init_ray
-    from mel_ray.train.run import find_features, find_negatives
+    from mel_ray.train.run import find_negatives
 
     features_uri = find_features(dataset_uri, features_uri)
     negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)

@@ -1,9 +1,18 @@
-"""Feeding the model: entity features memory-mapped once per node, mentions streamed by Ray Data.
+"""Reading a feature set (`features/<key>/`, docs/data-contract.md "CLIP features"): the one module that train,
+eval, tune and link read features through.
 
-Entity features are needed at random rows (gold entities and their hard negatives) on every step, so they are
-converted once per node into an uncompressed Arrow IPC file and memory-mapped: every worker on the node shares
-the same page cache instead of holding its own copy, and nothing is shipped per batch. Mentions are read
-sequentially, so Ray Data streams them from the Parquet shards of the features stage.
+* `find_features`: which feature set to use (a given URI, or the only complete one under DATASET/features/,
+  optionally the one made with a given CLIP);
+* `read_manifest`, `model_dims_from`, `read_shard`, `load_features`: the manifest and shards as numpy;
+* `EntityStore`: all entity features of a set, memory-mapped once per node. Entity rows are needed at random
+  (gold entities and their hard negatives) on every training step and by every KB shard of an evaluation, so
+  they are converted once per node into an uncompressed Arrow IPC file under $MEL_RAY_NODE_CACHE and
+  memory-mapped: every worker on the node shares the same page cache and nothing is shipped per batch;
+* `mention_dataset` (Ray Data, streamed: training) and `mention_tensors` (a whole split in memory: evaluation),
+  both with each mention's `gold` entity id joined from the dataset;
+* `load_pools`: the mined JD-CCL negatives per entity.
+
+torch is imported only where tensors are made, so finding and reading a feature set stays light.
 """
 
 from __future__ import annotations
@@ -13,33 +22,122 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from mel_ray import storage
 from mel_ray.dataset import load_dataset
+from mel_ray.errors import DataError, UsageError
 from mel_ray.keys import settings_key
 
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST = "manifest.json"
 TENSOR_COLUMNS = ("text_global", "text_local", "text_mask", "image_global", "image_local")
 MENTION_TENSOR_COLUMNS = TENSOR_COLUMNS + ("synthetic_global",)
 NODE_CACHE = os.environ.get("MEL_RAY_NODE_CACHE", os.path.join(tempfile.gettempdir(), "mel-ray-node-cache"))
+READ_CPUS = 0.25
+
+
+# ------------------------------------------------------------------------------------------ finding a set
+
+
+def find_features(dataset_uri: str, features_uri: str | None = None, *, model: str | None = None,
+                  cache_dir: str | None = None, several: str = "error") -> str:
+    """The feature set to use: `features_uri` when given, else the complete set under DATASET/features/
+    (made with the CLIP `model`, same fingerprint, when given). Several candidates are an error unless
+    several="first" (link: it reads only the KB's entity features; the first key in sorted order is taken)."""
+    if features_uri:
+        return features_uri
+    if several not in ("error", "first"):
+        raise ValueError(f"several={several!r}: expected 'error' or 'first'")
+    root = storage.join(dataset_uri, "features")
+    keys = sorted({p.split("/")[0] for p in storage.list_files(root) if p.endswith(f"/{MANIFEST}")}) \
+        if storage.exists(root) else []
+    other = 0
+    if model is not None:
+        from mel_ray.features import model_fingerprint
+        from mel_ray.models import DEFAULT_CACHE
+
+        want = model_fingerprint(model, cache_dir or DEFAULT_CACHE)
+        made_with = [k for k in keys
+                     if read_manifest(storage.join(root, k)).get("model", {}).get("fingerprint") == want]
+        other, keys = len(keys) - len(made_with), made_with
+    if len(keys) == 1 or (keys and several == "first"):
+        return storage.join(root, keys[0])
+    made = f" made with {model}" if model is not None else ""
+    if keys:
+        raise UsageError(f"{root}: {len(keys)} complete feature sets{made} ({', '.join(keys)}); "
+                         "pass the one to use (--features URI)")
+    others = f" ({other} with other models)" if other else ""
+    model_flag = f" --model {model}" if model is not None else ""
+    raise UsageError(f"{root}: no complete feature sets{made}{others}; "
+                     f"run: mel-ray extract-features --dataset {dataset_uri}{model_flag}")
+
+
+# ------------------------------------------------------------------------------------- manifest, shards
 
 
 def read_manifest(features_uri: str) -> dict:
-    return storage.read_json(storage.join(features_uri, "manifest.json"))
+    return storage.read_json(storage.join(features_uri, MANIFEST))
 
 
 def model_dims_from(manifest: dict) -> dict:
+    """The feature widths a model built on this set needs (mel_ray.model.ModelDims)."""
     s = manifest["shapes"]
     return {"text_global": s["text_global"][-1], "text_local": s["text_local"][-1],
             "image_global": s["image_global"][-1], "image_local": s["image_local"][-1]}
 
 
+def read_shard(uri: str, columns: list[str] | None = None) -> dict[str, Any]:
+    """One shard as numpy: tensors reshaped to [rows, *shape] (float16/int8), other columns as arrays/lists."""
+    table = storage.read_table(uri, columns=columns)
+    out: dict[str, Any] = {}
+    for f in table.schema:
+        col = table.column(f.name).combine_chunks()
+        if pa.types.is_fixed_size_list(f.type):
+            shape = json.loads(f.metadata[b"shape"]) if f.metadata and b"shape" in f.metadata else [f.type.list_size]
+            out[f.name] = col.values.to_numpy(zero_copy_only=False).reshape(len(col), *shape)
+        elif pa.types.is_list(f.type):
+            out[f.name] = col.to_pylist()
+        else:
+            out[f.name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def load_features(features_uri: str, table: str = "entities", columns: list[str] | None = None) -> dict[str, Any]:
+    """All shards of one table ("entities" or "mentions/<split>") concatenated in row order, as numpy."""
+    manifest = read_manifest(features_uri)
+    if table not in manifest["tables"]:
+        raise DataError(features_uri, f"no table {table!r} (have {', '.join(manifest['tables'])})")
+    parts = [read_shard(storage.join(features_uri, s), columns) for s in manifest["tables"][table]["shards"]]
+    if not parts:                           # an empty split: empty arrays of the right shape and dtype
+        out = {}
+        for col in columns or manifest["tables"][table]["columns"]:
+            dtype = manifest["dtypes"][col]
+            if col in manifest["shapes"]:
+                out[col] = np.zeros((0, *manifest["shapes"][col]), dtype=dtype)
+            else:
+                out[col] = [] if dtype.startswith("list") else np.zeros(0, dtype=object if dtype == "string" else dtype)
+        return out
+    out: dict[str, Any] = {}
+    for name in parts[0]:
+        vals = [p[name] for p in parts]
+        out[name] = [x for v in vals for x in v] if isinstance(vals[0], list) else np.concatenate(vals)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- tensors
+
+
 def arrow_to_tensors(table: pa.Table | pa.RecordBatch, shapes: dict) -> dict[str, torch.Tensor]:
-    """Fixed-size-list columns -> float32 tensors [rows, *shape]; masks -> bool; counts -> long."""
+    """Fixed-size-list columns -> float32 tensors [rows, *shape]; masks -> bool; counts and ids -> long."""
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     rows = table.num_rows
     for name in table.schema.names:
@@ -113,9 +211,6 @@ def add_gold(batch: pa.Table, gold: dict[str, int]) -> pa.Table:
     return batch.append_column("gold", pa.array(ids, type=pa.int64()))
 
 
-READ_CPUS = 0.25
-
-
 def mention_dataset(features_uri: str, dataset_uri: str, split: str):
     """Ray Dataset of one split's mention features with a `gold` column."""
     import ray
@@ -157,7 +252,3 @@ def load_pools(negatives_uri: str | None, num_entities: int) -> list[np.ndarray]
     for row, eid in enumerate(ids):
         pools[int(eid)] = values[offsets[row]:offsets[row + 1]]
     return pools
-
-
-def describe(manifest: dict) -> str:
-    return json.dumps({k: manifest["shapes"][k] for k in manifest["shapes"]})

@@ -1,0 +1,96 @@
+"""The CLIP encoder of extract-features (and of `mel-ray link`'s new mentions); docs/data-contract.md, "CLIP
+features", says what each output is.
+
+Determinism: on CPU, CLIP outputs depend in the last bits on the batch they are computed in (the projection
+of a batch of 1 takes a GEMV path, larger batches a GEMM with other blocking; more torch threads change the
+vision encoder's reduction order) and those differences survive float16 rounding now and then. So the encoder
+never batches across units: each unit (rows ``[k*micro_batch, (k+1)*micro_batch)`` of a shard) is one forward
+pass, whatever Ray's batch size or actor count is. CPU actors use `mel_ray.runtime.cpu_threads_per_worker()`
+torch threads; the thread count and device are recorded (`name`, the manifest's `encoders`), since a different
+count or device changes the last bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mel_ray.features.inputs import pack, unpack
+
+
+class Encoder:
+    """CLIP on one device: a Ray Data callable class (extract-features' actor pool, `__call__` on prepared units)
+    and a plain object (`encode`: the local engine, `mel-ray link`). One forward pass per unit, never across
+    units."""
+
+    def __init__(self, model: str, cache_dir: str, dtype: str | None, use_gpu: bool, image_size: tuple[int, int],
+                 text_length: int):
+        import torch
+
+        from mel_ray.models import load_clip
+        from mel_ray.runtime import cpu_threads_per_worker
+
+        self.torch = torch
+        if use_gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError("extract-features: num_gpus > 0 but this actor sees no CUDA device")
+            self.device = "cuda"
+            self.name = f"cuda/{torch.cuda.get_device_name()}"
+        else:
+            torch.set_num_threads(cpu_threads_per_worker())
+            self.device = "cpu"
+            self.name = f"cpu/threads={torch.get_num_threads()}"
+        self.model, _ = load_clip(model, self.device, dtype, cache_dir)
+        self.dtype = self.model.dtype
+        self.image_size = tuple(image_size)
+        self.text_length = text_length
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixels: np.ndarray,
+               n: int) -> dict[str, np.ndarray]:
+        """float16 features of one unit: text of its n rows, images (n main first, then synthetic views).
+        Three forward passes: texts, the n row images, the synthetic views; so a row's own features do not
+        depend on how many views its unit has (and are the same with or without a synthetic key)."""
+        torch = self.torch
+        half = torch.float16
+        with torch.inference_mode():
+            ids = torch.from_numpy(input_ids).to(self.device)
+            mask = torch.from_numpy(attention_mask.astype(np.int64)).to(self.device)
+            text = self.model.get_text_features(input_ids=ids, attention_mask=mask)
+            tg = text.pooler_output
+            tg = tg / _vector_norm(torch, tg)
+            globals_, local = [], None
+            for part in (pixels[:n], pixels[n:]):
+                if not len(part):
+                    continue
+                vision = self.model.get_image_features(pixel_values=torch.from_numpy(part).to(self.device,
+                                                                                              dtype=self.dtype))
+                ig = vision.pooler_output
+                globals_.append((ig / _vector_norm(torch, ig)).to(half).cpu().numpy())
+                if local is None:
+                    local = vision.last_hidden_state.to(half).cpu().numpy()
+            return {"text_global": tg.to(half).cpu().numpy(),
+                    "text_local": text.last_hidden_state.to(half).cpu().numpy(),
+                    "image_global": np.concatenate(globals_), "image_local": local}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {k: [] for k in ("unit", "text_global", "text_local", "image_global", "image_local",
+                                                "text_mask", "has_image", "n_views", "meta", "encoder")}
+        h, w = self.image_size
+        for i, unit in enumerate(batch["unit"]):
+            n, k = int(batch["n"][i]), int(batch["n_images"][i])
+            ids = unpack(batch["input_ids"][i], np.int32, (n, self.text_length)).astype(np.int64)
+            mask = unpack(batch["attention_mask"][i], np.int8, (n, self.text_length))
+            pixels = unpack(batch["pixels"][i], np.float32, (k, 3, h, w))
+            feats = self.encode(ids, mask, pixels, n)
+            out["unit"].append(int(unit))
+            for name, arr in feats.items():
+                out[name].append(pack(arr))
+            out["text_mask"].append(pack(mask))
+            for name in ("has_image", "n_views", "meta"):
+                out[name].append(batch[name][i])
+            out["encoder"].append(self.name)
+        return {k: np.array(v, dtype=np.int64 if k == "unit" else object) for k, v in out.items()}
+
+
+def _vector_norm(torch, t):
+    """`transformers.models.clip.modeling_clip._get_vector_norm`, so globals equal CLIPModel's embeds."""
+    return torch.pow(torch.sum(torch.pow(t, 2), dim=-1, keepdim=True), 0.5)

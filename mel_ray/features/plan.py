@@ -1,0 +1,268 @@
+"""What extract-features writes, and under which key: the plan (tables, rows, images, synthetic views, shapes,
+settings) and its work units. The key and the layout are docs/data-contract.md, "CLIP features".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mel_ray import storage
+from mel_ray.dataset import ENTITIES, SPLITS, load_dataset, mentions_path
+from mel_ray.errors import DataError, UsageError
+from mel_ray.features.inputs import (
+    ATTRIBUTE_END,
+    ATTRIBUTE_JOIN,
+    ENTITY_TEMPLATE,
+    MENTION_TEMPLATE,
+    PREPROCESS_VERSION,
+    entity_text,
+    load_processor,
+    mention_text,
+    output_size,
+    pack,
+    tokenize,
+)
+from mel_ray.features.shards import FORMAT_VERSION
+from mel_ray.keys import settings_key, sha256_hex
+from mel_ray.models import DEFAULT_CACHE, is_hub_id, pin_model, pretrained_args, resolve_model
+
+DEFAULT_MICRO_BATCH = 32
+DEFAULT_SHARD_ROWS = 1024
+_SMALL_FILES = (".json", ".txt", ".model")   # configs, tokenizer, processor
+
+
+# ---------------------------------------------------------------------------------------- model identity
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def _file_sha(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def model_fingerprint(model: str, cache_dir: str = DEFAULT_CACHE) -> dict[str, Any]:
+    """A hub id is its pinned form `id@<commit>` (mel_ray.models.pin_model); a local or s3:// folder is
+    fingerprinted by content: sha256 of its configs, tokenizer and processor files and of its weights
+    (safetensors if any, else .bin), so a copy elsewhere has the same fingerprint and a retrained checkpoint at
+    the same path does not."""
+    if is_hub_id(str(model)):
+        return {"id": pin_model(str(model))}
+    path = resolve_model(str(model), cache_dir)
+    files = [f for f in storage.list_files(path) if not os.path.basename(f).startswith(".")]
+    weights = [f for f in files if f.endswith(".safetensors")] or [f for f in files if f.endswith(".bin")]
+    chosen = sorted([f for f in files if f.endswith(_SMALL_FILES)] + weights)
+    if not weights:
+        raise UsageError(f"{model}: no model weights (*.safetensors or *.bin) in {path}")
+    digest = hashlib.sha256()
+    for rel in chosen:
+        digest.update(f"{rel}\0{_file_sha(os.path.join(path, rel))}\n".encode())
+    return {"content": digest.hexdigest(), "files": len(chosen)}
+
+
+# ------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Table:
+    name: str                 # "entities" or "mentions/<split>"
+    folder: str               # relative output folder
+    rows: int
+    id_column: str
+    ids: list
+    texts: list[str]
+    images: list[str | None]                       # resolved URIs, None = no image
+    views: list[list[tuple[int, str, str]]] | None = None   # per row: (view, uri, sha256) sorted by view
+    pending: list[int] = field(default_factory=list)         # shard numbers still to write
+
+    def shard_name(self, shard: int) -> str:
+        return f"{self.folder}/part-{shard:05d}.parquet"
+
+    def n_shards(self, shard_rows: int) -> int:
+        return math.ceil(self.rows / shard_rows)
+
+
+@dataclass
+class Plan:
+    uri: str                   # features folder
+    key: str
+    settings: dict
+    model: str
+    cache_dir: str
+    text_length: int
+    image_size: tuple[int, int]      # (height, width) fed to the vision model
+    image_cfg: dict                  # the CLIP image processor's settings (see preprocess_image)
+    shapes: dict[str, list[int]]
+    micro_batch: int
+    shard_rows: int
+    n_views: int                     # n_s (0 without synthetic views)
+    dtype: str | None
+    tables: dict[str, Table]
+    inputs: dict
+    tokenizer: Any = None
+
+
+def _read_parquet_bytes(uri: str) -> tuple[pa.Table, str]:
+    data = storage.read_bytes(uri)
+    return pq.read_table(io.BytesIO(data)), sha256_hex(data)
+
+
+def _load_synthetic(ds, key: str, views: int | None) -> tuple[dict[str, list[tuple[int, str, str]]], int, str, int]:
+    """Views of DATASET/synthetic/<key> (the synthesize stage's contract: manifest.parquet with mention_id,
+    view, uri, sha256; complete.json once a run finished). Only views < `views` are used when it is given;
+    n_s = `views`, else the largest view number + 1. Returns (views per mention sorted by view, n_s, sha256
+    of the rows used, rows used)."""
+    folder = ds.path("synthetic", key)
+    manifest_uri = storage.join(folder, "manifest.parquet")
+    if not storage.exists(storage.join(folder, "complete.json")) or not storage.exists(manifest_uri):
+        raise DataError(folder, f"no completed synthetic views for key {key!r} (complete.json and manifest.parquet "
+                        "missing): run synthesize first, or check --synthetic")
+    table, _ = _read_parquet_bytes(manifest_uri)
+    missing = {"mention_id", "view", "uri"} - set(table.column_names)
+    if missing:
+        raise DataError(manifest_uri, f"synthetic manifest lacks column(s) {sorted(missing)}")
+    shas = table.column("sha256").to_pylist() if "sha256" in table.column_names else [None] * table.num_rows
+    rows = []
+    for mid, view, uri, digest in zip(table.column("mention_id").to_pylist(), table.column("view").to_pylist(),
+                                      table.column("uri").to_pylist(), shas):
+        if mid is None or view is None or uri is None:
+            raise DataError(manifest_uri, "null mention_id, view or uri in the synthetic manifest", field="mention_id")
+        if views is None or int(view) < views:
+            rows.append((mid, int(view), uri, digest or ""))
+    rows.sort()
+    n_s = views if views is not None else max((v for _, v, _, _ in rows), default=-1) + 1
+    by_mention: dict[str, list[tuple[int, str, str]]] = {}
+    digest = hashlib.sha256()
+    for i, (mid, view, uri, sha) in enumerate(rows):
+        if i and rows[i - 1][:2] == (mid, view):
+            raise DataError(manifest_uri, f"mention {mid!r} has view {view} twice", field="view")
+        by_mention.setdefault(mid, []).append((view, ds.resolve_uri(uri), sha))
+        digest.update(f"{mid}\0{view}\0{uri}\0{sha}\n".encode())
+    return by_mention, n_s, digest.hexdigest(), len(rows)
+
+
+
+def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views: int | None, text_length: int,
+          dtype: str | None, splits: tuple[str, ...], micro_batch: int, shard_rows: int, features_root: str | None,
+          cache_dir: str) -> Plan:
+    from transformers import CLIPConfig
+
+    if text_length < 2:
+        raise UsageError("text_length must be at least 2 (BOS and EOS)")
+    if micro_batch < 1 or shard_rows < 1 or (views is not None and views < 1):
+        raise UsageError("micro_batch, shard_rows and views must be positive")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise UsageError(f"unknown split(s) {unknown} (expected a subset of {', '.join(SPLITS)})")
+    if dtype not in (None, "float32", "float16", "bfloat16"):
+        raise UsageError(f"dtype {dtype!r}: expected float32, float16 or bfloat16 (or nothing: the model's own)")
+    ds = load_dataset(dataset_uri)
+    path, pinned = pretrained_args(model, cache_dir)
+    config = CLIPConfig.from_pretrained(path, **pinned)
+    tokenizer, image_cfg = load_processor(model, cache_dir)
+    if text_length > config.text_config.max_position_embeddings:
+        raise UsageError(f"text_length {text_length} exceeds the model's {config.text_config.max_position_embeddings} "
+                         "positions")
+    height, width = output_size(image_cfg)
+    vc = config.vision_config
+    tokens = (vc.image_size // vc.patch_size) ** 2 + 1
+    if (height, width) != (vc.image_size, vc.image_size):
+        raise UsageError(f"{model}: processor crops to {height}x{width} but the vision model expects {vc.image_size}")
+
+    entities, ent_sha = _read_parquet_bytes(ds.path(ENTITIES))
+    mention_tables, split_sha = {}, {}
+    for split in SPLITS:
+        mention_tables[split], split_sha[split] = _read_parquet_bytes(ds.path(mentions_path(split)))
+    synthetic, n_s, synth_sha, synth_rows = ({}, 0, None, 0)
+    if synthetic_key:
+        synthetic, n_s, synth_sha, synth_rows = _load_synthetic(ds, synthetic_key, views)
+
+    fingerprint = model_fingerprint(model, cache_dir)
+    proj = config.projection_dim
+    shapes = {"text_global": [proj], "text_local": [text_length, config.text_config.hidden_size],
+              "text_mask": [text_length], "image_global": [proj], "image_local": [tokens, vc.hidden_size]}
+    if synthetic_key:
+        shapes["synthetic_global"] = [n_s, proj]
+    inputs = {"dataset_tables_sha256": {"entities": ent_sha, **split_sha}, "synthetic_views_sha256": synth_sha}
+    settings = {
+        "stage": "extract-features", "format_version": FORMAT_VERSION, "model": fingerprint,
+        "text_length": text_length, "entity_template": ENTITY_TEMPLATE, "mention_template": MENTION_TEMPLATE,
+        "attribute_join": ATTRIBUTE_JOIN, "attribute_end": ATTRIBUTE_END,
+        "image": {"decode": "PIL, RGB (transparency over white), LANCZOS to the crop size first (as MIMIC)",
+                  "blank": "white", "preprocess": f"mel_ray.features.preprocess_image v{PREPROCESS_VERSION}",
+                  "processor": image_cfg},
+        "dtype": dtype or "model default", "micro_batch": micro_batch, "shard_rows": shard_rows,
+        "synthetic": synthetic_key, "synthetic_views": n_s if synthetic_key else None, "inputs": inputs,
+    }
+    settings = json.loads(json.dumps(settings, default=str))     # plain JSON types, as the manifest stores them
+    key = settings_key(settings)
+    root = features_root or ds.path("features")
+    tables: dict[str, Table] = {}
+    names = entities.column("name").to_pylist()
+    attrs = entities.column("attributes").to_pylist()
+    first = [ds.resolve_uri(u[0]) if u else None for u in entities.column("image_uris").to_pylist()]
+    tables["entities"] = Table("entities", "entities", entities.num_rows, "entity_id",
+                                entities.column("entity_id").to_pylist(),
+                                [entity_text(n, a) for n, a in zip(names, attrs)], first)
+    for split in splits:
+        t = mention_tables[split]
+        mids = t.column("mention_id").to_pylist()
+        texts = [mention_text(m, s) for m, s in zip(t.column("mention").to_pylist(), t.column("sentence").to_pylist())]
+        images = [ds.resolve_uri(u) for u in t.column("image_uri").to_pylist()]
+        views = [synthetic.get(mid, []) for mid in mids] if synthetic_key else None
+        tables[f"mentions/{split}"] = Table(f"mentions/{split}", f"mentions/{split}", t.num_rows, "mention_id",
+                                             mids, texts, images, views)
+    if synthetic_key:
+        known = {mid for s in SPLITS for mid in mention_tables[s].column("mention_id").to_pylist()}
+        inputs["synthetic_rows"] = synth_rows
+        inputs["synthetic_unknown_mentions"] = sum(1 for mid in synthetic if mid not in known)
+    return Plan(uri=storage.join(root, key), key=key, settings=settings, model=model, cache_dir=cache_dir,
+                 text_length=text_length, image_size=(height, width), image_cfg=image_cfg, shapes=shapes,
+                 micro_batch=micro_batch, shard_rows=shard_rows, n_views=n_s, dtype=dtype, tables=tables,
+                 inputs=inputs, tokenizer=tokenizer)
+
+
+def features_key(dataset_uri: str, model: str, *, synthetic_key: str | None = None, views: int | None = None,
+                 text_length: int = 40, dtype: str | None = None, micro_batch: int = DEFAULT_MICRO_BATCH,
+                 shard_rows: int = DEFAULT_SHARD_ROWS, cache_dir: str = DEFAULT_CACHE) -> str:
+    """The folder name under DATASET/features that `extract_features` with these settings writes to."""
+    return make_plan(dataset_uri, model, synthetic_key=synthetic_key, views=views, text_length=text_length, dtype=dtype,
+                 splits=(), micro_batch=micro_batch, shard_rows=shard_rows, features_root=None,
+                 cache_dir=cache_dir).key
+
+
+def make_units(plan: Plan) -> list[dict]:
+    """Work units for every shard not written yet: `micro_batch` consecutive rows, never across shards.
+    Texts are tokenised here, in the driver (fast, and decode workers then need no transformers)."""
+    units: list[dict] = []
+    for table in plan.tables.values():
+        for shard in table.pending:
+            lo, hi = shard * plan.shard_rows, min(table.rows, (shard + 1) * plan.shard_rows)
+            ids, mask = tokenize(plan.tokenizer, table.texts[lo:hi], plan.text_length)
+            for start in range(lo, hi, plan.micro_batch):
+                stop = min(hi, start + plan.micro_batch)
+                payload: dict[str, Any] = {"i": table.images[start:stop]}
+                if table.views is not None:
+                    payload["v"] = [[list(v) for v in views] for views in table.views[start:stop]]
+                units.append({"unit": len(units), "table": table.name, "shard": shard, "start": start,
+                              "n": stop - start, "input_ids": pack(ids[start - lo:stop - lo]),
+                              "attention_mask": pack(mask[start - lo:stop - lo]),
+                              "payload": json.dumps(payload, ensure_ascii=False)})
+    return units

@@ -1,0 +1,221 @@
+"""`extract_features`: frozen CLIP features for KB entities, mentions and synthetic views (MIMIC's inputs);
+what is written and why each value is what it is: docs/data-contract.md, "CLIP features".
+
+Pipeline (Ray Data, streaming): work is cut into *units* of `micro_batch` consecutive rows of one shard
+(plan.py); the driver tokenises their texts. Stage 1 (`map_batches` with the plain function
+`inputs.prepare_batch`, `decode_num_cpus` each, no torch or transformers import) reads, decodes and
+preprocesses the images; stage 2 (`map_batches` with the callable `encoder.Encoder`, an actor pool of
+`concurrency` actors with `num_gpus` each) runs CLIP, one forward per unit; the driver collects units per
+shard and writes each finished shard atomically (shards.py; background threads, so encoding does not wait on
+S3). Shards already present are skipped; the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import math
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+
+from mel_ray import storage
+from mel_ray.dataset import SPLITS
+from mel_ray.errors import UsageError
+from mel_ray.feature_store import MANIFEST
+from mel_ray.features import shards
+from mel_ray.features.encoder import Encoder
+from mel_ray.features.inputs import prepare_batch
+from mel_ray.features.plan import DEFAULT_MICRO_BATCH, DEFAULT_SHARD_ROWS, Plan, make_plan, make_units
+from mel_ray.models import DEFAULT_CACHE, pin_model
+
+
+def _log(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(f"extract-features: {msg}", file=sys.stderr, flush=True)
+
+
+class Collector:
+    """Gathers unit outputs per shard; a completed shard is assembled and written in a background thread."""
+
+    def __init__(self, plan: Plan, units: list[dict], quiet: bool, writers: int = 2):
+        self.plan, self.quiet = plan, quiet
+        self.units = {u["unit"]: u for u in units}
+        self.expected = Counter((u["table"], u["shard"]) for u in units)
+        self.buffers: dict[tuple[str, int], list[dict]] = {}
+        self.pool = cf.ThreadPoolExecutor(max_workers=writers, thread_name_prefix="features-writer")
+        self.futures: list[cf.Future] = []
+        self.max_pending = 2 * writers
+        self.total_shards = len(self.expected)
+        self.done_shards = 0
+        self.rows = self.images = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, out: dict) -> None:
+        unit = self.units[out["unit"]]
+        meta = json.loads(out.pop("meta"))
+        out.update(table=unit["table"], shard=unit["shard"], start=unit["start"], n=unit["n"],
+                   view_ids=meta["view_ids"], stats=meta["stats"])
+        self.rows += unit["n"]
+        self.images += len(out["image_global"]) // (2 * self.plan.shapes["image_global"][0])
+        key = (unit["table"], unit["shard"])
+        buf = self.buffers.setdefault(key, [])
+        buf.append(out)
+        if len(buf) == self.expected[key]:
+            del self.buffers[key]
+            self._reap(block=len(self.futures) >= self.max_pending)
+            self.futures.append(self.pool.submit(self._write, key, buf))
+
+    def _write(self, key: tuple[str, int], units: list[dict]) -> None:
+        table = self.plan.tables[key[0]]
+        shard_table = shards.shard_table(self.plan, table, key[1], units)
+        shards.write_shard(storage.join(self.plan.uri, table.shard_name(key[1])), shard_table)
+
+    def _reap(self, block: bool) -> None:
+        if block and self.futures:
+            cf.wait(self.futures, return_when=cf.FIRST_COMPLETED)
+        still = []
+        for f in self.futures:
+            if f.done():
+                f.result()                      # re-raise a failed write here
+                self.done_shards += 1
+                elapsed = time.perf_counter() - self.t0
+                _log(self.quiet, f"{self.done_shards}/{self.total_shards} shards written, {self.rows} rows, "
+                     f"{self.images} images encoded in {elapsed:.1f}s ({self.images / max(elapsed, 1e-9):.1f} images/s)")
+            else:
+                still.append(f)
+        self.futures = still
+
+    def finish(self) -> None:
+        """Wait for the writes; every shard must be complete."""
+        try:
+            for f in cf.as_completed(list(self.futures)):
+                f.result()
+            self._reap(block=False)
+            if self.buffers:
+                raise RuntimeError(f"extract-features: units missing for shards {sorted(self.buffers)}")
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        """After a failure: let shards already handed to the writers land (a rerun keeps them), drop the rest."""
+        cf.wait(self.futures)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _consume(collector: Collector, rows) -> None:
+    try:
+        for row in rows:
+            collector.add(row)
+    except BaseException:
+        collector.abort()
+        raise
+    collector.finish()
+
+
+def _rows_of(batch: dict[str, np.ndarray]):
+    for i in range(len(batch["unit"])):
+        yield {k: (int(v[i]) if k == "unit" else v[i]) for k, v in batch.items()}
+
+
+def _run_ray(plan: Plan, units: list[dict], *, batch_size: int, concurrency: int, num_gpus: float,
+             num_cpus: float | None, decode_num_cpus: float, quiet: bool) -> None:
+    import ray
+
+    from mel_ray.runtime import check_gpus, init_ray
+
+    init_ray()
+    check_gpus("extract-features", num_gpus, "features.num_gpus")
+    if num_cpus is None:
+        if num_gpus > 0:
+            num_cpus = 1.0
+        else:   # leave room for one decode task next to the actors, or a small cluster deadlocks
+            total = float(ray.cluster_resources().get("CPU", 1.0))
+            num_cpus = max(0.05, min(1.0, (total - decode_num_cpus) / concurrency))
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    ds = ds.map_batches(prepare_batch, batch_size=1, num_cpus=decode_num_cpus,
+                        fn_kwargs={"image_cfg": plan.image_cfg, "image_size": list(plan.image_size)})
+    ds = ds.map_batches(Encoder, batch_size=max(1, math.ceil(batch_size / plan.micro_batch)),
+                        compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=num_gpus, num_cpus=num_cpus,
+                        fn_constructor_kwargs={"model": plan.model, "cache_dir": plan.cache_dir, "dtype": plan.dtype,
+                                               "use_gpu": num_gpus > 0, "image_size": list(plan.image_size),
+                                               "text_length": plan.text_length})
+    batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+    _consume(Collector(plan, units, quiet), (row for batch in batches for row in _rows_of(batch)))
+
+
+def _run_local(plan: Plan, units: list[dict], *, use_gpu: bool, quiet: bool) -> None:
+    """The same work in this process, one unit after another (debugging; the benchmark's baseline)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        encoder = Encoder(plan.model, plan.cache_dir, plan.dtype, use_gpu, plan.image_size, plan.text_length)
+
+        def rows():
+            for unit in units:
+                batch = {k: np.array([unit[k]], dtype=np.int64 if k == "unit" else object)
+                         for k in ("unit", "input_ids", "attention_mask", "payload")}
+                prepared = prepare_batch(batch, image_cfg=plan.image_cfg, image_size=plan.image_size)
+                yield from _rows_of(encoder(prepared))
+        _consume(Collector(plan, units, quiet), rows())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def extract_features(dataset_uri: str, model: str, *, synthetic_key: str | None = None, views: int | None = None,
+                     text_length: int = 40, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0,
+                     dtype: str | None = None, splits: tuple[str, ...] | list[str] = SPLITS,
+                     micro_batch: int = DEFAULT_MICRO_BATCH, shard_rows: int = DEFAULT_SHARD_ROWS,
+                     num_cpus: float | None = None, decode_num_cpus: float = 0.5, features_root: str | None = None,
+                     cache_dir: str = DEFAULT_CACHE, engine: str = "ray", quiet: bool = False) -> dict:
+    """Write CLIP features of the dataset's entities and mentions (and synthetic views) under
+    DATASET/features/<key>/ (or features_root/<key>/); returns the manifest plus `uri` and `run`.
+
+    synthetic_key: DATASET/synthetic/<key> (synthesize's output); views: use only synthetic views < views
+    (n_s; default: every view in its manifest). dtype: float32 / float16 / bfloat16 for the model (default:
+    as saved); features are stored as float16 either way. batch_size: rows handed to an encoder actor per
+    call (rounded up to whole micro-batches); it does not change the output. micro_batch: rows per forward
+    pass (part of the key). shard_rows: rows per Parquet shard (part of the key). concurrency / num_gpus /
+    num_cpus: the encoder actor pool; num_cpus None = 1 per actor with GPUs, else what fits next to one
+    decode task. decode_num_cpus: CPUs per decode task. engine "local" runs everything in this process
+    (debugging, the benchmark's baseline; same bytes). quiet: no progress lines on stderr.
+    """
+    if batch_size < 1 or concurrency < 1 or num_gpus < 0:
+        raise UsageError("batch_size and concurrency must be >= 1 and num_gpus >= 0")
+    if engine not in ("ray", "local"):
+        raise UsageError(f"engine {engine!r}: expected 'ray' or 'local'")
+    t0 = time.perf_counter()
+    model = pin_model(str(model))         # a hub id: the commit the key names and every encoder loads
+    plan = make_plan(str(dataset_uri), model, synthetic_key=synthetic_key, views=views, text_length=text_length,
+                 dtype=dtype, splits=tuple(splits), micro_batch=micro_batch, shard_rows=shard_rows,
+                 features_root=features_root, cache_dir=cache_dir)
+    existing = set(storage.list_files(plan.uri))
+    for table in plan.tables.values():
+        table.pending = [s for s in range(table.n_shards(shard_rows)) if table.shard_name(s) not in existing]
+    units = make_units(plan)
+    total = sum(t.n_shards(shard_rows) for t in plan.tables.values())
+    pending = sum(len(t.pending) for t in plan.tables.values())
+    _log(quiet, f"{plan.uri}: {', '.join(f'{t.name} {t.rows} rows' for t in plan.tables.values())}; "
+         f"{total - pending}/{total} shards already written, {len(units)} units of <= {micro_batch} rows to encode")
+    if units:
+        if engine == "local":
+            _run_local(plan, units, use_gpu=num_gpus > 0, quiet=quiet)
+        else:
+            _run_ray(plan, units, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
+                     num_cpus=num_cpus, decode_num_cpus=decode_num_cpus, quiet=quiet)
+        existing = set(storage.list_files(plan.uri))
+    manifest = shards.build_manifest(plan, existing)
+    missing = [t for t in plan.tables if t not in manifest["tables"]]
+    if missing:
+        raise RuntimeError(f"extract-features: shards missing for {missing} after the run")
+    manifest_uri = storage.join(plan.uri, MANIFEST)
+    if not storage.exists(manifest_uri) or storage.read_json(manifest_uri) != manifest:
+        storage.write_json(manifest_uri, manifest)
+    elapsed = time.perf_counter() - t0
+    _log(quiet, f"done: {plan.uri} ({pending} shards written, {total - pending} skipped, {elapsed:.1f}s)")
+    return {**manifest, "uri": plan.uri,
+            "run": {"shards_written": pending, "shards_skipped": total - pending, "units": len(units),
+                    "seconds": round(elapsed, 3)}}

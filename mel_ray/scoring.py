@@ -1,0 +1,123 @@
+"""Scoring mentions against a KB (or a shard of it): exact ranks with a stated tie policy, and top-k lists,
+without ever holding a mentions x KB matrix. Used by training's dev evaluation, `mel-ray evaluate` and
+`mel-ray link` alike (one kernel, so link's top-k is evaluation's top-k).
+
+    rank(m) = 1 + #{e : s(m,e) > s(m,gold)} + #{e : s(m,e) == s(m,gold) and e < gold}
+
+which is the rank a stable descending sort of the full score row gives. A shard only needs the gold score to
+count its part, so every shard scores its entities and the batch's gold entities in one call (the gold column
+and the others come out of the same kernel) and returns per-mention counts plus its local top-k; summing counts
+and merging top-k lists over shards is exact.
+
+Loop order: entity chunks outside (their entity side, `model.entity_side`, is computed once per chunk),
+mention batches inside (their mention side is computed once per call).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from mel_ray.model import MELModel
+
+HITS_AT = (1, 3, 5, 10, 20)
+
+
+# ------------------------------------------------------------------------------------ the tie policy
+
+
+def count_before_gold(scores: torch.Tensor, entity_ids: torch.Tensor, gold_scores: torch.Tensor,
+                      gold_ids: torch.Tensor) -> torch.Tensor:
+    """scores [Nm, Ne] of one shard, entity_ids [Ne]; per mention the number of shard entities ranked before gold."""
+    gs, gi = gold_scores[:, None], gold_ids[:, None]
+    ahead = (scores > gs) | ((scores == gs) & (entity_ids[None, :] < gi))
+    ahead &= entity_ids[None, :] != gi          # the gold entity itself is never ahead of itself
+    return ahead.sum(dim=1)
+
+
+def local_topk(scores: torch.Tensor, entity_ids: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of a shard by (score desc, entity_id asc), as numpy arrays [Nm, k'] with k' = min(k, Ne)."""
+    k = min(k, scores.shape[1])
+    order = np.lexsort((np.broadcast_to(entity_ids.numpy(), scores.shape), -scores.double().numpy()), axis=1)
+    top = order[:, :k]
+    return entity_ids.numpy()[top], np.take_along_axis(scores.numpy(), top, axis=1)
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.concatenate([p[0] for p in parts], axis=1)
+    scores = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.lexsort((ids, -scores.astype(np.float64)), axis=1)[:, :k]
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if ranks.size == 0:
+        return {**{f"H@{k}": float("nan") for k in HITS_AT}, "MRR": float("nan"), "MR": float("nan")}
+    out = {f"H@{k}": float((ranks <= k).mean()) for k in HITS_AT}
+    out["MRR"] = float((1.0 / ranks).mean())
+    out["MR"] = float(ranks.mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------- chunked scoring
+
+
+def _on(batch: dict, device: torch.device, a: int = 0, b: int | None = None) -> dict:
+    """The tensors of rows [a, b) of a batch, on `device`."""
+    return {k: v[a:b].to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _cat_sides(x: dict, y: dict) -> dict:
+    return {unit: {k: torch.cat([x[unit][k], y[unit][k]]) for k in x[unit]} for unit in x}
+
+
+@torch.no_grad()
+def rank_counts(model: MELModel, mentions: dict, gold_features: dict | None,
+                entity_chunks: Iterator[tuple[int, dict]], *, mention_batch: int = 64,
+                topk: int = 10) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Per mention: #entities of the given chunks ranked before its gold, and the chunks' top-k (ids, scores).
+
+    mentions: tensors of N mentions plus `gold` [N]; gold_features: entity tensors of those gold entities
+    (row i = gold of mention i), or None for top-k only (new mentions, no gold: counts is then None);
+    entity_chunks yields (first entity id, entity tensors) covering the KB part. Inputs may live on the CPU
+    (they come from Arrow / memory maps); the work runs where the model's weights are (a GPU during GPU
+    training) and the results come back as numpy.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    n = mentions["text_global"].shape[0]
+    bounds = list(range(0, n, mention_batch)) + [n]
+    spans = list(itertools.pairwise(bounds))
+    mention_sides = [model.mention_side(model.mention_features(_on(mentions, device, a, b))) for a, b in spans]
+    gold_sides = None if gold_features is None else \
+        [model.entity_side(model.entity_features(_on(gold_features, device, a, b))) for a, b in spans]
+    gold_ids = None if gold_features is None else mentions["gold"].to(device)
+    counts = None if gold_features is None else np.zeros(n, dtype=np.int64)
+    tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in spans]
+    for first_id, chunk in entity_chunks:
+        n_chunk = chunk["text_global"].shape[0]
+        chunk_side = model.entity_side(model.entity_features(_on(chunk, device)))
+        ids_cpu = torch.arange(first_id, first_id + n_chunk)     # local_topk works in numpy
+        ids = ids_cpu.to(device)
+        for j, (a, b) in enumerate(spans):
+            if gold_sides is None:
+                scores = model.pair_logits(mention_sides[j], chunk_side)["overall"]
+            else:
+                logits = model.pair_logits(mention_sides[j], _cat_sides(chunk_side, gold_sides[j]))["overall"]
+                scores = logits[:, :n_chunk]
+                rows = torch.arange(b - a, device=device)
+                gold_scores = logits[rows, n_chunk + rows]
+                counts[a:b] += count_before_gold(scores, ids, gold_scores, gold_ids[a:b]).cpu().numpy()
+            tops[j] = [merge_topk(tops[j] + [local_topk(scores.cpu(), ids_cpu, topk)], topk)]
+    top_ids = np.concatenate([t[0][0] for t in tops]) if n else np.zeros((0, topk), dtype=np.int64)
+    top_scores = np.concatenate([t[0][1] for t in tops]) if n else np.zeros((0, topk), dtype=np.float32)
+    return counts, top_ids, top_scores
+
+
+def chunks_of(fetch: Callable[[int, int], dict], start: int, stop: int, size: int) -> Iterator[tuple[int, dict]]:
+    for a in range(start, stop, size):
+        yield a, fetch(a, min(stop, a + size))
