@@ -386,7 +386,7 @@ def _key_table(g_mask: np.ndarray, g_size: np.ndarray, g_count: np.ndarray, bits
 # ------------------------------------------------------------------------------------------- mining
 
 
-class _Tail:
+class Tail:
     """The tail posting matrix as a scipy CSR built on the index arrays (no copy)."""
 
     def __init__(self, ix: Index):
@@ -403,10 +403,10 @@ def new_stats() -> dict[str, int]:
             "t_product": 0.0, "t_exact": 0.0, "t_groups": 0.0, "t_select": 0.0}
 
 
-def mine_rows(ix: Index, start: int, stop: int, seed: int, tail: _Tail | None = None,
+def mine_rows(ix: Index, start: int, stop: int, seed: int, tail: Tail | None = None,
               stats: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k of queries start..stop-1: (counts per row int32, ids int64 flat, scores float32 flat)."""
-    tail = tail or _Tail(ix)
+    tail = tail or Tail(ix)
     stats = stats if stats is not None else new_stats()
     work = ix.tail_work[start:stop] + ix.kc_members[ix.gid[start:stop]] + 1
     cum = np.cumsum(work)
@@ -423,7 +423,7 @@ def mine_rows(ix: Index, start: int, stop: int, seed: int, tail: _Tail | None = 
             np.concatenate([p[2] for p in parts]))
 
 
-def _mine_chunk(ix: Index, tail: _Tail, c0: int, c1: int, seed: int, stats: dict):
+def _mine_chunk(ix: Index, tail: Tail, c0: int, c1: int, seed: int, stats: dict):
     n, k = ix.params["n"], ix.params["k"]
     b = c1 - c0
     stats["chunks"] += 1

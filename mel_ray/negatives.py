@@ -56,7 +56,7 @@ from mel_ray.jaccard import (
     ALGORITHM_VERSION,
     Encoded,
     Index,
-    _Tail,
+    Tail,
     brute_force_topk,
     build_index,
     encode_attributes,
@@ -164,7 +164,7 @@ def _merge_stats(total: dict, part: dict) -> None:
 
 
 def _mine_local(ix: Index, blocks: list[tuple[int, int]], seed: int):
-    tail = _Tail(ix)
+    tail = Tail(ix)
     stats = new_stats()
     parts = []
     for b, (start, stop) in enumerate(blocks):
@@ -191,7 +191,7 @@ class BlockMiner:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.setLevel(logging.INFO)
         self.ix = Index.from_payload(ray.get(index_refs[0]))
-        self.tail = _Tail(self.ix)
+        self.tail = Tail(self.ix)
         self.seed = seed
         self.blocks = blocks
 
