@@ -1,6 +1,6 @@
 """MELModel = feature projections + CVaCPT (mention image only) + MIMIC matcher.
 
-Inputs are cached CLIP features (mel_ray/features.py): a batch is a dict of tensors with keys
+Inputs are cached CLIP features (mel_ray/features/): a batch is a dict of tensors with keys
 text_global [N, Dtg], text_local [N, L, Dtl], text_mask [N, L], image_global [N, Dig], image_local [N, P, Dil],
 and for mentions also synthetic_global [N, S, Dig] and n_views [N]. The encoder that produced them is frozen
 in this mode; `encoder` is kept as a module slot so an end-to-end mode can put CLIP there later.
