@@ -107,8 +107,7 @@ def load_linker(model: str, config: dict | None = None, tracking_uri: str | None
 
 # ------------------------------------------------------------------------------------------ Ray Data actors
 
-MENTION_COLUMNS = ("text_global", "text_local", "text_mask", "image_global", "image_local", "synthetic_global",
-                   "n_views", "has_image")
+FLOAT_COLUMNS = ("text_global", "text_local", "image_global", "image_local", "synthetic_global")
 
 
 class MentionEncoder:
@@ -128,7 +127,8 @@ class MentionEncoder:
         from mel_ray.features import mention_text, prepare_unit, tokenize
         from mel_ray.synthesize import image_relpath
 
-        rows: dict[str, list] = {k: [] for k in ("mention_id", *MENTION_COLUMNS, "stats")}
+        rows: dict[str, list] = {k: [] for k in ("mention_id", *FLOAT_COLUMNS, "text_mask", "n_views", "has_image",
+                                                 "stats")}
         for i, mention_id in enumerate(batch["mention_id"]):
             ids, mask = tokenize(self.tokenizer, [mention_text(batch["mention"][i], batch["text"][i])],
                                  self.text_length)
@@ -170,8 +170,7 @@ class KBScorer:
         from mel_ray.scoring import chunks_of, rank_counts
 
         torch = self.torch
-        mentions = {k: torch.from_numpy(np.asarray(batch[k], dtype=np.float32))
-                    for k in MENTION_COLUMNS if k not in ("text_mask", "n_views", "has_image")}
+        mentions = {k: torch.from_numpy(np.asarray(batch[k], dtype=np.float32)) for k in FLOAT_COLUMNS}
         mentions["text_mask"] = torch.from_numpy(np.asarray(batch["text_mask"], dtype=bool))
         mentions["n_views"] = torch.from_numpy(np.asarray(batch["n_views"], dtype=np.int64))
         n = len(batch["mention_id"])
