@@ -1,6 +1,6 @@
 """extract-features: frozen CLIP features for KB entities, mentions and synthetic views (MIMIC's inputs).
 
-`extract_features(dataset, model, synthetic_key=...)` encodes, with one CLIP model (paper §5.4: ViT-B/32 as
+`extract_features(dataset, model, cfg.features, synthetic_key=...)` encodes, with one CLIP model (paper §5.4: ViT-B/32 as
 both visual and text encoder), exactly what MIMIC's encoder feeds its matcher (`MIMICEncoder.forward`):
 
 * global text  = `text_embeds`  (projected EOS state, L2-normalised as in `CLIPModel.forward`)   [d_proj]
@@ -81,7 +81,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -92,11 +91,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mel_ray import __version__, storage
+from mel_ray import __version__, models, storage
+from mel_ray.config import FeaturesConfig
 from mel_ray.dataset import ENTITIES, SPLITS, load_dataset, mentions_path
 from mel_ray.errors import DataError, UsageError
 from mel_ray.keys import settings_key, sha256_hex
-from mel_ray.models import DEFAULT_CACHE, is_hub_id, pin_model, pretrained_args, resolve_model
+from mel_ray.models import DEFAULT_CACHE, is_hub_id, pin_model, pretrained_args
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -110,7 +110,6 @@ DEFAULT_MICRO_BATCH = 32
 DEFAULT_SHARD_ROWS = 1024
 MAX_EXAMPLES = 20                          # examples of missing / undecodable URIs kept in the manifest
 
-_SMALL_FILES = (".json", ".txt", ".model")   # configs, tokenizer, processor
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -130,38 +129,11 @@ def mention_text(mention: str, sentence: str) -> str:
 # ---------------------------------------------------------------------------------------- model identity
 
 
-_SHA_CACHE: dict[tuple, str] = {}
-
-
-def _file_sha(path: str) -> str:
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-
 def model_fingerprint(model: str, cache_dir: str = DEFAULT_CACHE) -> dict[str, Any]:
-    """A hub id is its pinned form `id@<commit>` (mel_ray.models.pin_model); a local or s3:// folder is
-    fingerprinted by content: sha256 of its configs, tokenizer and processor files and of its weights
-    (safetensors if any, else .bin), so a copy elsewhere has the same fingerprint and a retrained checkpoint at
-    the same path does not."""
-    if is_hub_id(str(model)):
-        return {"id": pin_model(str(model))}
-    path = resolve_model(str(model), cache_dir)
-    files = [f for f in storage.list_files(path) if not os.path.basename(f).startswith(".")]
-    weights = [f for f in files if f.endswith(".safetensors")] or [f for f in files if f.endswith(".bin")]
-    chosen = sorted([f for f in files if f.endswith(_SMALL_FILES)] + weights)
-    if not weights:
-        raise UsageError(f"{model}: no model weights (*.safetensors or *.bin) in {path}")
-    digest = hashlib.sha256()
-    for rel in chosen:
-        digest.update(f"{rel}\0{_file_sha(os.path.join(path, rel))}\n".encode())
-    return {"content": digest.hexdigest(), "files": len(chosen)}
+    """The CLIP model's identity in the features key (mel_ray.models.model_fingerprint): a hub id as its pinned
+    form `id@<commit>`, a local or s3:// folder by the content of what from_pretrained loads."""
+    fingerprint = models.model_fingerprint(str(model), cache_dir)
+    return {"id": fingerprint} if is_hub_id(str(model)) else {"content": fingerprint}
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -901,14 +873,16 @@ def _manifest(plan: _Plan, existing: set[str]) -> dict:
     }
 
 
-def extract_features(dataset_uri: str, model: str, *, synthetic_key: str | None = None, views: int | None = None,
-                     text_length: int = 40, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0,
-                     dtype: str | None = None, splits: tuple[str, ...] | list[str] = SPLITS,
+def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synthetic_key: str | None = None,
+                     views: int | None = None, dtype: str | None = None, splits: tuple[str, ...] | list[str] = SPLITS,
                      micro_batch: int = DEFAULT_MICRO_BATCH, shard_rows: int = DEFAULT_SHARD_ROWS,
                      num_cpus: float | None = None, decode_num_cpus: float = 0.5, features_root: str | None = None,
                      cache_dir: str = DEFAULT_CACHE, engine: str = "ray", quiet: bool = False) -> dict:
     """Write CLIP features of the dataset's entities and mentions (and synthetic views) under
     DATASET/features/<key>/ (or features_root/<key>/); returns the manifest plus `uri` and `run`.
+
+    cfg: the `features` config section (text_length is part of the key; batch_size, concurrency and num_gpus
+    are the encoder pool's and change no byte).
 
     synthetic_key: DATASET/synthetic/<key> (synthesize's output); views: use only synthetic views < views
     (n_s; default: every view in its manifest). dtype: float32 / float16 / bfloat16 for the model (default:
@@ -919,6 +893,7 @@ def extract_features(dataset_uri: str, model: str, *, synthetic_key: str | None 
     decode task. decode_num_cpus: CPUs per decode task. engine "local" runs everything in this process
     (debugging, the benchmark's baseline; same bytes). quiet: no progress lines on stderr.
     """
+    text_length, batch_size, concurrency, num_gpus = cfg.text_length, cfg.batch_size, cfg.concurrency, cfg.num_gpus
     if batch_size < 1 or concurrency < 1 or num_gpus < 0:
         raise UsageError("batch_size and concurrency must be >= 1 and num_gpus >= 0")
     if engine not in ("ray", "local"):
