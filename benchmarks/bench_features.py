@@ -49,7 +49,7 @@ import pyarrow as pa
 from PIL import Image
 
 from mel_ray import storage
-from mel_ray.config import IngestConfig
+from mel_ray.config import FeaturesConfig, IngestConfig
 from mel_ray.dataset import SPLITS, load_dataset
 from mel_ray.demo_data import make_demo_data
 from mel_ray.features import extract_features, stage
@@ -223,7 +223,7 @@ def main() -> int:
                  _temp_dir=str(work / "ray"))
         DataContext.get_current().enable_progress_bars = False
 
-        modes = {"local": {"engine": "local"}, "ray-1": {"concurrency": 1}, "ray-2": {"concurrency": 2}}
+        modes = {"local": ({"engine": "local"}, 1), "ray-1": ({}, 1), "ray-2": ({}, 2)}
         times: dict[str, list[float]] = {m: [] for m in modes}
         startup: dict[str, list[float]] = {m: [] for m in modes}
         steady: dict[str, list[float]] = {m: [] for m in modes}
@@ -232,12 +232,13 @@ def main() -> int:
         reference: dict[str, bytes] | None = None
         identical = True
         for rep in range(args.repeats):
-            for mode, kwargs in modes.items():
+            for mode, (kwargs, concurrency) in modes.items():
                 root = work / f"out-{mode}-{rep}"
                 shutil.rmtree(root, ignore_errors=True)
                 first.reset()
                 t = time.perf_counter()
-                manifest = extract_features(ds_uri, clip, synthetic_key="bench", batch_size=args.batch_size,
+                section = FeaturesConfig(batch_size=args.batch_size, concurrency=concurrency, num_gpus=0)
+                manifest = extract_features(ds_uri, clip, section, synthetic_key="bench",
                                             micro_batch=args.micro_batch, shard_rows=256, features_root=str(root),
                                             quiet=True, **kwargs)
                 end = time.perf_counter()

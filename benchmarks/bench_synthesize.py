@@ -103,16 +103,17 @@ def _steady(times: list[float]) -> float:
 def loop_main(args) -> None:
     """The plain loop: same todo rows, same batches, same ViewGenerator as the stage, one process."""
     t_start = time.time()
+    from mel_ray.config import SynthesizeConfig
     from mel_ray.dataset import load_dataset
-    from mel_ray.synthesize import SPLITS, ViewGenerator, _requested_mentions, _todo_table
+    from mel_ray.synthesize import SPLITS, ViewGenerator, _requested_mentions, plan_synthesis, todo_table
 
     key = f"bench-loop-{args.threads}t"
     shutil.rmtree(Path(args.dataset) / "synthetic" / key, ignore_errors=True)
     ds = load_dataset(args.dataset)
-    todo = _todo_table(_requested_mentions(ds, SPLITS, None), args.views, 0, set())
-    gen = ViewGenerator(dataset_uri=args.dataset, key=key, model=args.model, template=args.template,
-                        steps=args.steps, guidance=7.5, size=args.size, scheduler="dpmsolver++", device="cpu",
-                        dtype="float32", cpu_threads=args.threads)
+    todo = todo_table(_requested_mentions(ds, SPLITS, None), args.views, 0, set())
+    section = SynthesizeConfig(template=args.template, steps=args.steps, size=args.size, num_gpus=0)
+    plan = plan_synthesis(args.model, section, cpu_threads=args.threads)
+    gen = ViewGenerator(**{**plan.generator_kwargs(args.dataset), "key": key})
     for i in range(0, todo.num_rows, args.batch_size):
         gen(todo.slice(i, args.batch_size))
     out = Path(args.dataset) / "synthetic" / key / "images"
@@ -142,12 +143,13 @@ def run_loop(args, dataset: str, model: str, threads: int) -> dict:
 
 
 def run_stage(args, dataset: str, model: str, actors: int) -> dict:
+    from mel_ray.config import SynthesizeConfig
     from mel_ray.synthesize import synthesize
 
     shutil.rmtree(Path(dataset) / "synthetic", ignore_errors=True)
     t0 = time.time()
-    summary = synthesize(dataset, model, views=args.views, steps=args.steps, size=args.size, num_gpus=0,
-                         batch_size=args.batch_size, concurrency=actors)
+    summary = synthesize(dataset, model, SynthesizeConfig(views=args.views, steps=args.steps, size=args.size,
+                                                          num_gpus=0, batch_size=args.batch_size, concurrency=actors))
     seconds = time.time() - t0
     out = Path(summary["uri"]) / "images"
     times = [p.stat().st_mtime for p in out.rglob("*.png")]

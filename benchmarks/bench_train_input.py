@@ -68,12 +68,14 @@ def build_clip(folder: Path) -> str:
 def prepare(work: Path, entities: int, mentions: int, views: int) -> tuple[str, str, str]:
     from bench_features import build_data
 
+    from mel_ray.config import FeaturesConfig
     from mel_ray.features import extract_features
     from mel_ray.negatives import mine_negatives
 
     clip = build_clip(work / "clip")
     ds_uri = build_data(work, entities, mentions, views)
-    features = extract_features(ds_uri, clip, synthetic_key="bench", engine="local", quiet=True)["uri"]
+    features = extract_features(ds_uri, clip, FeaturesConfig(num_gpus=0), synthetic_key="bench", engine="local",
+                                quiet=True)["uri"]
     mine_negatives(ds_uri, k=8, num_workers=0)
     return ds_uri, features, storage.join(ds_uri, "negatives", "k8.parquet")
 

@@ -122,24 +122,27 @@ def build_inputs(out: Path, args) -> dict:
 
 
 def synthesize_views(dataset: str, models: dict, source: str) -> str:
+    from mel_ray.config import SynthesizeConfig
     from mel_ray.synthesize import synthesize
 
     t0 = time.perf_counter()
     # tiny SD: the demo's settings (32 px, 2 steps; its weights are random, so more steps would add nothing);
     # the stand-in draws at the demo images' own 64 px
     model, size = (models["stable-diffusion"], 32) if source == "sd" else ("procedural:demo", 64)
-    summary = synthesize(dataset, model, views=VIEWS, steps=2, size=size, seed=0, batch_size=16,
-                         concurrency=2, num_gpus=0)
+    section = SynthesizeConfig(views=VIEWS, steps=2, size=size, seed=0, batch_size=16, concurrency=2, num_gpus=0)
+    summary = synthesize(dataset, model, section)
     log(f"views {source}: {summary['images']} images, generated {summary['generated']} "
         f"({time.perf_counter() - t0:.0f}s) -> synthetic/{summary['key']}")
     return summary["key"]
 
 
 def extract(dataset: str, clip: str, key: str, n_s: int) -> str:
+    from mel_ray.config import FeaturesConfig
     from mel_ray.features import extract_features
 
     t0 = time.perf_counter()
-    feats = extract_features(dataset, clip, synthetic_key=key, views=n_s, batch_size=64, num_gpus=0, quiet=True)
+    feats = extract_features(dataset, clip, FeaturesConfig(batch_size=64, num_gpus=0), synthetic_key=key, views=n_s,
+                             quiet=True)
     log(f"features n_s={n_s} of {key[:12]}: {feats['uri']} ({time.perf_counter() - t0:.0f}s)")
     return feats["uri"]
 

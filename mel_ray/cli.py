@@ -1,7 +1,10 @@
 """`mel-ray` command line: one sub-command per pipeline stage.
 
 Data errors print ONE line naming file, record and field, and exit with code 2; `--debug` shows the
-traceback instead. Each sub-command is a thin wrapper over a plain function in its stage module.
+traceback instead. A sub-command with a pipeline stage (ingest, merge, mine-negatives, synthesize,
+extract-features, train, tune, link) runs the very `mel_ray.pipeline.*_stage` its job runs, with its flags
+applied as config overrides (e.g. `--dataset` -> data.dataset), so both write the same output key for the
+same config; the others are thin wrappers over a plain function in their stage module.
 """
 
 from __future__ import annotations
@@ -20,28 +23,64 @@ EXIT_DATA = 2
 EXIT_STORAGE = 1
 
 
-def _cmd_ingest(args: argparse.Namespace) -> int:
-    from mel_ray.config import load_config
-    from mel_ray.ingest import ingest, summary_line
+def _config(args: argparse.Namespace, **flags):
+    """The config of --config and --set, then the sub-command's flags as overrides (`section.field` -> value;
+    a None value is a flag not given and leaves the config's value)."""
+    from pydantic import ValidationError
 
-    cfg = load_config(args.config, args.set).data.ingest
-    if args.check_images:
-        cfg.check_images = True
-    if args.reference_images:
-        cfg.copy_images = False
-    if args.image_dir:
-        cfg.image_dir = args.image_dir
-    report = ingest(args.format, args.input, args.output, name=args.name, options=cfg)
-    print(summary_line(args.output, report))
+    from mel_ray.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        *path, name = dotted.split(".")
+        section = cfg
+        for part in path:
+            section = getattr(section, part)
+        try:
+            setattr(section, name, value)      # validated (the config's validate_assignment)
+        except ValidationError as err:
+            raise UsageError(f"{dotted}: {err.errors()[0]['msg']} (got {value!r})") from None
+    return cfg
+
+
+def _report(result) -> int:
+    """A stage's progress line, then its JSON summary (what jobs print too)."""
+    print(result.line())
+    print(json.dumps(result.summary(), default=str))
+    return 0
+
+
+def _name(cfg, given: str | None, output: str) -> str:
+    """data.name: --name, else the config's when it sets one, else the output folder's name (as ingest and
+    merge name a dataset themselves)."""
+    from mel_ray.ingest import default_name
+
+    if given:
+        return given
+    return cfg.data.name if "name" in cfg.data.model_fields_set else default_name(output)
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from mel_ray import pipeline
+
+    cfg = _config(args, **{"data.ingest.format": args.format, "data.ingest.input": args.input,
+                           "data.dataset": args.output, "data.ingest.image_dir": args.image_dir,
+                           "data.ingest.check_images": True if args.check_images else None,
+                           "data.ingest.copy_images": False if args.reference_images else None})
+    cfg.data.name = _name(cfg, args.name, args.output)
+    result = pipeline.ingest_stage(cfg, root=".")
+    print(result.note)           # ingest's one summary line (or "already ingested ...")
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from mel_ray.merge import merge
+    from mel_ray import pipeline
 
-    manifest = merge(args.inputs, args.output, name=args.name)
-    print(json.dumps({"output": args.output, **manifest["counts"], "name": manifest["name"]}))
-    return 0
+    cfg = _config(args, **{"data.merge": list(args.inputs), "data.dataset": args.output})
+    cfg.data.name = _name(cfg, args.name, args.output)
+    return _report(pipeline.merge_stage(cfg, root="."))
 
 
 def _cmd_make_tiny_models(args: argparse.Namespace) -> int:
@@ -77,31 +116,19 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_mine_negatives(args: argparse.Namespace) -> int:
-    from mel_ray.config import load_config
-    from mel_ray.negatives import mine_negatives
+    from mel_ray import pipeline
 
-    cfg = load_config(args.config, args.set).negatives
-    manifest = mine_negatives(args.dataset, k=args.k if args.k is not None else cfg.k,
-                              seed=args.seed if args.seed is not None else cfg.seed,
-                              block_size=args.block_size or cfg.block_size, num_workers=args.workers,
-                              force=args.force)
-    print(json.dumps(manifest, default=str))
-    return 0
+    cfg = _config(args, **{"data.dataset": args.dataset, "negatives.k": args.k, "negatives.seed": args.seed,
+                           "negatives.block_size": args.block_size})
+    return _report(pipeline.negatives_stage(cfg, root=".", num_workers=args.workers, force=args.force))
 
 
 def _cmd_synthesize(args: argparse.Namespace) -> int:
-    from mel_ray.config import load_config
-    from mel_ray.synthesize import synthesize
+    from mel_ray import pipeline
 
-    c = load_config(args.config, args.set)
-    s = c.synthesize
-    summary = synthesize(args.dataset, args.model or c.models.diffusion,
-                         views=args.views if args.views is not None else s.views, template=s.template,
-                         steps=s.steps, guidance=s.guidance, size=s.size, scheduler=s.scheduler, seed=s.seed,
-                         batch_size=s.batch_size, concurrency=s.concurrency, num_gpus=s.num_gpus,
-                         limit=args.limit, cache_dir=c.models.cache_dir)
-    print(json.dumps(summary, default=str))
-    return 0
+    cfg = _config(args, **{"data.dataset": args.dataset, "models.diffusion": args.model,
+                           "synthesize.views": args.views})
+    return _report(pipeline.synthesize_stage(cfg, root=".", limit=args.limit))
 
 
 def _cmd_show_views(args: argparse.Namespace) -> int:
@@ -112,54 +139,34 @@ def _cmd_show_views(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract_features(args: argparse.Namespace) -> int:
-    from mel_ray.config import load_config
-    from mel_ray.features import extract_features
+    from mel_ray import pipeline
 
-    c = load_config(args.config, args.set)
-    f = c.features
-    manifest = extract_features(args.dataset, args.model or c.models.clip, synthetic_key=args.synthetic,
-                                text_length=f.text_length, batch_size=f.batch_size, concurrency=f.concurrency,
-                                num_gpus=f.num_gpus, cache_dir=c.models.cache_dir)
-    print(json.dumps({"uri": manifest["uri"], "key": manifest["key"], "run": manifest["run"]}))
-    return 0
+    cfg = _config(args, **{"data.dataset": args.dataset, "models.clip": args.model, "synthesize.views": args.views})
+    return _report(pipeline.features_stage(cfg, root=".", synthetic=args.synthetic,
+                                           with_views=not args.no_synthetic))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mel_ray.config import load_config
-    from mel_ray.train.run import train
+    from mel_ray import pipeline
 
-    cfg = load_config(args.config, args.set)
-    result = train(cfg, args.dataset or cfg.data.dataset, features_uri=args.features, negatives_uri=args.negatives,
-                   run_name=args.run_name)
-    print(json.dumps({k: result[k] for k in ("run_id", "tracking_uri", "best", "checkpoint")}, default=str))
-    return 0
+    cfg = _config(args, **{"data.dataset": args.dataset})
+    return _report(pipeline.train_stage(cfg, root=".", features=args.features, base=args.run_name,
+                                        negatives=args.negatives))
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from mel_ray import pipeline
-    from mel_ray.config import load_config
 
-    cfg = load_config(args.config, args.set)
-    if args.dataset:
-        cfg.data.dataset = args.dataset
-    result = pipeline.tune_stage(cfg, root=args.root, features=args.features)
-    print(result.line())
-    print(json.dumps(result.summary(), default=str))
-    return 0
+    cfg = _config(args, **{"data.dataset": args.dataset})
+    return _report(pipeline.tune_stage(cfg, root=args.root, features=args.features))
 
 
 def _cmd_link(args: argparse.Namespace) -> int:
     from mel_ray import pipeline
-    from mel_ray.config import load_config
 
-    cfg = load_config(args.config, args.set)
-    for name in ("model", "kb", "mentions", "output", "top_k"):
-        if getattr(args, name) is not None:
-            setattr(cfg.link, name, getattr(args, name))
-    result = pipeline.link_stage(cfg, root=".")
-    print(result.line())
-    print(json.dumps(result.summary(), default=str))
-    return 0
+    cfg = _config(args, **{f"link.{name}": getattr(args, name) for name in ("model", "kb", "mentions", "output",
+                                                                             "top_k")})
+    return _report(pipeline.link_stage(cfg, root="."))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -235,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("mine-negatives", parents=[common], help="JD-CCL: exact top-k Jaccard hard negatives")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", help="default: data.dataset")
     p.add_argument("--k", type=int, help="pool size k_max (default: negatives.k)")
     p.add_argument("--seed", type=int, help="tie-break seed (default: negatives.seed)")
     p.add_argument("--workers", type=int, help="Ray actors (default: one per CPU; 0 = no Ray)")
@@ -244,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_mine_negatives)
 
     p = sub.add_parser("synthesize", parents=[common], help="CVaCPT: draw synthetic views of every mention")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", help="default: data.dataset")
     p.add_argument("--model", help="diffusion model id or path (default: models.diffusion); 'procedural:demo' "
                    "is a TEST TOOL for generated demo data, not a model (see mel_ray/procedural.py)")
     p.add_argument("--views", type=int, help="n_s (default: synthesize.views)")
@@ -259,16 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_show_views)
 
     p = sub.add_parser("extract-features", parents=[common], help="frozen CLIP features (MIMIC's inputs)")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", help="default: data.dataset")
     p.add_argument("--model", help="CLIP id or path (default: models.clip)")
-    p.add_argument("--synthetic", help="synthetic/<KEY> whose views to encode")
+    p.add_argument("--synthetic", help="synthetic/<KEY> whose views to encode (default: the key the config's "
+                   "synthesize settings write, as jobs/extract_features.py does)")
+    p.add_argument("--no-synthetic", action="store_true", help="entities and mentions only, no synthetic views")
+    p.add_argument("--views", type=int, help="n_s: encode the first N views (default: synthesize.views)")
     p.set_defaults(func=_cmd_extract_features)
 
     p = sub.add_parser("train", parents=[common], help="distributed JD-CCL + CVaCPT training on Ray Train")
     p.add_argument("--dataset", help="default: data.dataset")
     p.add_argument("--features", help="features/<key> URI (default: the only one)")
     p.add_argument("--negatives", help="negatives/k{K}.parquet URI (default: from negatives.k)")
-    p.add_argument("--run-name", default="train")
+    p.add_argument("--run-name", default="train",
+                   help="run name prefix: the run is <prefix>-<key of settings and inputs>; a finished one is skipped")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("tune", parents=[common], help="Ray Tune sweep of training runs over k x n_s (tune.*)")

@@ -66,6 +66,8 @@ class SynthesizeConfig(Section):
     batch_size: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1)
     num_gpus: float = Field(1.0, ge=0)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None   # None: float16 on GPU, float32 on CPU
+    safety_checker: bool = False            # the model's NSFW checker (it blacks out flagged views)
 
 
 class FeaturesConfig(Section):

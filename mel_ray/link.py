@@ -185,41 +185,23 @@ class KBScorer:
 
 def _draw_views(mentions: pa.Table, cfg: dict, views: int, output: str, use_gpu: bool, concurrency: int,
                 cache_dir: str) -> tuple[str, int]:
-    """Synthetic views under OUTPUT/synthetic/<key>/ (the synthesize stage's layout); only missing ones."""
-    import ray
+    """Synthetic views under OUTPUT/synthetic/<key>/ through the synthesize stage's own plan and actor pool
+    (the same pinned model, settings and key as in training); only missing ones are drawn."""
+    from mel_ray.config import SynthesizeConfig
+    from mel_ray.synthesize import draw_views, existing_images, image_relpath, plan_synthesis, todo_table
 
-    from mel_ray.runtime import cpu_threads_per_worker
-    from mel_ray.synthesize import (
-        ViewGenerator,
-        image_relpath,
-        resolve_device_dtype,
-        synthesis_key,
-        synthesis_settings,
-        view_seed,
-    )
-
-    s = cfg["synthesize"]
-    num_gpus = 1 if use_gpu else 0
-    settings = synthesis_settings(cfg["models"]["diffusion"], template=s["template"], steps=s["steps"],
-                                  guidance=s["guidance"], size=s["size"], scheduler=s["scheduler"], seed=s["seed"],
-                                  num_gpus=num_gpus, cpu_threads=cpu_threads_per_worker(), cache_dir=cache_dir)
-    key = synthesis_key(settings)
-    todo = [{"mention_id": m, "view": v, "seed": view_seed(s["seed"], m, v), "mention": mention, "sentence": text}
-            for m, mention, text in zip(mentions.column("mention_id").to_pylist(),
-                                        mentions.column("mention").to_pylist(), mentions.column("text").to_pylist())
-            for v in range(views) if not storage.exists(storage.join(output, image_relpath(key, m, v)))]
-    if todo:
-        device, dtype = resolve_device_dtype(num_gpus, None)
-        kwargs = {"dataset_uri": output, "key": key, "model": cfg["models"]["diffusion"], "template": s["template"],
-                  "steps": s["steps"], "guidance": s["guidance"], "size": s["size"], "scheduler": s["scheduler"],
-                  "device": device, "dtype": dtype, "cache_dir": cache_dir, "write_parts": False,
-                  "cpu_threads": cpu_threads_per_worker()}
-        log.info("link: drawing %d synthetic views (%d actors)", len(todo), concurrency)
-        ds = ray.data.from_items(todo).map_batches(
-            ViewGenerator, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="pyarrow",
-            concurrency=concurrency, num_gpus=num_gpus, num_cpus=None if use_gpu else 0.5)
-        ds.materialize()
-    return key, len(todo)
+    section = SynthesizeConfig.model_validate({**cfg["synthesize"], "num_gpus": 1 if use_gpu else 0})
+    plan = plan_synthesis(cfg["models"]["diffusion"], section, cache_dir)
+    existing = existing_images(output, plan.key)
+    done = {(m, v) for m in mentions.column("mention_id").to_pylist() for v in range(views)
+            if image_relpath(plan.key, m, v) in existing}
+    todo = todo_table(mentions.rename_columns({"text": "sentence"}).select(["mention_id", "mention", "sentence"]),
+                      views, section.seed, done)
+    if todo.num_rows:
+        log.info("link: drawing %d synthetic views (%d actors)", todo.num_rows, concurrency)
+        draw_views(todo, plan, output, batch_size=1, concurrency=concurrency, num_gpus=section.num_gpus,
+                   write_parts=False, gpu_setting="link.use_gpu")
+    return plan.key, todo.num_rows
 
 
 def inputs_key(model_state: dict, kb_features_uri: str, mentions: pa.Table, top_k: int) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
+import json
 import logging
 import os
 import re
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mel_ray import storage
 from mel_ray.errors import UsageError
+from mel_ray.keys import sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,80 @@ def _fetch(uri: str, cache: Path) -> Path:
     return dest
 
 
+# -------------------------------------------------------------------------------------------- identity
+
+FINGERPRINTS = "fingerprints.json"          # under the model cache: file hashes by (path, size, mtime)
+_WEIGHTS = (".safetensors", ".bin")
+_SMALL_FILES = (".json", ".txt", ".model")  # configs, tokenizer, processor
+_HASHES: dict[str, dict[str, list]] = {}    # cache_dir -> the file-hash cache, loaded once per process
+
+
+def _hash_cache(cache_dir: str) -> tuple[Path, dict[str, list]]:
+    cache_file = Path(cache_dir).expanduser() / FINGERPRINTS
+    if str(cache_file) not in _HASHES:
+        try:
+            _HASHES[str(cache_file)] = json.loads(cache_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            _HASHES[str(cache_file)] = {}
+    return cache_file, _HASHES[str(cache_file)]
+
+
+def file_sha256(path: str | Path, cache_dir: str = DEFAULT_CACHE) -> str:
+    """sha256 of a file's bytes, cached by (real path, size, mtime) in memory and in `cache_dir`/fingerprints.json,
+    so a model folder is read once per machine, not once per stage or process."""
+    path = os.path.realpath(path)
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache_file, cache = _hash_cache(cache_dir)
+    hit = cache.get(path)
+    if hit and hit[:2] == stamp:
+        return hit[2]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    cache[path] = [*stamp, h.hexdigest()]
+    try:
+        storage.write_json(str(cache_file), cache)
+    except OSError:
+        pass                                   # a read-only home only costs re-hashing next time
+    return h.hexdigest()
+
+
+def _loaded_files(root: Path) -> list[str]:
+    """What from_pretrained reads from a folder, relative and in a fixed order. A diffusers pipeline
+    (model_index.json): model_index.json, then every non-hidden file in its component folders. Any other
+    model (transformers): its configs, tokenizer and processor files and its weights (*.safetensors if any,
+    else *.bin); hub snapshots also hold TF/Flax weights that nothing here loads."""
+    if (root / "model_index.json").is_file():
+        rest = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
+        return ["model_index.json"] + [r for r in rest
+                                       if "/" in r and not any(part.startswith(".") for part in r.split("/"))]
+    files = [f for f in storage.list_files(str(root)) if not os.path.basename(f).startswith(".")]
+    weights = [f for f in files if f.endswith(".safetensors")] or [f for f in files if f.endswith(".bin")]
+    if not weights:
+        raise UsageError(f"{root}: no model weights (*.safetensors or *.bin)")
+    return sorted([f for f in files if f.endswith(_SMALL_FILES)] + weights)
+
+
+def folder_fingerprint(folder: str | Path, cache_dir: str = DEFAULT_CACHE) -> str:
+    """sha256 over what from_pretrained loads from a local model folder, by content: a moved or copied model
+    keeps its fingerprint, a rebuilt or fine-tuned one at the same path does not."""
+    root = Path(folder)
+    entries = [[rel, file_sha256(root / rel, cache_dir)] for rel in _loaded_files(root)]
+    return sha256_hex(json.dumps(entries).encode("utf-8"))
+
+
+def model_fingerprint(id_or_path: str, cache_dir: str = DEFAULT_CACHE) -> str:
+    """THE identity of a model's weights, for every stage key: a hub id pinned as `id@<commit>` (pin_model),
+    a local folder's content fingerprint, an s3:// folder's fingerprint after it is fetched to `cache_dir`
+    (that copy is what the workers load)."""
+    value = str(id_or_path)
+    if is_hub_id(value):
+        return pin_model(value)
+    return folder_fingerprint(resolve_model(value, cache_dir), cache_dir)
+
+
 def _torch_dtype(dtype):
     import torch
 
@@ -131,19 +206,3 @@ def load_clip(id_or_path: str, device: str = "cpu", dtype=None, cache_dir: str =
     kwargs = {} if dtype is None else {"dtype": _torch_dtype(dtype)}
     model = CLIPModel.from_pretrained(path, **pinned, **kwargs).to(device).eval()
     return model, CLIPProcessor.from_pretrained(path, **pinned)
-
-
-def load_diffusion(id_or_path: str, device: str = "cpu", dtype=None, cache_dir: str = DEFAULT_CACHE):
-    """StableDiffusionPipeline on `device`, without the safety checker (it would black out synthetic views
-    of ordinary mentions now and then, and costs a second CLIP), progress bars off."""
-    from diffusers import StableDiffusionPipeline
-
-    kwargs = {"safety_checker": None, "requires_safety_checker": False,
-              # without accelerate diffusers warns and falls back anyway; say it up front
-              "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
-    if dtype is not None:
-        kwargs["torch_dtype"] = _torch_dtype(dtype)
-    path, pinned = pretrained_args(id_or_path, cache_dir)
-    pipe = StableDiffusionPipeline.from_pretrained(path, **pinned, **kwargs).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -21,7 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mel_ray import storage
 from mel_ray.config import Config, IngestConfig
@@ -32,6 +32,16 @@ from mel_ray.keys import settings_key
 TRAIN_MARKER = "mel_ray_train.json"        # in <tracking.storage>/<run name>/, written after train() returned
 EVAL_MARKER = "mel_ray_evaluate_{split}.json"   # beside it, written after the test metrics reached MLflow
 SPLIT = "test"
+
+
+class Outcome(NamedTuple):
+    """What a stage helper (ingest_dataset, mine, synthesize_views, encode_features, train_model, ...) returns;
+    `_timed` turns it into a StageResult."""
+
+    value: Any                 # the stage's full return value, for the next stage
+    ran: bool                  # False: complete output found, nothing done
+    note: str                  # one human line about what was done or found
+    info: dict[str, Any]       # small JSON summary (URIs, counts) for the job's last line
 
 
 @dataclasses.dataclass
@@ -86,10 +96,10 @@ def resolve_paths(cfg: Config, root: str | os.PathLike = ".") -> Config:
 
 
 def _timed(stage: str, fn, *args, **kwargs) -> StageResult:
-    """Run `fn`, which returns (value, ran, note, info), and time it."""
+    """Run `fn`, which returns an Outcome, and time it."""
     t0 = time.perf_counter()
-    value, ran, note, info = fn(*args, **kwargs)
-    return StageResult(stage, ran, time.perf_counter() - t0, note, info, value)
+    out: Outcome = fn(*args, **kwargs)
+    return StageResult(stage, out.ran, time.perf_counter() - t0, out.note, out.info, out.value)
 
 
 # ------------------------------------------------------------------------------------------ ingest, merge
@@ -106,13 +116,14 @@ def ingested_with(output: str, options: IngestConfig, source: str, name: str) ->
             and report.get("options") == options.model_dump(mode="json", exclude={"format", "input"}))
 
 
-def ingest_dataset(options: IngestConfig, source: str, output: str, name: str) -> tuple:
+def ingest_dataset(options: IngestConfig, source: str, output: str, name: str) -> Outcome:
     from mel_ray.ingest import ingest, summary_line
 
     if ingested_with(output, options, source, name):
-        return load_dataset(output).manifest, False, f"already ingested {output} from {source}", {"dataset": output}
+        return Outcome(load_dataset(output).manifest, False, f"already ingested {output} from {source}",
+                       {"dataset": output})
     report = ingest(options.format, source, output, name=name, options=options)
-    return report, True, summary_line(output, report), {"dataset": output, "rows": report["rows"]}
+    return Outcome(report, True, summary_line(output, report), {"dataset": output, "rows": report["rows"]})
 
 
 def merged_from(output: str, inputs: list[str], name: str) -> bool:
@@ -134,14 +145,14 @@ def merged_from(output: str, inputs: list[str], name: str) -> bool:
     return True
 
 
-def merge_datasets(inputs: list[str], output: str, name: str) -> tuple:
+def merge_datasets(inputs: list[str], output: str, name: str) -> Outcome:
     from mel_ray.merge import merge
 
     if merged_from(output, inputs, name):
-        return load_dataset(output).manifest, False, f"already merged {output}", {"dataset": output}
+        return Outcome(load_dataset(output).manifest, False, f"already merged {output}", {"dataset": output})
     manifest = merge(inputs, output, name=name)
     note = f"merged {', '.join(inputs)} -> {output}: {manifest['counts']}"
-    return manifest, True, note, {"dataset": output, "counts": manifest["counts"]}
+    return Outcome(manifest, True, note, {"dataset": output, "counts": manifest["counts"]})
 
 
 def ingest_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
@@ -166,100 +177,104 @@ def data_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
 # ------------------------------------------------------------------------------ negatives, views, features
 
 
-def mine(cfg: Config, dataset: str) -> tuple:
+def mine(cfg: Config, dataset: str, *, num_workers: int | None = None, force: bool = False) -> Outcome:
+    """num_workers: Ray actors (None: one per CPU; 0: no Ray); force: recompute a complete pool. Neither
+    changes the output."""
     from mel_ray.negatives import mine_negatives
 
     n = cfg.negatives
-    manifest = mine_negatives(dataset, k=n.k, seed=n.seed, block_size=n.block_size)
+    manifest = mine_negatives(dataset, k=n.k, seed=n.seed, block_size=n.block_size, num_workers=num_workers,
+                              force=force)
     counts = {k: manifest[k] for k in ("n_entities", "n_without_attributes", "n_short") if k in manifest}
     ran = not manifest.get("skipped")
     note = f"{'mined' if ran else 'already mined'} top-{n.k}: {counts}"
-    return manifest, ran, note, {"output": manifest.get("output"), **counts}
+    return Outcome(manifest, ran, note, {"output": manifest.get("output"), **counts})
 
 
-def negatives_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
+def negatives_stage(cfg: Config, root: str | os.PathLike = ".", *, num_workers: int | None = None,
+                    force: bool = False) -> StageResult:
     cfg = resolve_paths(cfg, root)
-    return _timed("mine_negatives", mine, cfg, cfg.data.dataset)
+    return _timed("mine_negatives", mine, cfg, cfg.data.dataset, num_workers=num_workers, force=force)
 
 
-def synthesize_views(cfg: Config, dataset: str) -> tuple:
+def synthesize_views(cfg: Config, dataset: str, *, limit: int | None = None) -> Outcome:
+    """limit: only the first N mentions of each split (a try-out; the key does not depend on it)."""
     from mel_ray.synthesize import synthesize
 
-    s = cfg.synthesize
-    summary = synthesize(dataset, cfg.models.diffusion, views=s.views, template=s.template, steps=s.steps,
-                         guidance=s.guidance, size=s.size, scheduler=s.scheduler, seed=s.seed,
-                         batch_size=s.batch_size, concurrency=s.concurrency, num_gpus=s.num_gpus,
-                         cache_dir=cfg.models.cache_dir)
+    summary = synthesize(dataset, cfg.models.diffusion, cfg.synthesize, limit=limit, cache_dir=cfg.models.cache_dir)
     ran = summary["generated"] > 0 or summary["todo"] > 0
     note = f"synthetic/{summary['key']}: {summary['images']} images ({summary['generated']} new)"
-    return summary, ran, note, {"key": summary["key"], "uri": summary["uri"], "images": summary["images"]}
+    return Outcome(summary, ran, note, {"key": summary["key"], "uri": summary["uri"], "images": summary["images"]})
 
 
-def synthesize_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
+def synthesize_stage(cfg: Config, root: str | os.PathLike = ".", *, limit: int | None = None) -> StageResult:
     cfg = resolve_paths(cfg, root)
-    return _timed("synthesize", synthesize_views, cfg, cfg.data.dataset)
+    return _timed("synthesize", synthesize_views, cfg, cfg.data.dataset, limit=limit)
 
 
 def synthetic_key(cfg: Config) -> str:
-    """The synthetic/<key> the config's synthesize settings write (without running anything); keep the
-    arguments in step with synthesize_views."""
-    from mel_ray.synthesize import synthesis_key, synthesis_settings
+    """The synthetic/<key> the config's synthesize settings write, without running anything (the same
+    plan_synthesis that synthesize() starts from)."""
+    from mel_ray.synthesize import plan_synthesis
 
-    s = cfg.synthesize
-    return synthesis_key(synthesis_settings(cfg.models.diffusion, template=s.template, steps=s.steps,
-                                            guidance=s.guidance, size=s.size, scheduler=s.scheduler, seed=s.seed,
-                                            num_gpus=s.num_gpus, cache_dir=cfg.models.cache_dir))
+    return plan_synthesis(cfg.models.diffusion, cfg.synthesize, cfg.models.cache_dir).key
 
 
-def encode_features(cfg: Config, dataset: str, key: str) -> tuple:
+def encode_features(cfg: Config, dataset: str, key: str | None) -> Outcome:
+    """key: the synthetic/<key> whose first synthesize.views views to encode; None: no synthetic views."""
     from mel_ray.features import extract_features
 
-    f = cfg.features
-    manifest = extract_features(dataset, cfg.models.clip, synthetic_key=key, views=cfg.synthesize.views,
-                                text_length=f.text_length, batch_size=f.batch_size, concurrency=f.concurrency,
-                                num_gpus=f.num_gpus, cache_dir=cfg.models.cache_dir)
+    manifest = extract_features(dataset, cfg.models.clip, cfg.features, synthetic_key=key,
+                                views=cfg.synthesize.views if key else None, cache_dir=cfg.models.cache_dir)
     run = manifest["run"]
     note = f"{manifest['uri']}: {run['shards_written']} shards written, {run['shards_skipped']} already there"
-    return manifest, run["shards_written"] > 0, note, {"uri": manifest["uri"], "key": manifest["key"]}
+    return Outcome(manifest, run["shards_written"] > 0, note, {"uri": manifest["uri"], "key": manifest["key"]})
 
 
-def features_stage(cfg: Config, root: str | os.PathLike = ".", synthetic: str | None = None) -> StageResult:
-    """synthetic: the synthetic/<key> to encode; default: the one the config's synthesize settings write."""
+def features_stage(cfg: Config, root: str | os.PathLike = ".", synthetic: str | None = None, *,
+                   with_views: bool = True) -> StageResult:
+    """synthetic: the synthetic/<key> to encode; default: the one the config's synthesize settings write.
+    with_views=False: entities and mentions only, no synthetic views."""
     cfg = resolve_paths(cfg, root)
-    return _timed("extract_features", encode_features, cfg, cfg.data.dataset, synthetic or synthetic_key(cfg))
+    key = (synthetic or synthetic_key(cfg)) if with_views else None
+    return _timed("extract_features", encode_features, cfg, cfg.data.dataset, key)
 
 
 # ------------------------------------------------------------------------------------------ train, evaluate
 
 
-def run_name(cfg: Config, dataset: str, features: str, base: str = "pipeline") -> str:
+def run_name(cfg: Config, dataset: str, features: str, base: str = "pipeline", negatives: str | None = None) -> str:
     """Ray Train run (and MLflow run) name: the same settings and inputs give the same name, so a resubmitted
-    job finds its checkpoints and its marker; other settings never restore a run trained with different ones."""
-    key = settings_key({"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-                        "negatives": cfg.negatives.model_dump(mode="json"), "dataset": dataset,
-                        "features": features, "experiment": cfg.tracking.experiment}, length=10)
-    return f"{base}-{key}"
+    job finds its checkpoints and its marker; other settings never restore a run trained with different ones.
+    negatives: an explicit negatives/k{K}.parquet URI (default: the one negatives.k names; not in the key)."""
+    inputs = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+              "negatives": cfg.negatives.model_dump(mode="json"), "dataset": dataset, "features": features,
+              "experiment": cfg.tracking.experiment}
+    if negatives:
+        inputs["negatives_uri"] = negatives
+    return f"{base}-{settings_key(inputs, length=10)}"
 
 
 def run_folder(cfg: Config, name: str) -> str:
     return storage.join(cfg.tracking.storage, name)
 
 
-def train_model(cfg: Config, dataset: str, features: str, root: str | os.PathLike, base: str = "pipeline") -> tuple:
+def train_model(cfg: Config, dataset: str, features: str, root: str | os.PathLike, base: str = "pipeline",
+                negatives: str | None = None) -> Outcome:
     from mel_ray.train.run import train
 
-    name = run_name(cfg, dataset, features, base)
+    name = run_name(cfg, dataset, features, base, negatives)
     marker = storage.join(run_folder(cfg, name), TRAIN_MARKER)
     if storage.exists(marker):
         result = storage.read_json(marker)
-        return result, False, f"already trained: MLflow run {result['run_id']}", _train_info(result, name)
-    result = train(cfg, dataset, features_uri=features, storage_path=cfg.tracking.storage, run_name=name,
-                   tracking_dir=str(Path(root).absolute()))
+        return Outcome(result, False, f"already trained: MLflow run {result['run_id']}", _train_info(result, name))
+    result = train(cfg, dataset, features_uri=features, negatives_uri=negatives, storage_path=cfg.tracking.storage,
+                   run_name=name, tracking_dir=str(Path(root).absolute()))
     kept = {k: result[k] for k in ("run_id", "tracking_uri", "best", "checkpoint", "features_uri", "negatives_uri")}
     storage.write_json(marker, json.loads(json.dumps(kept, default=float)))
     best = result["best"]
     note = f"best dev MRR {best.get('dev_MRR', float('nan')):.4f} (epoch {best['epoch']}), MLflow run {result['run_id']}"
-    return kept, True, note, _train_info(kept, name)
+    return Outcome(kept, True, note, _train_info(kept, name))
 
 
 def _train_info(result: dict, name: str) -> dict:
@@ -275,13 +290,15 @@ def _find_features(cfg: Config) -> str:
 
 
 def train_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None = None,
-                base: str = "pipeline") -> StageResult:
-    """features: the features/<key> URI; default: the only complete set under the dataset."""
+                base: str = "pipeline", negatives: str | None = None) -> StageResult:
+    """features: the features/<key> URI; default: the only complete set under the dataset. negatives: a
+    negatives/k{K}.parquet URI; default: the one negatives.k names."""
     cfg = resolve_paths(cfg, root)
-    return _timed("train", train_model, cfg, cfg.data.dataset, features or _find_features(cfg), root, base)
+    return _timed("train", train_model, cfg, cfg.data.dataset, features or _find_features(cfg), root, base,
+                  negatives)
 
 
-def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name: str, split: str = SPLIT) -> tuple:
+def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name: str, split: str = SPLIT) -> Outcome:
     """Exact full-KB evaluation of the best checkpoint: train.num_workers KB shards of train.cpus_per_worker
     CPUs each (the resources training just gave back); the metrics are added to the training's MLflow run."""
     from mel_ray.eval.evaluate import evaluate, shard_settings
@@ -291,7 +308,7 @@ def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name
     if storage.exists(marker):
         report = storage.read_json(marker)
         note = f"already evaluated on {split}: MRR {report['metrics'].get('MRR', float('nan')):.4f}"
-        return report, False, note, {"split": split, "metrics": report["metrics"]}
+        return Outcome(report, False, note, {"split": split, "metrics": report["metrics"]})
     report = evaluate(dataset, features, trained["checkpoint"], split, output_uri=storage.join(folder, "eval"),
                       **shard_settings(cfg.train))
     report = json.loads(json.dumps(report, default=float))
@@ -299,7 +316,7 @@ def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name
     storage.write_json(marker, report)
     note = (f"{report['mentions']} {split} mentions x {report['entities']} entities: "
             f"MRR {report['metrics'].get('MRR', float('nan')):.4f}")
-    return report, True, note, {"split": split, "metrics": report["metrics"]}
+    return Outcome(report, True, note, {"split": split, "metrics": report["metrics"]})
 
 
 def log_eval_to_mlflow(trained: dict, report: dict, split: str) -> None:
@@ -333,7 +350,7 @@ def evaluate_stage(cfg: Config, root: str | os.PathLike = ".", features: str | N
 # ------------------------------------------------------------------------------------------------- tune
 
 
-def sweep(cfg: Config, dataset: str, features: str, root: str | os.PathLike) -> tuple:
+def sweep(cfg: Config, dataset: str, features: str, root: str | os.PathLike) -> Outcome:
     from mel_ray.tune.sweep import run_sweep
 
     result = run_sweep(cfg, dataset, features_uri=features, storage_path=cfg.tracking.storage,
@@ -344,7 +361,7 @@ def sweep(cfg: Config, dataset: str, features: str, root: str | os.PathLike) -> 
             f"{trial} (dev MRR {best.get('metrics', {}).get('best_dev_MRR', float('nan')):.4f}), "
             f"MLflow parent run {result['parent_run_id']}")
     info = {"parent_run_id": result["parent_run_id"], "tracking_uri": result["tracking_uri"], "best": trial}
-    return result, not result["skipped"], note, info
+    return Outcome(result, not result["skipped"], note, info)
 
 
 def tune_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None = None) -> StageResult:
@@ -394,15 +411,15 @@ def link_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
     lc = cfg.link
     model = lc.model if "://" in lc.model or not Path(under(root, lc.model)).exists() else under(root, lc.model)
 
-    def run() -> tuple:
+    def run() -> Outcome:
         report = link(model, under(root, lc.kb), under(root, lc.mentions), under(root, lc.output), top_k=lc.top_k,
                       config=cfg.model_dump(mode="json"),
                       tracking_uri=tracking.tracking_uri(cfg.tracking.mlflow_uri, str(Path(root).absolute())),
                       batch_size=lc.batch_size, entity_chunk=lc.entity_chunk, concurrency=lc.concurrency,
                       use_gpu=lc.use_gpu, cache_dir=cfg.models.cache_dir)
         note = f"{report['linked']} mentions linked -> {under(root, lc.output)}/links.parquet"
-        return report, not report["skipped"], note, {"output": under(root, lc.output), "linked": report["linked"],
-                                                      "images": report["images"]}
+        return Outcome(report, not report["skipped"], note, {"output": under(root, lc.output),
+                                                             "linked": report["linked"], "images": report["images"]})
 
     return _timed("link", run)
 

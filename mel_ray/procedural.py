@@ -26,7 +26,8 @@ How a prompt becomes an image (the prompt is synthesize's "An image of {mention}
    requested size.
 
 Deterministic per (prompt, seed). The settings key of `synthesize` holds `identity()` instead of a weights
-fingerprint, so its outputs never share a folder with a diffusion model's.
+fingerprint, so its outputs never share a folder with a diffusion model's. It plugs into synthesize as a view
+source (ProceduralSource); the dependency points from here to the synthesis stage, never the other way.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from mel_ray import demo_data as dd
+from mel_ray.config import SynthesizeConfig
 
 PREFIX = "procedural:"
 MODELS = ("procedural:demo",)
@@ -156,12 +158,34 @@ def draw(prompt: str, seed: int, size: int = dd.IMG) -> np.ndarray:
 
 
 class ProceduralPipeline:
-    """What synthesize's ViewGenerator holds instead of a diffusers pipeline (see the module docstring)."""
+    """What synthesize's ViewGenerator holds instead of a diffusers pipeline (see the module docstring): a
+    synthesize.Drawer. No text encoder, so prompts are never cut."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, size: int = dd.IMG):
         identity(model)                      # fail on an unknown name before any image is drawn
-        self.model = model
+        self.model, self.size = model, int(size)
+
+    def fit(self, prompt: str) -> str:
+        return prompt
 
     def generate(self, prompt: str, seed: int, size: int) -> np.ndarray:
         """float [0, 1] (H, W, 3), like the diffusers pipeline's output_type="np" image."""
         return draw(prompt, seed, size).astype(np.float32) / 255.0
+
+    def draw(self, prompt: str, seed: int) -> tuple[np.ndarray, None]:
+        return self.generate(prompt, seed, self.size), None
+
+
+class ProceduralSource:
+    """The synthesize.ViewSource for `procedural:` model strings; synthesize.VIEW_SOURCES names this class by
+    its dotted path and imports it on first use (in the driver and in every Ray worker), so synthesize never
+    imports this test tool."""
+
+    def pin(self, model: str) -> str:
+        return model                         # nothing to pin: the drawing code is versioned by VERSION
+
+    def identity(self, model: str, cfg: SynthesizeConfig, cache_dir: str) -> dict:
+        return identity(model)
+
+    def load(self, model: str, settings: dict, cache_dir: str) -> ProceduralPipeline:
+        return ProceduralPipeline(model, settings["size"])

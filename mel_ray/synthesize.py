@@ -5,10 +5,12 @@ paper's "An image of" + sentence, with the mention named so that two mentions of
 prompts (and images). Prompts longer than the text encoder's limit are cut at the last whole word that fits,
 and the manifest stores exactly the text the pipeline received.
 
-model "procedural:demo" is a TEST TOOL, not a model (mel_ray/procedural.py): it draws what a demo-data prompt's
-attribute clues describe with the demo generator's drawing code, so experiments on generated data have views
-that carry information (the tiny Stable Diffusion's weights are random). It has no text encoder, so prompts
-are never cut; its settings key holds its name and version instead of a weights fingerprint.
+Views come from a view source chosen by the model string's prefix (VIEW_SOURCES; see ViewSource): Stable
+Diffusion through diffusers by default. The `procedural:` prefix names a TEST TOOL, not a model
+(mel_ray/procedural.py, which plugs itself in from its side): it draws what a demo-data prompt's attribute
+clues describe with the demo generator's drawing code, so experiments on generated data have views that carry
+information (the tiny Stable Diffusion's weights are random). It has no text encoder, so prompts are never
+cut; its settings key holds its name and version instead of a weights fingerprint.
 
 Output contract (read by extract-features), all under DATASET/synthetic/<key>/:
 
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
+import importlib
 import io
 import json
 import logging
@@ -55,18 +57,25 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mel_ray import __version__, procedural, storage
+from mel_ray import __version__, storage
 from mel_ray.config import SynthesizeConfig
 from mel_ray.dataset import SPLITS, load_dataset
 from mel_ray.errors import UsageError
 from mel_ray.keys import settings_key, sha256_hex, stable_seed
-from mel_ray.models import DEFAULT_CACHE, is_hub_id, pin_model, pretrained_args, resolve_model
+from mel_ray.models import (
+    DEFAULT_CACHE,
+    is_hub_id,
+    model_fingerprint,
+    pin_model,
+    pretrained_args,
+    resolve_model,
+)
 from mel_ray.runtime import check_gpus, cpu_threads_per_worker, init_ray
 
 log = logging.getLogger(__name__)
@@ -79,8 +88,7 @@ COMPLETE = "complete.json"
 PARTS = "parts"
 IMAGES = "images"
 
-_DEFAULTS = SynthesizeConfig()
-DEFAULT_TEMPLATE = _DEFAULTS.template
+DEFAULT_TEMPLATE = SynthesizeConfig().template
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("mention_id", pa.string(), nullable=False),
@@ -168,58 +176,6 @@ def fit_prompt(text: str, tokenizer, limit: int) -> str:
 # ------------------------------------------------------------------------------------------ settings/key
 
 
-def _hash_file(path: Path, cache: dict) -> str:
-    st = path.stat()
-    stamp = [st.st_size, st.st_mtime_ns]
-    hit = cache.get(str(path))
-    if hit and hit[:2] == stamp:
-        return hit[2]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    cache[str(path)] = [*stamp, h.hexdigest()]
-    return h.hexdigest()
-
-
-def model_fingerprint(folder: str | Path, cache_dir: str = DEFAULT_CACHE) -> str:
-    """sha256 over what from_pretrained loads: model_index.json and every non-hidden file in the component
-    folders (weights, configs, tokenizer), by content. A rebuilt or fine-tuned model gets a new key; a moved
-    or copied one keeps its key. File hashes are cached by (path, size, mtime) under `cache_dir`."""
-    root = Path(folder)
-    if not (root / "model_index.json").is_file():
-        raise UsageError(f"{root}: not a diffusers pipeline folder (no model_index.json)")
-    files = [root / "model_index.json"]
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if p.is_file() and len(rel.parts) > 1 and not any(part.startswith(".") for part in rel.parts):
-            files.append(p)
-    cache_file = Path(cache_dir).expanduser() / "fingerprints.json"
-    try:
-        cache = json.loads(cache_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cache = {}
-    entries = [[p.relative_to(root).as_posix(), _hash_file(p.absolute(), cache)] for p in files]
-    try:
-        storage.write_json(str(cache_file), cache)
-    except OSError:
-        pass                                   # a read-only home only costs re-hashing next time
-    return sha256_hex(json.dumps(entries).encode("utf-8"))
-
-
-def model_identity(model: str, revision: str | None = None, cache_dir: str = DEFAULT_CACHE) -> dict[str, Any]:
-    """What identifies the weights: the content fingerprint of a local folder (an s3:// folder is fetched to
-    the model cache first and fingerprinted there: that copy is what the workers load), or a hub id with the
-    commit its revision points at (mel_ray.models.pin_model: the hub, else the local cache, else an error)."""
-    model = str(model)
-    if procedural.is_procedural(model):       # a test tool, no weights: see mel_ray/procedural.py
-        return procedural.identity(model)
-    if not is_hub_id(model):
-        return {"fingerprint": model_fingerprint(resolve_model(model, cache_dir), cache_dir)}
-    model_id, _, commit = pin_model(model, revision).partition("@")
-    return {"hub_id": model_id, "revision": commit}
-
-
 def resolve_device_dtype(num_gpus: float, dtype: str | None) -> tuple[str, str]:
     device = "cuda" if num_gpus and num_gpus > 0 else "cpu"
     dtype = dtype or ("float16" if device == "cuda" else "float32")
@@ -228,29 +184,23 @@ def resolve_device_dtype(num_gpus: float, dtype: str | None) -> tuple[str, str]:
     return device, dtype
 
 
-def synthesis_settings(model: str, *, template: str = DEFAULT_TEMPLATE, steps: int = _DEFAULTS.steps,
-                       guidance: float = _DEFAULTS.guidance, size: int = _DEFAULTS.size,
-                       scheduler: str = _DEFAULTS.scheduler, seed: int = _DEFAULTS.seed,
-                       num_gpus: float = _DEFAULTS.num_gpus, dtype: str | None = None,
-                       safety_checker: bool = False, revision: str | None = None,
-                       cpu_threads: int | None = None, cache_dir: str = DEFAULT_CACHE) -> dict[str, Any]:
-    """Every setting that changes the pixels; settings_key() of this dict names the output folder."""
-    check_template(template)
-    if scheduler not in SCHEDULERS:
-        raise UsageError(f"synthesize scheduler {scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
-    if size % 8:
-        raise UsageError(f"synthesize size {size}: must be a multiple of 8")
-    if steps < 1:
-        raise UsageError(f"synthesize steps {steps}: must be at least 1")
-    device, dtype = resolve_device_dtype(num_gpus, dtype)
-    if safety_checker and not is_hub_id(model):
-        index = json.loads((Path(resolve_model(model, cache_dir)) / "model_index.json").read_text("utf-8"))
-        if not any(index.get("safety_checker") or [None]):
-            raise UsageError(f"{model}: safety_checker=True but the model has no safety checker")
-    settings = {"format": FORMAT_VERSION, "model": model_identity(model, revision, cache_dir),
-                "template": template, "steps": int(steps), "guidance": float(guidance), "size": int(size),
-                "scheduler": scheduler, "seed": int(seed), "dtype": dtype, "device": device,
-                "safety_checker": bool(safety_checker)}
+def synthesis_settings(model: str, cfg: SynthesizeConfig, cache_dir: str = DEFAULT_CACHE, *,
+                       cpu_threads: int | None = None) -> dict[str, Any]:
+    """Every setting that changes the pixels; settings_key() of this dict names the output folder. `cfg` is
+    the synthesize config section (views, batch_size and concurrency are not settings: they change no pixel);
+    cpu_threads: torch threads per CPU worker (default: what this machine's workers get)."""
+    check_template(cfg.template)
+    if cfg.scheduler not in SCHEDULERS:
+        raise UsageError(f"synthesize scheduler {cfg.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
+    if cfg.size % 8:
+        raise UsageError(f"synthesize size {cfg.size}: must be a multiple of 8")
+    if cfg.steps < 1:
+        raise UsageError(f"synthesize steps {cfg.steps}: must be at least 1")
+    device, dtype = resolve_device_dtype(cfg.num_gpus, cfg.dtype)
+    settings = {"format": FORMAT_VERSION, "model": view_source(model).identity(model, cfg, cache_dir),
+                "template": cfg.template, "steps": int(cfg.steps), "guidance": float(cfg.guidance),
+                "size": int(cfg.size), "scheduler": cfg.scheduler, "seed": int(cfg.seed), "dtype": dtype,
+                "device": device, "safety_checker": bool(cfg.safety_checker)}
     if device == "cpu":       # CPU kernels split work by thread count, which changes the last bits
         settings["cpu_threads"] = int(cpu_threads or cpu_threads_per_worker())
     return settings
@@ -264,19 +214,150 @@ def synthetic_uri(dataset_uri: str, key: str) -> str:
     return storage.join(dataset_uri, SYNTHETIC_DIR, key)
 
 
+@dataclasses.dataclass(frozen=True)
+class Synthesis:
+    """What one config draws: the model as the workers load it (a hub id pinned to its commit), the settings
+    and their key. The synthesize stage, `pipeline.synthetic_key` and `link` all start from `plan_synthesis`,
+    so the key and the pixels always come from the same pinned model and settings."""
+
+    model: str
+    settings: dict[str, Any]
+    key: str
+    cache_dir: str = DEFAULT_CACHE
+
+    def generator_kwargs(self, dataset_uri: str, write_parts: bool = True) -> dict[str, Any]:
+        """ViewGenerator's constructor arguments (Ray Data's fn_constructor_kwargs)."""
+        return {"dataset_uri": dataset_uri, "key": self.key, "model": self.model, "settings": self.settings,
+                "cache_dir": self.cache_dir, "write_parts": write_parts}
+
+
+def plan_synthesis(model: str, cfg: SynthesizeConfig, cache_dir: str = DEFAULT_CACHE, *,
+                   cpu_threads: int | None = None) -> Synthesis:
+    """Pin the model (its view source's rule), then settle its settings and key; runs nothing."""
+    model = view_source(str(model)).pin(str(model))
+    settings = synthesis_settings(model, cfg, cache_dir, cpu_threads=cpu_threads)
+    return Synthesis(model=model, settings=settings, key=synthesis_key(settings), cache_dir=cache_dir)
+
+
+# -------------------------------------------------------------------------------------------- view sources
+
+
+class Drawer(Protocol):
+    """A loaded view source: `fit` gives the prompt exactly as the model reads it; `draw` one image."""
+
+    def fit(self, prompt: str) -> str: ...
+
+    def draw(self, prompt: str, seed: int) -> tuple[Any, bool | None]:
+        """(float [0, 1] (H, W, 3) image, NSFW flag or None when there is no safety checker)."""
+        ...
+
+
+class ViewSource(Protocol):
+    """Where views come from for a model string: `pin` names exactly what the workers load, `identity` stands
+    in the settings key for the weights, `load` builds the Drawer in each worker."""
+
+    def pin(self, model: str) -> str: ...
+
+    def identity(self, model: str, cfg: SynthesizeConfig, cache_dir: str) -> dict[str, Any]: ...
+
+    def load(self, model: str, settings: dict[str, Any], cache_dir: str) -> Drawer: ...
+
+
+# model-string prefix -> a ViewSource, or "module:attribute" naming one (a class or an instance), imported on
+# first use in whichever process asks (driver or Ray worker), so a plug-in needs no import here and no
+# registration call before the workers start. The dependency points from the plug-in to this module.
+VIEW_SOURCES: dict[str, ViewSource | str] = {
+    "procedural:": "mel_ray.procedural:ProceduralSource",     # a TEST TOOL for the demo data, not a model
+}
+
+
+def register_view_source(prefix: str, source: ViewSource | str) -> None:
+    VIEW_SOURCES[prefix] = source
+
+
+def view_source(model: str) -> ViewSource:
+    """The source registered for the model string's prefix; Stable Diffusion (diffusers) otherwise."""
+    for prefix, source in VIEW_SOURCES.items():
+        if str(model).startswith(prefix):
+            if isinstance(source, str):
+                module, _, attr = source.partition(":")
+                source = getattr(importlib.import_module(module), attr)
+                source = source() if isinstance(source, type) else source
+                VIEW_SOURCES[prefix] = source
+            return source
+    return DIFFUSERS
+
+
+def model_identity(model: str, revision: str | None = None, cache_dir: str = DEFAULT_CACHE) -> dict[str, Any]:
+    """What identifies a diffusion model's weights (mel_ray.models.model_fingerprint): a hub id with the commit
+    its revision points at, or the content fingerprint of a local (or fetched s3://) pipeline folder."""
+    model = str(model)
+    if not is_hub_id(model):
+        folder = Path(resolve_model(model, cache_dir))
+        if not (folder / "model_index.json").is_file():
+            raise UsageError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        return {"fingerprint": model_fingerprint(model, cache_dir)}
+    model_id, _, commit = pin_model(model, revision).partition("@")
+    return {"hub_id": model_id, "revision": commit}
+
+
+class DiffusersSource:
+    """Stable Diffusion through diffusers: the default view source."""
+
+    def pin(self, model: str) -> str:
+        return pin_model(model)
+
+    def identity(self, model: str, cfg: SynthesizeConfig, cache_dir: str) -> dict[str, Any]:
+        if cfg.safety_checker and not is_hub_id(model):
+            index = json.loads((Path(resolve_model(model, cache_dir)) / "model_index.json").read_text("utf-8"))
+            if not any(index.get("safety_checker") or [None]):
+                raise UsageError(f"{model}: safety_checker=True but the model has no safety checker")
+        return model_identity(model, cache_dir=cache_dir)
+
+    def load(self, model: str, settings: dict[str, Any], cache_dir: str) -> Drawer:
+        pipe = load_pipeline(model, device=settings["device"], dtype=settings["dtype"],
+                             scheduler=settings["scheduler"], safety_checker=settings["safety_checker"],
+                             cache_dir=cache_dir)
+        return DiffusersDrawer(pipe, settings)
+
+
+DIFFUSERS = DiffusersSource()
+
+
+class DiffusersDrawer:
+    def __init__(self, pipe, settings: dict[str, Any]):
+        self.pipe, self.settings = pipe, settings
+        self.limit = prompt_limit(pipe.tokenizer, pipe.text_encoder)
+
+    def fit(self, prompt: str) -> str:
+        return fit_prompt(prompt, self.pipe.tokenizer, self.limit)
+
+    def draw(self, prompt: str, seed: int) -> tuple[Any, bool | None]:
+        import torch
+
+        s = self.settings
+        out = self.pipe(prompt=prompt, num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+                        height=s["size"], width=s["size"], output_type="np",
+                        generator=torch.Generator("cpu").manual_seed(int(seed)))
+        nsfw = out.nsfw_content_detected
+        return out.images[0], (bool(nsfw[0]) if nsfw is not None else None)
+
+
 # ----------------------------------------------------------------------------------------------- generator
 
 
 def load_pipeline(model: str, *, device: str = "cpu", dtype: str = "float32", scheduler: str = "dpmsolver++",
                   safety_checker: bool = False, cache_dir: str = DEFAULT_CACHE):
-    """StableDiffusionPipeline on `device` in `dtype`, with the named scheduler; the safety checker only when
-    asked for (it blacks out flagged images). Attention is diffusers' default SDPA (AttnProcessor2_0)."""
+    """THE Stable Diffusion loader (production, tests, benchmarks): StableDiffusionPipeline on `device` in
+    `dtype`, with the named scheduler ("model": the one saved with it); the safety checker only when asked for
+    (it blacks out flagged images); progress bars off. Attention is diffusers' default SDPA (AttnProcessor2_0).
+    A hub id should come pinned (`id@<commit>`, see plan_synthesis)."""
     import importlib.util
 
     import torch
     from diffusers import StableDiffusionPipeline
 
-    path, pinned = pretrained_args(model, cache_dir)      # a hub id comes pinned: id@<commit> (see synthesize)
+    path, pinned = pretrained_args(model, cache_dir)
     # diffusers >= 0.36 takes `dtype` (and warns about `torch_dtype`); older releases only `torch_dtype`
     new_api = importlib.util.find_spec("diffusers.utils.deprecation_utils") is not None
     kwargs: dict[str, Any] = {"dtype" if new_api else "torch_dtype": getattr(torch, dtype),
@@ -309,53 +390,32 @@ def encode_png(image) -> bytes:
 
 
 class ViewGenerator:
-    """Holds one pipeline; called with a batch of (mention_id, view, seed, mention, sentence) rows it draws each
-    image on its own, writes the PNGs, then the batch's records as one Parquet part; returns the records.
+    """Holds one view source's drawer; called with a batch of (mention_id, view, seed, mention, sentence) rows it
+    draws each image on its own, writes the PNGs, then the batch's records as one Parquet part; returns the
+    records. It draws exactly what `settings` (the key's settings, see plan_synthesis) say.
 
     The same class is the Ray Data actor (map_batches) and the plain loop (benchmark, tests)."""
 
-    def __init__(self, *, dataset_uri: str, key: str, model: str, template: str, steps: int, guidance: float,
-                 size: int, scheduler: str, device: str, dtype: str, safety_checker: bool = False,
-                 cache_dir: str = DEFAULT_CACHE, cpu_threads: int = 1,
-                 write_parts: bool = True):
+    def __init__(self, *, dataset_uri: str, key: str, model: str, settings: dict[str, Any],
+                 cache_dir: str = DEFAULT_CACHE, write_parts: bool = True):
         import torch
 
-        if device == "cpu":
-            torch.set_num_threads(int(cpu_threads))
+        if settings["device"] == "cpu":
+            torch.set_num_threads(int(settings["cpu_threads"]))
         elif not torch.cuda.is_available():
             raise RuntimeError("synthesize: num_gpus > 0 but this worker sees no CUDA device")
-        self.dataset_uri, self.key = dataset_uri, key
-        self.template, self.steps, self.guidance, self.size = template, steps, guidance, size
-        self.device, self.write_parts = device, write_parts
-        if procedural.is_procedural(model):   # TEST TOOL (mel_ray/procedural.py): no text encoder, no limit
-            self.pipe, self.limit = procedural.ProceduralPipeline(model), None
-        else:
-            self.pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler,
-                                      safety_checker=safety_checker, cache_dir=cache_dir)
-            self.limit = prompt_limit(self.pipe.tokenizer, self.pipe.text_encoder)
-        self.safety_checker = safety_checker
+        self.dataset_uri, self.key, self.template = dataset_uri, key, settings["template"]
+        self.write_parts = write_parts
+        self.drawer = view_source(model).load(model, settings, cache_dir)
 
     def prompt(self, mention: str, sentence: str) -> str:
-        text = render_prompt(self.template, mention, sentence)
-        return text if self.limit is None else fit_prompt(text, self.pipe.tokenizer, self.limit)
-
-    def generate_one(self, prompt: str, seed: int):
-        import torch
-
-        if isinstance(self.pipe, procedural.ProceduralPipeline):
-            return self.pipe.generate(prompt, seed, self.size), None
-
-        out = self.pipe(prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                        height=self.size, width=self.size, output_type="np",
-                        generator=torch.Generator("cpu").manual_seed(int(seed)))
-        nsfw = out.nsfw_content_detected
-        return out.images[0], (bool(nsfw[0]) if nsfw is not None else None)
+        return self.drawer.fit(render_prompt(self.template, mention, sentence))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         records = []
         for row in batch.to_pylist():
             prompt = self.prompt(row["mention"], row["sentence"])
-            image, nsfw = self.generate_one(prompt, row["seed"])
+            image, nsfw = self.drawer.draw(prompt, row["seed"])
             png = encode_png(image)
             rel = image_relpath(self.key, row["mention_id"], row["view"])
             storage.write_bytes(storage.join(self.dataset_uri, rel), png)
@@ -386,7 +446,8 @@ def _read_records(out: str) -> tuple[pa.Table, int]:
     return pa.concat_tables([t.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA) for t in tables]), len(parts)
 
 
-def _existing_images(dataset_uri: str, key: str) -> set[str]:
+def existing_images(dataset_uri: str, key: str) -> set[str]:
+    """Dataset-relative URIs of the PNGs under DATASET/synthetic/<key>/images/."""
     prefix = f"{SYNTHETIC_DIR}/{key}/{IMAGES}/"
     return {prefix + rel for rel in storage.list_files(storage.join(synthetic_uri(dataset_uri, key), IMAGES))}
 
@@ -428,7 +489,9 @@ def _requested_mentions(ds, splits, limit: int | None) -> pa.Table:
     return table.slice(0, limit) if limit is not None else table
 
 
-def _todo_table(mentions: pa.Table, views: int, seed: int, done: set[tuple[str, int]]) -> pa.Table:
+def todo_table(mentions: pa.Table, views: int, seed: int, done: set[tuple[str, int]]) -> pa.Table:
+    """The (mention, view) pairs still to draw, as ViewGenerator's input rows; `mentions` has mention_id,
+    mention and sentence."""
     rows = [{"mention_id": mid, "view": v, "seed": view_seed(seed, mid, v), "mention": m, "sentence": s}
             for mid, m, s in zip(mentions.column("mention_id").to_pylist(), mentions.column("mention").to_pylist(),
                                  mentions.column("sentence").to_pylist())
@@ -445,17 +508,19 @@ def _blocks(table: pa.Table, batch_size: int, max_blocks: int = 2000) -> list[pa
     return [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
 
 
-def _run_ray(todo: pa.Table, generator_kwargs: dict, *, batch_size: int, concurrency: int, num_gpus: float,
-             cpu_threads: int) -> pa.Table:
+def draw_views(todo: pa.Table, plan: Synthesis, dataset_uri: str, *, batch_size: int, concurrency: int,
+               num_gpus: float, write_parts: bool = True, gpu_setting: str = "synthesize.num_gpus") -> pa.Table:
+    """Draw `todo` (todo_table's rows) with a Ray Data pool of ViewGenerator actors into
+    DATASET/synthetic/<plan.key>/images/; returns their records. Used by the synthesize stage and by link."""
     import ray
 
     init_ray()
-    device = generator_kwargs["device"]
-    check_gpus("synthesize", num_gpus if device == "cuda" else 0, "synthesize.num_gpus")
+    on_gpu = plan.settings["device"] == "cuda"
+    check_gpus("synthesize", num_gpus if on_gpu else 0, gpu_setting)
     ds = ray.data.from_arrow(_blocks(todo, batch_size))
-    resources = {"num_gpus": num_gpus, "num_cpus": 1} if device == "cuda" else {"num_cpus": cpu_threads}
-    out = ds.map_batches(ViewGenerator, fn_constructor_kwargs=generator_kwargs, batch_size=batch_size,
-                         batch_format="pyarrow",
+    resources = {"num_gpus": num_gpus, "num_cpus": 1} if on_gpu else {"num_cpus": plan.settings["cpu_threads"]}
+    out = ds.map_batches(ViewGenerator, fn_constructor_kwargs=plan.generator_kwargs(dataset_uri, write_parts),
+                         batch_size=batch_size, batch_format="pyarrow",
                          # one queued batch per actor: a batch takes seconds, and deeper queues leave one actor
                          # idle at the end while another still holds several batches
                          compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
@@ -473,60 +538,46 @@ def _run_ray(todo: pa.Table, generator_kwargs: dict, *, batch_size: int, concurr
     return pa.concat_tables([t.cast(MANIFEST_SCHEMA) for t in got]) if got else MANIFEST_SCHEMA.empty_table()
 
 
-def synthesize(dataset_uri: str, model: str, views: int = _DEFAULTS.views, *, splits=SPLITS,
-               template: str = DEFAULT_TEMPLATE, steps: int = _DEFAULTS.steps, guidance: float = _DEFAULTS.guidance,
-               size: int = _DEFAULTS.size, scheduler: str = _DEFAULTS.scheduler, seed: int = _DEFAULTS.seed,
-               batch_size: int = _DEFAULTS.batch_size, concurrency: int = _DEFAULTS.concurrency,
-               num_gpus: float = _DEFAULTS.num_gpus, dtype: str | None = None, safety_checker: bool = False,
-               limit: int | None = None, revision: str | None = None,
+def synthesize(dataset_uri: str, model: str, cfg: SynthesizeConfig, *, splits=SPLITS, limit: int | None = None,
                cache_dir: str = DEFAULT_CACHE) -> dict[str, Any]:
-    """Draw `views` images for every mention of `splits` (the first `limit` only, if given) that does not have
-    them yet; write PNGs, manifest.parquet and complete.json under DATASET/synthetic/<key>/. Returns a summary
-    (key, uri, counts: pairs requested, skipped = already there, generated)."""
+    """Draw cfg.views images for every mention of `splits` (the first `limit` only, if given) that does not have
+    them yet; write PNGs, manifest.parquet and complete.json under DATASET/synthetic/<key>/. `cfg` is the
+    synthesize config section. Returns a summary (key, uri, counts: pairs requested, skipped = already there,
+    generated)."""
     t0 = time.perf_counter()
-    if views < 1 or batch_size < 1 or concurrency < 1:
+    views = cfg.views
+    if views < 1 or cfg.batch_size < 1 or cfg.concurrency < 1:
         raise UsageError("synthesize: views, batch_size and concurrency must be at least 1")
     if limit is not None and limit < 0:
         raise UsageError(f"synthesize: limit {limit} must not be negative")
     ds = load_dataset(dataset_uri)
     if isinstance(splits, str):
         splits = (splits,)
-    cpu_threads = cpu_threads_per_worker()
-    if not procedural.is_procedural(model):
-        model = pin_model(model, revision)     # workers load the very commit the key names
-    settings = synthesis_settings(model, template=template, steps=steps, guidance=guidance, size=size,
-                                  scheduler=scheduler, seed=seed, num_gpus=num_gpus, dtype=dtype,
-                                  safety_checker=safety_checker, revision=revision, cpu_threads=cpu_threads,
-                                  cache_dir=cache_dir)
-    key = synthesis_key(settings)
+    plan = plan_synthesis(model, cfg, cache_dir)     # workers load the very commit the key names
+    key, settings = plan.key, plan.settings
     out = synthetic_uri(dataset_uri, key)
     if not storage.exists(storage.join(out, SETTINGS)):
         from importlib.metadata import version  # not `import diffusers`: the driver needs no torch
 
         storage.write_json(storage.join(out, SETTINGS), {
-            "key": key, "settings": settings, "model": str(model),
+            "key": key, "settings": settings, "model": plan.model,
             "created_with": {"mel_ray": __version__, "diffusers": version("diffusers"), "torch": version("torch")},
             "created_at": datetime.now(UTC).isoformat(timespec="seconds")})
 
     mentions = _requested_mentions(ds, splits, limit)
     records, n_parts = _read_records(out)
-    existing = _existing_images(dataset_uri, key)
+    existing = existing_images(dataset_uri, key)
     done = {(m, v) for m, v, u in zip(records.column("mention_id").to_pylist(), records.column("view").to_pylist(),
                                       records.column("uri").to_pylist()) if u in existing}
-    todo = _todo_table(mentions, views, seed, done)
+    todo = todo_table(mentions, views, cfg.seed, done)
     pairs = mentions.num_rows * views
     log.info("synthesize %s -> %s: %d mentions x %d views = %d images; %d already there (skipped), %d to do",
              dataset_uri, key, mentions.num_rows, views, pairs, pairs - todo.num_rows, todo.num_rows)
 
     new = MANIFEST_SCHEMA.empty_table()
     if todo.num_rows:
-        device, dtype_ = resolve_device_dtype(num_gpus, dtype)
-        kwargs = {"dataset_uri": dataset_uri, "key": key, "model": str(model), "template": template,
-                  "steps": int(steps), "guidance": float(guidance), "size": int(size), "scheduler": scheduler,
-                  "device": device, "dtype": dtype_, "safety_checker": bool(safety_checker),
-                  "cache_dir": cache_dir, "cpu_threads": cpu_threads}
-        new = _run_ray(todo, kwargs, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
-                       cpu_threads=cpu_threads)
+        new = draw_views(todo, plan, dataset_uri, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
+                         num_gpus=cfg.num_gpus)
         existing |= set(new.column("uri").to_pylist())
 
     complete_uri = storage.join(out, COMPLETE)

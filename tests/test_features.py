@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from mel_ray import storage
-from mel_ray.config import IngestConfig
+from mel_ray.config import FeaturesConfig, IngestConfig
 from mel_ray.dataset import SPLITS, load_dataset
 from mel_ray.demo_data import make_demo_data
 from mel_ray.errors import DataError, UsageError
@@ -46,6 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SYNTH = "synthkey0"
 N_S = 3
 SMALL = {"micro_batch": 4, "shard_rows": 16, "quiet": True}    # many shards and units on a small dataset
+
+
+def fc(**changes) -> FeaturesConfig:
+    """The features config section of these tests: CPU encoders + `changes`."""
+    return FeaturesConfig(**{"num_gpus": 0, **changes})
+
 SYNTH_SCHEMA = pa.schema([("mention_id", pa.string()), ("view", pa.int32()), ("seed", pa.int64()),
                           ("prompt", pa.string()), ("uri", pa.string()), ("sha256", pa.string())])
 
@@ -96,7 +102,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def reference(world, ray_local) -> dict:
     """batch_size 1, one actor: every other run must produce these exact bytes."""
-    manifest = extract_features(world.ds, world.clip, synthetic_key=SYNTH, batch_size=1, concurrency=1,
+    manifest = extract_features(world.ds, world.clip, fc(batch_size=1, concurrency=1), synthetic_key=SYNTH,
                                 features_root=str(world.root / "f-ref"), **SMALL)
     return {"manifest": manifest, "files": _files(manifest["uri"])}
 
@@ -177,16 +183,16 @@ def test_preprocessing_is_bit_identical_to_transformers_pil_backend(sizes):
 
 def test_unknown_or_unfinished_synthetic_key_is_a_data_error(world, tmp_path):
     with pytest.raises(DataError, match="synthesize"):
-        extract_features(world.ds, world.clip, synthetic_key="nope", engine="local", **SMALL)
+        extract_features(world.ds, world.clip, fc(), synthetic_key="nope", engine="local", **SMALL)
     ds_uri = str(tmp_path / "ds")
     shutil.copytree(world.ds, ds_uri)
     (Path(ds_uri) / "synthetic" / SYNTH / "complete.json").unlink()          # a synthesize run that did not finish
     with pytest.raises(DataError, match="complete"):
-        extract_features(ds_uri, world.clip, synthetic_key=SYNTH, engine="local", **SMALL)
+        extract_features(ds_uri, world.clip, fc(), synthetic_key=SYNTH, engine="local", **SMALL)
 
 
 def test_views_limits_synthetic_views_to_the_first_n(world, reference, tmp_path):
-    out = extract_features(world.ds, world.clip, synthetic_key=SYNTH, views=2, engine="local",
+    out = extract_features(world.ds, world.clip, fc(), synthetic_key=SYNTH, views=2, engine="local",
                            features_root=str(tmp_path), **SMALL)
     assert out["key"] != reference["manifest"]["key"] and out["shapes"]["synthetic_global"] == [2, 32]
     full = load_features(reference["manifest"]["uri"], "mentions/train")
@@ -310,8 +316,8 @@ def test_synthetic_rows_match_the_synthetic_manifest(world, reference):
 def test_rerun_skips_everything(world, reference):
     uri = reference["manifest"]["uri"]
     before = {p: p.stat().st_mtime_ns for p in Path(uri).rglob("*") if p.is_file()}
-    again = extract_features(world.ds, world.clip, synthetic_key=SYNTH, features_root=str(world.root / "f-ref"),
-                             **SMALL)
+    again = extract_features(world.ds, world.clip, fc(), synthetic_key=SYNTH,
+                             features_root=str(world.root / "f-ref"), **SMALL)
     assert again["run"]["shards_written"] == 0 and again["run"]["shards_skipped"] == len(before) - 1
     assert {p: p.stat().st_mtime_ns for p in Path(uri).rglob("*") if p.is_file()} == before
 
@@ -322,8 +328,8 @@ def test_rerun_skips_everything(world, reference):
 # batch_size 1 vs 7 with one actor is also checked by test_round_trip_on_s3 (batch_size 7, one actor)
 @pytest.mark.parametrize("batch_size,concurrency,engine", [(7, 2, "ray"), (64, 1, "local")])
 def test_output_does_not_depend_on_batch_size_actors_or_engine(world, reference, batch_size, concurrency, engine):
-    out = extract_features(world.ds, world.clip, synthetic_key=SYNTH, batch_size=batch_size, concurrency=concurrency,
-                           engine=engine, features_root=str(world.root / f"f-{batch_size}-{concurrency}-{engine}"),
+    out = extract_features(world.ds, world.clip, fc(batch_size=batch_size, concurrency=concurrency),
+                           synthetic_key=SYNTH, engine=engine, features_root=str(world.root / f"f-{batch_size}-{concurrency}-{engine}"),
                            **SMALL)
     assert out["key"] == reference["manifest"]["key"]
     files = _files(out["uri"])
@@ -359,7 +365,7 @@ def test_corrupt_and_missing_images_are_counted_and_flagged(world, tmp_path):
     rows = [{**r, "sha256": sha256_hex(garbage)} if r["uri"] == v_bad["uri"] else r for r in rows]
     storage.write_table(ds.path("synthetic", SYNTH, "manifest.parquet"), pa.Table.from_pylist(rows, schema=SYNTH_SCHEMA))
 
-    out = extract_features(ds_uri, world.clip, synthetic_key=SYNTH, engine="local", **SMALL)
+    out = extract_features(ds_uri, world.clip, fc(), synthetic_key=SYNTH, engine="local", **SMALL)
     c = out["counters"]
     assert c["entities"]["undecodable"] == 1 and c["entities"]["examples"]["undecodable"] == \
         [ds.resolve_uri(bad_ent["image_uris"][0])]
@@ -394,8 +400,9 @@ def slow_write(uri, table):          # slow writes, so the kill lands mid-run
     write(uri, table)
     time.sleep(1.0)
 shards.write_shard = slow_write
-f.extract_features(sys.argv[1], sys.argv[2], synthetic_key=sys.argv[3], features_root=sys.argv[4],
-                   batch_size=1, micro_batch=4, shard_rows=16)
+from mel_ray.config import FeaturesConfig
+f.extract_features(sys.argv[1], sys.argv[2], FeaturesConfig(batch_size=1, num_gpus=0), synthetic_key=sys.argv[3],
+                   features_root=sys.argv[4], micro_batch=4, shard_rows=16)
 """
 
 
@@ -424,7 +431,8 @@ def test_sigkill_mid_run_then_resume_gives_identical_output(world, reference, ra
     survivors = {p: p.stat().st_mtime_ns for p in key_dir.rglob("part-*.parquet")}
     assert 2 <= len(survivors) < total and not (key_dir / MANIFEST).exists()
 
-    out = extract_features(world.ds, world.clip, synthetic_key=SYNTH, features_root=str(root), batch_size=64, **SMALL)
+    out = extract_features(world.ds, world.clip, fc(batch_size=64), synthetic_key=SYNTH, features_root=str(root),
+                           **SMALL)
     assert out["run"]["shards_skipped"] == len(survivors)
     assert {p: p.stat().st_mtime_ns for p in survivors} == survivors, "finished shards must not be redone"
     files = _files(out["uri"])
@@ -438,7 +446,7 @@ def test_round_trip_on_s3(world, reference, ray_local, s3_bucket, s3_client):
     ds_uri = f"{s3_bucket}/datasets/feat"
     ingest("mimic", str(world.root / "raw"), ds_uri, name="feat", options=IngestConfig())
     make_synthetic(ds_uri)
-    out = extract_features(ds_uri, world.clip, synthetic_key=SYNTH, batch_size=7, concurrency=1, **SMALL)
+    out = extract_features(ds_uri, world.clip, fc(batch_size=7, concurrency=1), synthetic_key=SYNTH, **SMALL)
     assert out["uri"] == f"{ds_uri}/features/{reference['manifest']['key']}"   # same tables -> same key
     files = _files(out["uri"])
     assert sorted(files) == sorted(reference["files"])
@@ -456,7 +464,7 @@ def test_gpu_stages_fail_fast_on_a_cluster_without_gpus_unless_it_autoscales(wor
 
     monkeypatch.delenv(AUTOSCALING, raising=False)
     with pytest.raises(UsageError, match=r"extract-features: num_gpus=1 .* has 0 GPUs .*features\.num_gpus=0"):
-        extract_features(world.ds, world.clip, features_root=str(tmp_path / "f"), num_gpus=1, **SMALL)
+        extract_features(world.ds, world.clip, fc(num_gpus=1), features_root=str(tmp_path / "f"), **SMALL)
     assert not (tmp_path / "f").exists() or not any((tmp_path / "f").rglob("*.parquet"))
     check_gpus("extract-features", 0, "features.num_gpus")        # CPU encoders need no GPU
     monkeypatch.setenv(AUTOSCALING, "1")                          # GPU nodes may still come: submit and wait

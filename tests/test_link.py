@@ -24,6 +24,7 @@ SETTINGS = ["synthesize.views=2", "synthesize.steps=2", "synthesize.size=32", "m
 @pytest.fixture(scope="module")
 def linked_setup(tmp_path_factory, ray_local):
     from mel_ray.checkpoints import export_model
+    from mel_ray.config import FeaturesConfig
     from mel_ray.dataset import load_dataset
     from mel_ray.demo_data import make_demo_data
     from mel_ray.eval.evaluate import evaluate
@@ -41,13 +42,11 @@ def linked_setup(tmp_path_factory, ray_local):
     ingest("mimic", str(root / "raw"), ds, name="d", options=IngestConfig())
     cfg = load_config(None, [*SETTINGS, f"models.clip={models['clip']}",
                              f"models.diffusion={models['stable-diffusion']}"])
-    s = cfg.synthesize
-    views = synthesize(ds, cfg.models.diffusion, views=s.views, template=s.template, steps=s.steps,
-                       guidance=s.guidance, size=s.size, scheduler=s.scheduler, seed=s.seed, splits=("test",),
-                       batch_size=4, num_gpus=0)
+    views = synthesize(ds, cfg.models.diffusion, cfg.synthesize.model_copy(update={"batch_size": 4, "num_gpus": 0}),
+                       splits=("test",))
     # micro_batch 1: one CLIP forward per mention, as the linker encodes, so the features are bit-identical
-    features = extract_features(ds, cfg.models.clip, synthetic_key=views["key"], views=2, splits=("test",),
-                                micro_batch=1, engine="local", quiet=True)["uri"]
+    features = extract_features(ds, cfg.models.clip, FeaturesConfig(num_gpus=0), synthetic_key=views["key"],
+                                views=2, splits=("test",), micro_batch=1, engine="local", quiet=True)["uri"]
     torch.manual_seed(3)
     dims = ModelDims(**model_dims_from(read_manifest(features)), dt=32, dv=16)
     net = MELModel(dims)                              # a real (untrained) model: its scores are real scores

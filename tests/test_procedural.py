@@ -75,19 +75,19 @@ def test_unknown_procedural_model_is_refused():
 
 
 def test_synthesize_writes_the_contract_with_a_key_of_its_own(tmp_path, ray_local):
-    from mel_ray.config import IngestConfig
+    from mel_ray.config import IngestConfig, SynthesizeConfig
     from mel_ray.ingest import ingest
     from mel_ray.synthesize import load_synthetic, synthesis_key, synthesis_settings, synthesize
 
     dd.make_demo_data(str(tmp_path / "raw"), n_entities=30, n_mentions=20, seed=1)
     dataset = str(tmp_path / "ds")
     ingest("mimic", str(tmp_path / "raw"), dataset, options=IngestConfig())
-    summary = synthesize(dataset, "procedural:demo", views=2, size=64, num_gpus=0, batch_size=8, limit=5,
-                         splits=("train",))
+    section = SynthesizeConfig(views=2, size=64, num_gpus=0, batch_size=8)
+    summary = synthesize(dataset, "procedural:demo", section, limit=5, splits=("train",))
     assert summary["generated"] == 10 and summary["settings"]["model"]["procedural"] == "procedural:demo"
     # same settings with a diffusion model's identity in place of the stand-in's: another folder
     assert synthesis_key(dict(summary["settings"], model={"fingerprint": "0" * 64})) != summary["key"]
-    assert synthesis_key(synthesis_settings("procedural:demo", size=64, num_gpus=0)) == summary["key"]
+    assert synthesis_key(synthesis_settings("procedural:demo", section)) == summary["key"]
 
     views = load_synthetic(dataset, summary["key"])
     rows = views.manifest.to_pylist()
@@ -99,5 +99,6 @@ def test_synthesize_writes_the_contract_with_a_key_of_its_own(tmp_path, ray_loca
     assert np.array_equal(img, procedural.draw(first["prompt"], first["seed"], 64))
     assert pq.read_table(tmp_path / "ds" / "synthetic" / summary["key"] / "manifest.parquet").num_rows == 10
 
-    again = synthesize(dataset, "procedural:demo", views=2, size=64, num_gpus=0, limit=5, splits=("train",))
+    again = synthesize(dataset, "procedural:demo", section.model_copy(update={"batch_size": 1}), limit=5,
+                       splits=("train",))
     assert again["generated"] == 0 and again["key"] == summary["key"]

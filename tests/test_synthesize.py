@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pytest
 
 from mel_ray import storage
-from mel_ray.config import IngestConfig
+from mel_ray.config import IngestConfig, SynthesizeConfig
 from mel_ray.dataset import SPLITS, load_dataset, mentions_table, write_dataset
 from mel_ray.errors import UsageError
 from mel_ray.keys import sha256_hex, stable_seed
@@ -43,6 +43,11 @@ RUN = {"steps": 2, "size": 32, "num_gpus": 0}          # + template, guidance, s
 PAIR_IDS = ("wikidm:demo/pair-1", "wikidm:demo/pair-2")   # two mentions of one sentence, ids with '/' and ':'
 PAIR_SENTENCE = "Alice Smith and Bob Jones shake hands in front of the old town hall."
 LONG_ID = "demo:long"
+
+
+def cfg(**changes) -> SynthesizeConfig:
+    """The synthesize config section of these tests: RUN + `changes`."""
+    return SynthesizeConfig(**{**RUN, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +110,7 @@ def _output(files: dict[str, str]) -> dict[str, str]:
 def reference(ray_local, sd, base_ds, tmp_path_factory) -> dict:
     """An uninterrupted run, one image per Ray batch, one actor, both views at once."""
     ds = _copy(base_ds, tmp_path_factory.mktemp("ref") / "ds")
-    summary = synthesize(ds, sd, views=2, batch_size=1, concurrency=1, **RUN)
+    summary = synthesize(ds, sd, cfg(views=2, batch_size=1, concurrency=1))
     return {"ds": ds, "summary": summary, "key": summary["key"], "files": _files(summary["uri"]),
             "manifest_bytes": storage.read_bytes(summary["manifest"])}
 
@@ -129,7 +134,7 @@ def test_prompts_fit_the_text_encoder_and_name_the_mention(sd):
     assert len(tok(fit_prompt("x" * 2000, tok, 20))["input_ids"]) <= 20
     for bad in ("{mention} {caption}", "{} {sentence}", "{0}"):
         with pytest.raises(UsageError):
-            synthesis_settings(sd, template=bad, **RUN)
+            synthesis_settings(sd, cfg(template=bad))
 
 
 def test_file_names_are_safe_and_unique():
@@ -145,26 +150,27 @@ def test_file_names_are_safe_and_unique():
 
 
 def test_key_covers_what_changes_pixels_and_only_that(sd, tmp_path):
-    base = synthesis_settings(sd, **RUN)
-    assert synthesis_key(base) == synthesis_key(synthesis_settings(sd, **RUN))
+    base = synthesis_settings(sd, cfg())
+    assert synthesis_key(base) == synthesis_key(synthesis_settings(sd, cfg()))
     # a copied model folder is the same model; a changed weight is not
     copy = tmp_path / "sd-copy"
     shutil.copytree(sd, copy)
-    assert synthesis_key(synthesis_settings(str(copy), **RUN)) == synthesis_key(base)
+    assert synthesis_key(synthesis_settings(str(copy), cfg())) == synthesis_key(base)
     weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    keys = {synthesis_key(base), synthesis_key(synthesis_settings(str(copy), **RUN))}
+    keys = {synthesis_key(base), synthesis_key(synthesis_settings(str(copy), cfg()))}
     for change in ({"seed": 1}, {"steps": 3}, {"size": 64}, {"guidance": 5.0}, {"scheduler": "ddim"},
                    {"template": "A photo of {mention}"}, {"dtype": "bfloat16"}, {"cpu_threads": 2},
                    {"num_gpus": 1}):
-        keys.add(synthesis_key(synthesis_settings(sd, **{**RUN, **change})))
+        threads = change.pop("cpu_threads", None)       # the workers' torch threads: not a config value
+        keys.add(synthesis_key(synthesis_settings(sd, cfg(**change), cpu_threads=threads)))
     assert len(keys) == 11
     with pytest.raises(UsageError, match="no safety checker"):      # the tiny model has none
-        synthesis_settings(sd, **{**RUN, "safety_checker": True})
+        synthesis_settings(sd, cfg(safety_checker=True))
     with pytest.raises(UsageError):
-        synthesis_settings(sd, **{**RUN, "scheduler": "nope"})
+        synthesis_settings(sd, cfg(scheduler="nope"))
 
 
 # ------------------------------------------------------------------------------------------- with Ray
@@ -198,13 +204,11 @@ def test_reference_run_layout_and_prompts(reference, sd):
     assert long.startswith("An image of Cathedral: word0 ") and len(long) < 600
     # the same settings again: same key, nothing generated, nothing rewritten
     before = os.stat(summary["manifest"]).st_mtime_ns
-    again = synthesize(ds, sd, views=2, batch_size=4, concurrency=2, **RUN)
+    again = synthesize(ds, sd, cfg(views=2, batch_size=4, concurrency=2))
     assert (again["key"], again["generated"], again["skipped"]) == (key, 0, 2 * n)
     assert os.stat(summary["manifest"]).st_mtime_ns == before
-    # the plain in-process generator gives the very same bytes as the Ray actors
-    gen = ViewGenerator(dataset_uri=ds, key="plain", model=sd, template=settings["settings"]["template"],
-                        scheduler="dpmsolver++", device="cpu", dtype="float32", guidance=7.5, cpu_threads=1,
-                        write_parts=False, steps=2, size=32)
+    # the plain in-process generator, given the key's settings, gives the very same bytes as the Ray actors
+    gen = ViewGenerator(dataset_uri=ds, key="plain", model=sd, settings=settings["settings"], write_parts=False)
     batch = pa.Table.from_pylist([{"mention_id": PAIR_IDS[1], "view": 1, "seed": by[(PAIR_IDS[1], 1)]["seed"],
                                    "mention": "Bob Jones", "sentence": PAIR_SENTENCE}])
     plain = gen(batch).to_pylist()[0]
@@ -215,7 +219,7 @@ def test_reference_run_layout_and_prompts(reference, sd):
 def batched(reference, sd, base_ds, tmp_path_factory) -> dict:
     """The same work in batches of 3 over 2 actors."""
     ds = _copy(base_ds, tmp_path_factory.mktemp("batched") / "ds")
-    return {"ds": ds, "summary": synthesize(ds, sd, views=2, batch_size=3, concurrency=2, **RUN)}
+    return {"ds": ds, "summary": synthesize(ds, sd, cfg(views=2, batch_size=3, concurrency=2))}
 
 
 def test_batch_size_and_actor_count_do_not_change_a_byte(reference, batched, sd):
@@ -224,7 +228,7 @@ def test_batch_size_and_actor_count_do_not_change_a_byte(reference, batched, sd)
     assert _output(_files(summary["uri"])) == _output(reference["files"])
     assert storage.read_bytes(summary["manifest"]) == reference["manifest_bytes"]
     # fewer views than exist: nothing to do, the manifest keeps listing every view that exists
-    fewer = synthesize(batched["ds"], sd, views=1, batch_size=3, concurrency=2, **RUN)
+    fewer = synthesize(batched["ds"], sd, cfg(views=1, batch_size=3, concurrency=2))
     assert (fewer["generated"], fewer["images"]) == (0, summary["images"])
 
 
@@ -232,14 +236,14 @@ def test_more_views_later_and_other_settings_elsewhere(batched, sd):
     ds, first = batched["ds"], batched["summary"]
     manifest_bytes = storage.read_bytes(first["manifest"])
     # views are not part of the key: asking for a third view generates only that one
-    more = synthesize(ds, sd, views=3, limit=2, batch_size=2, concurrency=1, **RUN)
+    more = synthesize(ds, sd, cfg(views=3, batch_size=2, concurrency=1), limit=2)
     assert more["key"] == first["key"]
     assert (more["generated"], more["skipped"], more["images"]) == (2, 4, first["images"] + 2)
     assert more["complete_views"] == first["complete_views"]          # only 2 mentions have a third view
     rows = storage.read_table(more["manifest"])
     assert rows.filter(pc.equal(rows.column("view"), 2)).num_rows == 2
     # another seed: another key, another folder; the first one is left alone
-    other = synthesize(ds, sd, views=1, seed=1, limit=2, batch_size=2, concurrency=1, **RUN)
+    other = synthesize(ds, sd, cfg(views=1, seed=1, batch_size=2, concurrency=1), limit=2)
     assert other["key"] != first["key"] and other["generated"] == 2
     assert set(list_keys(ds)) == {first["key"], other["key"]}
     old = {(r["mention_id"], r["view"]): r for r in storage.read_table(first["manifest"]).to_pylist()}
@@ -278,8 +282,10 @@ def test_killed_run_resumes_with_only_the_missing_pairs(reference, sd, base_ds, 
     key = reference["key"]
     out = Path(ds) / "synthetic" / key
     script = textwrap.dedent(f"""
+        from mel_ray.config import SynthesizeConfig
         from mel_ray.synthesize import synthesize
-        synthesize({ds!r}, {sd!r}, views=2, batch_size=1, concurrency=1, steps=2, size=32, num_gpus=0)
+        synthesize({ds!r}, {sd!r}, SynthesizeConfig(views=2, batch_size=1, concurrency=1, steps=2, size=32,
+                                                    num_gpus=0))
     """)
     env = {**os.environ, "RAY_ADDRESS": ray_local.address_info["gcs_address"]}   # + the session's token
     log = tmp_path / "killed-run.log"            # a file, not a pipe: a full pipe would stall the run
@@ -304,7 +310,7 @@ def test_killed_run_resumes_with_only_the_missing_pairs(reference, sd, base_ds, 
     parts = [storage.read_table(str(p)) for p in _finished_parts(out)]
     recorded = sum(t.num_rows for t in parts)
     assert 3 <= recorded < n_pairs
-    resumed = synthesize(ds, sd, views=2, batch_size=3, concurrency=1, **RUN)
+    resumed = synthesize(ds, sd, cfg(views=2, batch_size=3, concurrency=1))
     assert resumed["key"] == key
     assert (resumed["skipped"], resumed["generated"]) == (recorded, n_pairs - recorded)
     assert _output(_files(resumed["uri"])) == _output(reference["files"])
@@ -320,7 +326,7 @@ def test_s3_round_trip_and_view_grid(reference, sd, base_ds, s3_bucket, s3_clien
         if not rel.startswith("synthetic/"):
             storage.copy_file(str(base_ds / rel), f"{ds}/{rel}")
     dev = load_dataset(ds).mentions("dev").column("mention_id").to_pylist()
-    summary = synthesize(ds, sd, views=1, splits=("dev",), batch_size=2, concurrency=1, **RUN)
+    summary = synthesize(ds, sd, cfg(views=1, batch_size=2, concurrency=1), splits=("dev",))
     assert summary["key"] == reference["key"] and summary["generated"] == len(dev)
     assert summary["complete_views"]["dev"] == 1 and summary["complete_views"]["train"] == 0
     bucket = s3_bucket.removeprefix("s3://")
@@ -335,7 +341,7 @@ def test_s3_round_trip_and_view_grid(reference, sd, base_ds, s3_bucket, s3_clien
         assert r == ref[(r["mention_id"], 0)]                     # same bytes as on local disk
         body = s3_client.get_object(Bucket=bucket, Key=f"datasets/synth/{r['uri']}")["Body"].read()
         assert sha256_hex(body) == r["sha256"]
-    assert synthesize(ds, sd, views=1, splits=("dev",), **RUN)["generated"] == 0
+    assert synthesize(ds, sd, cfg(views=1), splits=("dev",))["generated"] == 0
 
     grid_uri = show_views(ds, None, [PAIR_IDS[0], dev[0]], f"{s3_bucket}/grids/dev.png")
     grid = Image.open(io.BytesIO(storage.read_bytes(grid_uri)))
@@ -344,3 +350,57 @@ def test_s3_round_trip_and_view_grid(reference, sd, base_ds, s3_bucket, s3_clien
     assert Image.open(local).size[0] >= 3 * 160                     # mention image + 2 views
     with pytest.raises(UsageError):
         show_views(reference["ds"], None, ["no-such-mention"], str(tmp_path / "x.png"))
+
+
+# ------------------------------------------------------------------------------ the CLI runs the job's stage
+
+
+def _last_json(text: str) -> dict:
+    import json
+
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def _run_job(script: str, argv: list[str], monkeypatch) -> None:
+    """jobs/<script> as `python jobs/<script> ARGV` runs it (in this process, so it uses the test's Ray)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ROOT / "jobs" / script), run_name="__main__")
+    assert done.value.code == 0
+
+
+def test_cli_and_job_write_the_same_keys_for_the_same_config(reference, sd, tmp_path, capsys, monkeypatch):
+    """`mel-ray synthesize / extract-features` with flags == jobs/synthesize.py / extract_features.py with the
+    same values in the config: the same stage, the same synthetic and features keys (the CLI once forgot
+    `views=` and keyed features differently)."""
+    import yaml
+
+    from mel_ray import cli
+    from mel_ray.tiny_models import make_tiny_models
+
+    ds = reference["ds"]
+    clip = make_tiny_models(str(Path(sd).parent))["clip"]      # complete already: only returns the paths
+    section = {**RUN, "views": 2, "batch_size": 4}
+    common = {"synthesize": section, "features": {"num_gpus": 0, "batch_size": 16}}
+    job_cfg, cli_cfg = tmp_path / "job.yaml", tmp_path / "cli.yaml"
+    job_cfg.write_text(yaml.safe_dump({"data": {"dataset": ds}, "models": {"diffusion": sd, "clip": clip},
+                                       **common}))
+    cli_cfg.write_text(yaml.safe_dump({**common, "synthesize": {**section, "views": 1}}))  # --views wins
+
+    _run_job("synthesize.py", ["--config", str(job_cfg)], monkeypatch)
+    job = _last_json(capsys.readouterr().out)
+    assert cli.main(["synthesize", "--config", str(cli_cfg), "--dataset", ds, "--model", sd, "--views", "2"]) == 0
+    by_cli = _last_json(capsys.readouterr().out)
+    assert job["key"] == by_cli["key"] == reference["key"] and job["skipped"] and by_cli["skipped"]
+
+    _run_job("extract_features.py", ["--config", str(job_cfg)], monkeypatch)
+    job = _last_json(capsys.readouterr().out)
+    assert cli.main(["extract-features", "--config", str(cli_cfg), "--dataset", ds, "--model", clip,
+                     "--set", f"models.diffusion={sd}", "--views", "2"]) == 0
+    by_cli = _last_json(capsys.readouterr().out)
+    assert not job["skipped"] and by_cli["skipped"]            # the CLI found the job's complete output
+    assert by_cli["key"] == job["key"] and by_cli["uri"] == job["uri"]
+    manifest = storage.read_json(storage.join(job["uri"], "manifest.json"))
+    assert manifest["settings"]["synthetic"] == reference["key"] and manifest["settings"]["synthetic_views"] == 2

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from mel_ray import models, storage
-from mel_ray.models import load_clip, load_diffusion, resolve_model
+from mel_ray.models import load_clip, resolve_model
+from mel_ray.synthesize import load_pipeline
 from mel_ray.tiny_models import MARKER, make_tiny_models
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # conftest sets it too; nothing here may touch the hub
@@ -162,7 +163,7 @@ def test_clip_loads_and_encodes(tiny):
 def test_stable_diffusion_generates_deterministically(tiny):
     from diffusers import StableDiffusionPipeline
 
-    pipe = load_diffusion(tiny[1]["stable-diffusion"])
+    pipe = load_pipeline(tiny[1]["stable-diffusion"], scheduler="model")     # the one loader production uses
     assert isinstance(pipe, StableDiffusionPipeline) and pipe.safety_checker is None
     prompts = [f"An image of John Murphy: the painter number {i} poses for a portrait." for i in range(8)]
 
@@ -195,7 +196,7 @@ def test_resolve_model_local_paths_and_hub_ids(tmp_path, monkeypatch):
     (tmp_path / "rel").mkdir()
     assert resolve_model("rel") == "rel"
     assert resolve_model("openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"
-    for load in (load_clip, load_diffusion):   # offline: the library's own error, no silent fallback
+    for load in (load_clip, load_pipeline):   # offline: the library's own error, no silent fallback
         with pytest.raises(OSError):
             load("mel-ray-tests/certainly-not-a-cached-model")
 
@@ -230,7 +231,7 @@ def test_models_on_s3_are_fetched_once_into_the_cache(tiny, s3_bucket, tmp_path,
     (local / "model.safetensors").write_bytes(b"truncated")
     again = Path(resolve_model(paths["clip"], cache_dir=str(cache)))
     assert again == local and _hashes(again) == local_hashes
-    pipe = load_diffusion(paths["stable-diffusion"], cache_dir=str(cache))
+    pipe = load_pipeline(paths["stable-diffusion"], cache_dir=str(cache))
     assert pipe.unet.config.sample_size == 16
     with pytest.raises(FileNotFoundError):
         resolve_model(f"{s3_bucket}/nothing-here", cache_dir=str(cache))
@@ -273,4 +274,21 @@ def test_hub_ids_are_pinned_to_the_commit_their_revision_points_at(tiny):
     pinned, _ = load_clip(f"{clip_id}@{commit}")
     local, _ = load_clip(str(tiny[0] / "clip"))
     assert all(torch.equal(a, b) for a, b in zip(pinned.state_dict().values(), local.state_dict().values()))
-    assert load_diffusion(f"{sd_id}@{commit}").unet.config.sample_size == 16
+    assert load_pipeline(f"{sd_id}@{commit}").unet.config.sample_size == 16
+
+
+def test_one_fingerprint_and_one_hash_cache_for_every_stage(tiny, tmp_path):
+    """features and synthesize name a local model folder by models.model_fingerprint; its file hashes are
+    cached once, in cache_dir/fingerprints.json, whichever stage asked first."""
+    from mel_ray.config import SynthesizeConfig
+    from mel_ray.features import model_fingerprint
+    from mel_ray.synthesize import synthesis_settings
+
+    cache = str(tmp_path / "cache")
+    clip, sd = tiny[1]["clip"], tiny[1]["stable-diffusion"]
+    assert model_fingerprint(clip, cache) == {"content": models.model_fingerprint(clip, cache)}
+    settings = synthesis_settings(sd, SynthesizeConfig(num_gpus=0), cache)
+    assert settings["model"] == {"fingerprint": models.model_fingerprint(sd, cache)}
+    hashed = json.loads((tmp_path / "cache" / models.FINGERPRINTS).read_text())
+    assert any(p.endswith("unet/diffusion_pytorch_model.safetensors") for p in hashed)
+    assert any(p.endswith("clip/model.safetensors") or "/clip/" in p for p in hashed)

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ray_local):
+    from mel_ray.config import FeaturesConfig
     from mel_ray.demo_data import make_demo_data
     from mel_ray.features import extract_features
     from mel_ray.ingest import ingest
@@ -27,7 +28,8 @@ def prepared(tmp_path_factory, ray_local):
     models = make_tiny_models(str(root / "models"))
     make_demo_data(str(root / "raw"), n_entities=80, n_mentions=120, seed=0)
     ingest("mimic", str(root / "raw"), str(root / "ds"), name="d", options=IngestConfig())
-    features = extract_features(str(root / "ds"), models["clip"], engine="local", quiet=True)
+    features = extract_features(str(root / "ds"), models["clip"], FeaturesConfig(num_gpus=0), engine="local",
+                                quiet=True)
     return root, features["uri"]
 
 

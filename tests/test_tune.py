@@ -28,6 +28,7 @@ SWEEP = ["tune.name=t", "tune.k=[2,4]", "tune.views=[2]", "tune.max_concurrent_t
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ray_local):
+    from mel_ray.config import FeaturesConfig
     from mel_ray.demo_data import make_demo_data
     from mel_ray.features import extract_features
     from mel_ray.ingest import ingest
@@ -41,7 +42,8 @@ def prepared(tmp_path_factory, ray_local):
     ingest("mimic", str(root / "raw"), ds, name="d", options=IngestConfig())
     mine_negatives(ds, k=4, num_workers=0)
     make_synthetic(ds, key="views", n_s=2)
-    features = extract_features(ds, models["clip"], synthetic_key="views", engine="local", quiet=True)["uri"]
+    features = extract_features(ds, models["clip"], FeaturesConfig(num_gpus=0), synthetic_key="views", engine="local",
+                                quiet=True)["uri"]
     return root, ds, features
 
 

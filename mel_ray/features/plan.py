@@ -8,14 +8,13 @@ import hashlib
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mel_ray import storage
+from mel_ray import models, storage
 from mel_ray.dataset import ENTITIES, SPLITS, load_dataset, mentions_path
 from mel_ray.errors import DataError, UsageError
 from mel_ray.features.inputs import (
@@ -33,48 +32,20 @@ from mel_ray.features.inputs import (
 )
 from mel_ray.features.shards import FORMAT_VERSION
 from mel_ray.keys import settings_key, sha256_hex
-from mel_ray.models import DEFAULT_CACHE, is_hub_id, pin_model, pretrained_args, resolve_model
+from mel_ray.models import DEFAULT_CACHE, is_hub_id, pretrained_args
 
 DEFAULT_MICRO_BATCH = 32
 DEFAULT_SHARD_ROWS = 1024
-_SMALL_FILES = (".json", ".txt", ".model")   # configs, tokenizer, processor
 
 
 # ---------------------------------------------------------------------------------------- model identity
 
 
-_SHA_CACHE: dict[tuple, str] = {}
-
-
-def _file_sha(path: str) -> str:
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-
 def model_fingerprint(model: str, cache_dir: str = DEFAULT_CACHE) -> dict[str, Any]:
-    """A hub id is its pinned form `id@<commit>` (mel_ray.models.pin_model); a local or s3:// folder is
-    fingerprinted by content: sha256 of its configs, tokenizer and processor files and of its weights
-    (safetensors if any, else .bin), so a copy elsewhere has the same fingerprint and a retrained checkpoint at
-    the same path does not."""
-    if is_hub_id(str(model)):
-        return {"id": pin_model(str(model))}
-    path = resolve_model(str(model), cache_dir)
-    files = [f for f in storage.list_files(path) if not os.path.basename(f).startswith(".")]
-    weights = [f for f in files if f.endswith(".safetensors")] or [f for f in files if f.endswith(".bin")]
-    chosen = sorted([f for f in files if f.endswith(_SMALL_FILES)] + weights)
-    if not weights:
-        raise UsageError(f"{model}: no model weights (*.safetensors or *.bin) in {path}")
-    digest = hashlib.sha256()
-    for rel in chosen:
-        digest.update(f"{rel}\0{_file_sha(os.path.join(path, rel))}\n".encode())
-    return {"content": digest.hexdigest(), "files": len(chosen)}
+    """The CLIP model's identity in the features key (mel_ray.models.model_fingerprint): a hub id as its pinned
+    form `id@<commit>`, a local or s3:// folder by the content of what from_pretrained loads."""
+    fingerprint = models.model_fingerprint(str(model), cache_dir)
+    return {"id": fingerprint} if is_hub_id(str(model)) else {"content": fingerprint}
 
 
 # ------------------------------------------------------------------------------------------- the plan

@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 
 from mel_ray import storage
+from mel_ray.config import FeaturesConfig
 from mel_ray.dataset import SPLITS
 from mel_ray.errors import UsageError
 from mel_ray.feature_store import MANIFEST
@@ -165,14 +166,16 @@ def _run_local(plan: Plan, units: list[dict], *, use_gpu: bool, quiet: bool) -> 
         torch.set_num_threads(threads)
 
 
-def extract_features(dataset_uri: str, model: str, *, synthetic_key: str | None = None, views: int | None = None,
-                     text_length: int = 40, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0,
-                     dtype: str | None = None, splits: tuple[str, ...] | list[str] = SPLITS,
+def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synthetic_key: str | None = None,
+                     views: int | None = None, dtype: str | None = None, splits: tuple[str, ...] | list[str] = SPLITS,
                      micro_batch: int = DEFAULT_MICRO_BATCH, shard_rows: int = DEFAULT_SHARD_ROWS,
                      num_cpus: float | None = None, decode_num_cpus: float = 0.5, features_root: str | None = None,
                      cache_dir: str = DEFAULT_CACHE, engine: str = "ray", quiet: bool = False) -> dict:
     """Write CLIP features of the dataset's entities and mentions (and synthetic views) under
     DATASET/features/<key>/ (or features_root/<key>/); returns the manifest plus `uri` and `run`.
+
+    cfg: the `features` config section (text_length is part of the key; batch_size, concurrency and num_gpus
+    are the encoder pool's and change no byte).
 
     synthetic_key: DATASET/synthetic/<key> (synthesize's output); views: use only synthetic views < views
     (n_s; default: every view in its manifest). dtype: float32 / float16 / bfloat16 for the model (default:
@@ -183,6 +186,7 @@ def extract_features(dataset_uri: str, model: str, *, synthetic_key: str | None 
     decode task. decode_num_cpus: CPUs per decode task. engine "local" runs everything in this process
     (debugging, the benchmark's baseline; same bytes). quiet: no progress lines on stderr.
     """
+    text_length, batch_size, concurrency, num_gpus = cfg.text_length, cfg.batch_size, cfg.concurrency, cfg.num_gpus
     if batch_size < 1 or concurrency < 1 or num_gpus < 0:
         raise UsageError("batch_size and concurrency must be >= 1 and num_gpus >= 0")
     if engine not in ("ray", "local"):
