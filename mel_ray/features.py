@@ -902,7 +902,7 @@ def _manifest(plan: _Plan, existing: set[str]) -> dict:
 
 
 def extract_features(dataset_uri: str, model: str, *, synthetic_key: str | None = None, views: int | None = None,
-                     text_length: int = 40, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0,
+                     text_length: int = 40, batch_size: int = 64, concurrency: int = 1, num_gpus: float | str = 0,
                      dtype: str | None = None, splits: tuple[str, ...] | list[str] = SPLITS,
                      micro_batch: int = DEFAULT_MICRO_BATCH, shard_rows: int = DEFAULT_SHARD_ROWS,
                      num_cpus: float | None = None, decode_num_cpus: float = 0.5, features_root: str | None = None,
@@ -919,6 +919,14 @@ def extract_features(dataset_uri: str, model: str, *, synthetic_key: str | None 
     decode task. decode_num_cpus: CPUs per decode task. engine "local" runs everything in this process
     (debugging, the benchmark's baseline; same bytes). quiet: no progress lines on stderr.
     """
+    from mel_ray.runtime import resolve_num_gpus
+
+    if num_gpus == "auto" and engine == "local":     # without Ray: this machine's GPU
+        import torch
+
+        num_gpus = 1.0 if torch.cuda.is_available() else 0.0
+    if isinstance(num_gpus, str):   # "auto": 1 GPU per encoder where the cluster has GPUs, else CPU
+        num_gpus = resolve_num_gpus("extract-features", num_gpus, "features.num_gpus")
     if batch_size < 1 or concurrency < 1 or num_gpus < 0:
         raise UsageError("batch_size and concurrency must be >= 1 and num_gpus >= 0")
     if engine not in ("ray", "local"):
@@ -954,7 +962,7 @@ def extract_features(dataset_uri: str, model: str, *, synthetic_key: str | None 
     _log(quiet, f"done: {plan.uri} ({pending} shards written, {total - pending} skipped, {elapsed:.1f}s)")
     return {**manifest, "uri": plan.uri,
             "run": {"shards_written": pending, "shards_skipped": total - pending, "units": len(units),
-                    "seconds": round(elapsed, 3)}}
+                    "seconds": round(elapsed, 3), "num_gpus": float(num_gpus)}}
 
 
 # ---------------------------------------------------------------------------------------------- reading

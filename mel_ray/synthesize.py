@@ -67,7 +67,7 @@ from mel_ray.dataset import SPLITS, load_dataset
 from mel_ray.errors import UsageError
 from mel_ray.keys import settings_key, sha256_hex, stable_seed
 from mel_ray.models import DEFAULT_CACHE, is_hub_id, pin_model, pretrained_args, resolve_model
-from mel_ray.runtime import check_gpus, cpu_threads_per_worker, init_ray
+from mel_ray.runtime import check_gpus, cpu_threads_per_worker, init_ray, resolve_num_gpus
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,9 @@ def model_identity(model: str, revision: str | None = None, cache_dir: str = DEF
     return {"hub_id": model_id, "revision": commit}
 
 
-def resolve_device_dtype(num_gpus: float, dtype: str | None) -> tuple[str, str]:
+def resolve_device_dtype(num_gpus: float | str, dtype: str | None) -> tuple[str, str]:
+    if isinstance(num_gpus, str):     # "auto": the key names the device it resolves to, never "auto"
+        num_gpus = resolve_num_gpus("synthesize", num_gpus, "synthesize.num_gpus")
     device = "cuda" if num_gpus and num_gpus > 0 else "cpu"
     dtype = dtype or ("float16" if device == "cuda" else "float32")
     if dtype not in DTYPES:
@@ -492,6 +494,8 @@ def synthesize(dataset_uri: str, model: str, views: int = _DEFAULTS.views, *, sp
     if isinstance(splits, str):
         splits = (splits,)
     cpu_threads = cpu_threads_per_worker()
+    if isinstance(num_gpus, str):      # "auto": decided once, here; the strict check of a number is in _run_ray
+        num_gpus = resolve_num_gpus("synthesize", num_gpus, "synthesize.num_gpus")
     if not procedural.is_procedural(model):
         model = pin_model(model, revision)     # workers load the very commit the key names
     settings = synthesis_settings(model, template=template, steps=steps, guidance=guidance, size=size,
@@ -541,6 +545,7 @@ def synthesize(dataset_uri: str, model: str, views: int = _DEFAULTS.views, *, sp
     marker = storage.read_json(complete_uri)
     seconds = time.perf_counter() - t0
     summary = {"key": key, "uri": out, "manifest": storage.join(out, MANIFEST), "settings": settings,
+               "num_gpus": float(num_gpus),
                "mentions": mentions.num_rows, "views": views, "pairs": pairs, "skipped": pairs - todo.num_rows,
                "todo": todo.num_rows, "generated": new.num_rows, "images": marker["images"],
                "complete_views": marker["complete_views"], "seconds": round(seconds, 2),
