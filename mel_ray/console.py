@@ -47,6 +47,18 @@ def log_file() -> Path | None:
     return Path(handler.baseFilename) if handler is not None else None
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (as logging's last-resort handler does)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 class _TerminalFilter(logging.Filter):
     """On the terminal: mel_ray's warnings and every library's errors; the rest is in the log file."""
 
@@ -83,14 +95,11 @@ def setup(path: str | os.PathLike | None, *, verbose: bool = False) -> Path | No
     if verbose:
         os.environ[VERBOSE] = "1"       # jobs' subprocesses, and init_ray's log_to_driver
     quiet_libraries(verbose)
+    reset()
     root = logging.getLogger()
-    for handler in _state["handlers"]:
-        root.removeHandler(handler)
-        handler.close()
-    _state.update(file=None, handlers=[])
     root.setLevel(logging.INFO)
     if verbose or path is None:
-        terminal = logging.StreamHandler(sys.stderr)
+        terminal = _Stderr()
         terminal.setFormatter(logging.Formatter(FORMAT))
         _state["handlers"] = [terminal]
         root.addHandler(terminal)
@@ -99,7 +108,7 @@ def setup(path: str | os.PathLike | None, *, verbose: bool = False) -> Path | No
     path.parent.mkdir(parents=True, exist_ok=True)
     file = logging.FileHandler(path, encoding="utf-8")
     file.setFormatter(logging.Formatter(FORMAT))
-    terminal = logging.StreamHandler(sys.stderr)
+    terminal = _Stderr()
     terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     terminal.addFilter(_TerminalFilter())
     _state.update(file=file, handlers=[file, terminal])
@@ -107,6 +116,17 @@ def setup(path: str | os.PathLike | None, *, verbose: bool = False) -> Path | No
     root.addHandler(terminal)
     tidy()
     return path
+
+
+def reset() -> None:
+    """Remove the handlers setup() added (tests)."""
+    root = logging.getLogger()
+    for handler in _state["handlers"]:
+        root.removeHandler(handler)
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+    _state.update(file=None, handlers=[])
 
 
 def tidy() -> None:

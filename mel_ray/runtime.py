@@ -35,7 +35,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         Config.initialize("")
     address = os.environ.get("RAY_ADDRESS") or None
     kwargs = {} if address else {"num_cpus": num_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
-    context = ray.init(address=address, log_to_driver=console.is_verbose(), **kwargs)
+    # workers' output here only with --verbose, or where no log file says where Ray's logs are (library use)
+    log_to_driver = console.is_verbose() or console.log_file() is None
+    context = ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
     logging.getLogger(__name__).info("Ray %s: session logs (workers' output) under %s", context.address_info.get(
         "gcs_address"), context.address_info.get("session_dir"))
     quiet_ray_data()
