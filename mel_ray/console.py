@@ -107,6 +107,7 @@ def setup(path: str | os.PathLike | None, *, verbose: bool = False) -> Path | No
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     file = logging.FileHandler(path, encoding="utf-8")
+    file.setLevel(logging.INFO)           # Ray Data's logger passes DEBUG (its scheduler's state, every loop)
     file.setFormatter(logging.Formatter(FORMAT))
     terminal = _Stderr()
     terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

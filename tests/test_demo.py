@@ -119,6 +119,7 @@ SMALL_DEMO = ["--set", "models.diffusion=procedural:demo", "--set", "synthesize.
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_demo_prints_a_page_and_logs_the_rest(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MEL_RAY_VERBOSE")}
