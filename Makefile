@@ -8,16 +8,20 @@ export RAY_AUTH_MODE ?= token
 
 .PHONY: setup demo test lint bench-mining clean
 
+# pip's and the build backend's output goes to .venv/setup.log (pip -q still prints the backend's notices);
+# on failure its last lines are shown
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "setup: installing mel-ray and its dependencies into $(VENV) (log: $(VENV)/setup.log)"
+	@{ $(BIN)/python -m pip install --upgrade pip && \
+	   $(BIN)/python -m pip install -c constraints.txt -e ".[dev]"; } > $(VENV)/setup.log 2>&1 || \
+	 { tail -n 40 $(VENV)/setup.log; echo "setup failed; the whole log: $(VENV)/setup.log"; exit 1; }
+	@touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/mel-ray demo --config configs/demo.yaml --output demo_out
+	@$(BIN)/mel-ray demo --config configs/demo.yaml --output demo_out
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -29,4 +33,4 @@ bench-mining: setup
 	$(BIN)/python benchmarks/bench_mining.py
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out logs .pytest_cache

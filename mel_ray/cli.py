@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import traceback
 
@@ -194,12 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mel-ray", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mel-ray {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's, Train's, Tune's, Data's and the models' own output on the terminal, as it comes")
+    parser.add_argument("--log-file", help="where that output goes otherwise (default: logs/<command>.log under "
+                        "the demo's --output, pipeline's and tune's --root, else the current directory)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config (configs/*.yaml); defaults follow the paper")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks on errors")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="everything on the terminal instead of the log file")
+    common.add_argument("--log-file", default=argparse.SUPPRESS, help="the log file (see mel-ray --help)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", parents=[common], help="convert a MEL release into the canonical dataset")
@@ -329,10 +335,33 @@ def run_guarded(func, argv: list[str] | None = None, debug: bool | None = None) 
         return EXIT_STORAGE
 
 
+# commands that run Ray (or load models): their libraries' output goes to a log file unless --verbose
+QUIET_COMMANDS = {"demo", "pipeline", "mine-negatives", "synthesize", "extract-features", "train", "tune", "link",
+                  "evaluate"}
+
+
+def log_file_for(args: argparse.Namespace) -> str | None:
+    """--log-file, else logs/<command>.log under the command's folder (see --log-file's help); None: the
+    command logs to stderr as it always did (it runs no Ray)."""
+    from mel_ray.console import default_log_file
+
+    if args.log_file:
+        return args.log_file
+    if args.command not in QUIET_COMMANDS:
+        return None
+    folder = args.output if args.command == "demo" else getattr(args, "root", ".")
+    return str(default_log_file(folder, args.command))
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mel_ray import console
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_file = console.setup(log_file_for(args), verbose=args.verbose)
+    if log_file is not None and args.command != "demo":      # the demo says it on its last lines
+        print(f"mel-ray {args.command}: Ray's and the libraries' output -> {log_file} (--verbose: here)",
+              file=sys.stderr, flush=True)
     return run_guarded(lambda _argv: args.func(args), argv, debug=args.debug)
 
 if __name__ == "__main__":

@@ -7,12 +7,30 @@ batch 128. Secrets (S3 keys, tokens) never belong here: they come from the envir
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
 from mel_ray.errors import UsageError
+
+
+# GPUs per actor of a stage's actor pool: "auto" = 1 where the Ray cluster has GPUs (or may get them,
+# MEL_RAY_AUTOSCALING=1), else 0 (CPU); a number is used as given and fails fast if the cluster cannot place it
+# (mel_ray.runtime.resolve_num_gpus)
+def _num_gpus(value: Any) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if isinstance(value, bool) or not number >= 0:
+        raise ValueError("expected 'auto' or a number of GPUs per actor >= 0")
+    return number
+
+
+NumGpus = Annotated[float | Literal["auto"], PlainValidator(_num_gpus)]
 
 
 class Section(BaseModel):
@@ -65,7 +83,7 @@ class SynthesizeConfig(Section):
     seed: int = 0
     batch_size: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1)
-    num_gpus: float = Field(1.0, ge=0)
+    num_gpus: NumGpus = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] | None = None   # None: float16 on GPU, float32 on CPU
     safety_checker: bool = False            # the model's NSFW checker (it blacks out flagged views)
 
@@ -74,7 +92,7 @@ class FeaturesConfig(Section):
     text_length: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=1)
     concurrency: int = Field(1, ge=1)
-    num_gpus: float = Field(1.0, ge=0)
+    num_gpus: NumGpus = "auto"
 
 
 class ModelConfig(Section):

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from mel_ray import console
 from mel_ray.cli import run_guarded
 from mel_ray.config import Config, load_config
 
@@ -29,6 +29,10 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--debug", action="store_true", help="show a traceback instead of the one-line error")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's, Train's, Tune's, Data's and the models' own output here, as it comes")
+    p.add_argument("--log-file", help="where that output goes otherwise (default: logs/<job>.log under the "
+                   "current directory: under `ray job submit`, Ray's copy of the working dir on the head node)")
     return p
 
 
@@ -42,13 +46,21 @@ def report(result: Any) -> None:
     print(json.dumps(result, default=str), flush=True)
 
 
+def job_name(stage: Callable) -> str:
+    """pipeline.synthesize_stage -> "synthesize", pipeline.run_pipeline -> "pipeline": the log file's name."""
+    return getattr(stage, "__name__", "job").removeprefix("run_").removesuffix("_stage")
+
+
 def run_job(stage: Callable[[Config], Any], doc: str | None, argv: list[str] | None = None) -> int:
     """Parse the arguments, load the config and run `stage(config)`; returns the exit code (2: bad config or
     data, one line on stderr; --debug adds the traceback)."""
     def main(args_list: list[str] | None) -> int:
         args = parser((doc or "").strip().splitlines()[0] if doc else None).parse_args(args_list)
         cfg = load_config(args.config, args.set)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        name = job_name(stage)
+        log_file = console.setup(args.log_file or console.default_log_file(".", name), verbose=args.verbose)
+        if log_file is not None:
+            print(f"[{name}] Ray's and the libraries' output -> {log_file} (--verbose: here)", flush=True)
         report(stage(cfg))
         return 0
 

@@ -28,6 +28,7 @@ from mel_ray.config import Config, IngestConfig
 from mel_ray.dataset import MANIFEST, REPORT, load_dataset
 from mel_ray.errors import UsageError
 from mel_ray.keys import settings_key
+from mel_ray.runtime import device_note
 
 TRAIN_MARKER = "mel_ray_train.json"        # in <tracking.storage>/<run name>/, written after train() returned
 EVAL_MARKER = "mel_ray_evaluate_{split}.json"   # beside it, written after the test metrics reached MLflow
@@ -203,7 +204,8 @@ def synthesize_views(cfg: Config, dataset: str, *, limit: int | None = None) -> 
 
     summary = synthesize(dataset, cfg.models.diffusion, cfg.synthesize, limit=limit, cache_dir=cfg.models.cache_dir)
     ran = summary["generated"] > 0 or summary["todo"] > 0
-    note = f"synthetic/{summary['key']}: {summary['images']} images ({summary['generated']} new)"
+    note = (f"synthetic/{summary['key']}: {summary['images']} images ({summary['generated']} new) on "
+            f"{device_note(summary['num_gpus'])}")
     return Outcome(summary, ran, note, {"key": summary["key"], "uri": summary["uri"], "images": summary["images"]})
 
 
@@ -227,7 +229,8 @@ def encode_features(cfg: Config, dataset: str, key: str | None) -> Outcome:
     manifest = extract_features(dataset, cfg.models.clip, cfg.features, synthetic_key=key,
                                 views=cfg.synthesize.views if key else None, cache_dir=cfg.models.cache_dir)
     run = manifest["run"]
-    note = f"{manifest['uri']}: {run['shards_written']} shards written, {run['shards_skipped']} already there"
+    note = (f"{manifest['uri']}: {run['shards_written']} shards written, {run['shards_skipped']} already there, "
+            f"on {device_note(run['num_gpus'])}")
     return Outcome(manifest, run["shards_written"] > 0, note, {"uri": manifest["uri"], "key": manifest["key"]})
 
 

@@ -6,15 +6,27 @@ nothing running it starts a local instance (the embedded default). Token authent
 
 from __future__ import annotations
 
+import logging
 import os
 
 from mel_ray.errors import UsageError
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray instance; a no-op if Ray is already up."""
-    import ray
+    """Join the cluster in RAY_ADDRESS, or start a local Ray instance; a no-op if Ray is already up.
 
+    Workers' output reaches this process only with --verbose (mel_ray.console): otherwise it stays in the Ray
+    session's logs, whose folder the run's log file names. A local instance runs the dashboard (on 127.0.0.1
+    only) because it serves Ray's State API: Ray Train's PlacementGroupCleaner asks it every second whether the
+    training controller is alive, and without it logs "Failed to query Ray Train Controller actor state" each
+    time and could never remove the placement group of a controller that died.
+    """
+    import ray
+    import ray.data  # configures the ray.data logger, which console.tidy then moves to the log file
+
+    from mel_ray import console
+
+    console.tidy()
     if ray.is_initialized():
         return
     if "RAY_AUTH_MODE" not in os.environ:   # unset after `import mel_ray` by the caller: put it back on
@@ -22,8 +34,24 @@ def init_ray(num_cpus: int | None = None) -> None:
         from ray._raylet import Config  # ray caches the mode; refresh it as `ray start` does
         Config.initialize("")
     address = os.environ.get("RAY_ADDRESS") or None
-    kwargs = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
-    ray.init(address=address, log_to_driver=True, **kwargs)
+    kwargs = {} if address else {"num_cpus": num_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    # workers' output here only with --verbose, or where no log file says where Ray's logs are (library use)
+    log_to_driver = console.is_verbose() or console.log_file() is None
+    context = ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
+    logging.getLogger(__name__).info("Ray %s: session logs (workers' output) under %s", context.address_info.get(
+        "gcs_address"), context.address_info.get("session_dir"))
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """On an interactive terminal, one live Ray Data bar per dataset (not one per operator); elsewhere Ray Data
+    logs its progress (into the log file)."""
+    from ray.data import DataContext
+
+    from mel_ray import console
+
+    if console.interactive() and not console.is_verbose():
+        DataContext.get_current().enable_operator_progress_bars = False
 
 
 def cpu_threads_per_worker() -> int:
@@ -40,14 +68,46 @@ def cluster_may_grow() -> bool:
     return os.environ.get(AUTOSCALING) == "1"
 
 
+AUTO = "auto"
+
+
+def cluster_gpus() -> float:
+    """GPUs in the Ray cluster now (Ray is started or joined first)."""
+    import ray
+
+    init_ray()
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def resolve_num_gpus(stage: str, value: float | str, setting: str) -> float:
+    """GPUs per actor for a stage's actor pool; the one rule for synthesize, extract-features and link.
+
+    "auto" (the default): 1 where the cluster has a GPU, or may get one (MEL_RAY_AUTOSCALING=1: the autoscaler
+    adds GPU nodes when GPU actors are requested), else 0, i.e. CPU actors. A number is used as given, after
+    check_gpus' strict check: asking for GPUs the cluster does not have is an error, not a silent CPU run.
+    """
+    if isinstance(value, str):
+        if value != AUTO:
+            raise UsageError(f"{stage}: {setting}={value!r}: expected '{AUTO}' or a number of GPUs per actor")
+        return 1.0 if cluster_may_grow() or cluster_gpus() >= 1 else 0.0
+    num_gpus = float(value)
+    if num_gpus < 0:
+        raise UsageError(f"{stage}: {setting}={num_gpus:g}: must not be negative")
+    check_gpus(stage, num_gpus, setting)
+    return num_gpus
+
+
+def device_note(num_gpus: float) -> str:
+    """What a stage's line says about where its actors run."""
+    return f"{num_gpus:g} GPU per actor" if num_gpus > 0 else "CPU"
+
+
 def check_gpus(stage: str, num_gpus: float, setting: str) -> None:
     """Fail fast when GPU actors could never be placed, unless an autoscaler may still add GPU nodes (then the
     stage submits its actors and waits)."""
-    import ray
-
     if num_gpus <= 0 or cluster_may_grow():
         return
-    gpus = float(ray.cluster_resources().get("GPU", 0))
+    gpus = cluster_gpus()
     if gpus < num_gpus:
         raise UsageError(f"{stage}: num_gpus={num_gpus:g} per actor but the Ray cluster has {gpus:g} GPUs (set "
                          f"{setting}=0 to run on CPUs; on an autoscaling cluster whose GPU nodes start at zero, "

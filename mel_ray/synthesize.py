@@ -76,7 +76,7 @@ from mel_ray.models import (
     pretrained_args,
     resolve_model,
 )
-from mel_ray.runtime import check_gpus, cpu_threads_per_worker, init_ray
+from mel_ray.runtime import check_gpus, cpu_threads_per_worker, init_ray, resolve_num_gpus
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,9 @@ def fit_prompt(text: str, tokenizer, limit: int) -> str:
 # ------------------------------------------------------------------------------------------ settings/key
 
 
-def resolve_device_dtype(num_gpus: float, dtype: str | None) -> tuple[str, str]:
+def resolve_device_dtype(num_gpus: float | str, dtype: str | None) -> tuple[str, str]:
+    if isinstance(num_gpus, str):     # "auto": the key names the device it resolves to, never "auto"
+        num_gpus = resolve_num_gpus("synthesize", num_gpus, "synthesize.num_gpus")
     device = "cuda" if num_gpus and num_gpus > 0 else "cpu"
     dtype = dtype or ("float16" if device == "cuda" else "float32")
     if dtype not in DTYPES:
@@ -553,6 +555,8 @@ def synthesize(dataset_uri: str, model: str, cfg: SynthesizeConfig, *, splits=SP
     ds = load_dataset(dataset_uri)
     if isinstance(splits, str):
         splits = (splits,)
+    if isinstance(cfg.num_gpus, str):    # "auto": decided once, here; the strict check of a number is in draw_views
+        cfg = cfg.model_copy(update={"num_gpus": resolve_num_gpus("synthesize", cfg.num_gpus, "synthesize.num_gpus")})
     plan = plan_synthesis(model, cfg, cache_dir)     # workers load the very commit the key names
     key, settings = plan.key, plan.settings
     out = synthetic_uri(dataset_uri, key)
@@ -592,6 +596,7 @@ def synthesize(dataset_uri: str, model: str, cfg: SynthesizeConfig, *, splits=SP
     marker = storage.read_json(complete_uri)
     seconds = time.perf_counter() - t0
     summary = {"key": key, "uri": out, "manifest": storage.join(out, MANIFEST), "settings": settings,
+               "num_gpus": float(cfg.num_gpus),
                "mentions": mentions.num_rows, "views": views, "pairs": pairs, "skipped": pairs - todo.num_rows,
                "todo": todo.num_rows, "generated": new.num_rows, "images": marker["images"],
                "complete_views": marker["complete_views"], "seconds": round(seconds, 2),

@@ -111,3 +111,30 @@ def test_demo_mines_negatives_and_the_job_reuses_them(demo_root):
     r = _job("mine_negatives.py", "--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"data.dataset={merged}")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["skipped"] is True
+
+
+# a demo-like run at its smallest (procedural views, one epoch, a one-trial sweep): what the terminal shows
+SMALL_DEMO = ["--set", "models.diffusion=procedural:demo", "--set", "synthesize.views=1", "--set", "train.epochs=1",
+              "--set", "tune.k=[2]", "--set", "tune.views=[1]", "--set", "tune.train.epochs=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_demo_prints_a_page_and_logs_the_rest(tmp_path):
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MEL_RAY_VERBOSE")}
+    r = subprocess.run([sys.executable, "-m", "mel_ray.cli", "demo", "--config", str(ROOT / "configs" / "demo.yaml"),
+                        "--output", str(out), *SMALL_DEMO], capture_output=True, text=True, check=False, cwd=ROOT,
+                       env=env, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = (r.stdout + r.stderr).splitlines()
+    assert len(lines) <= 80, "\n".join(lines)
+    assert "| split | H@1 |" in r.stdout                        # the test metrics table
+    assert "| k | n_s |" in r.stdout                           # the sweep table
+    log = out / "logs" / "demo.log"
+    assert f"log:     {log}" in r.stdout and "mlflow ui --backend-store-uri sqlite:///" in r.stdout
+    for noise in ("PlacementGroupCleaner", "is illegal", "RayDeprecationWarning", "torchvision", "it/s]",
+                  "logging_progress", "(pid="):
+        assert noise not in r.stdout + r.stderr, noise
+    text = log.read_text()
+    assert "Ray " in text and "session logs" in text          # where the workers' output is

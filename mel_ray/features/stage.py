@@ -186,7 +186,15 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
     decode task. decode_num_cpus: CPUs per decode task. engine "local" runs everything in this process
     (debugging, the benchmark's baseline; same bytes). quiet: no progress lines on stderr.
     """
+    from mel_ray.runtime import resolve_num_gpus
+
     text_length, batch_size, concurrency, num_gpus = cfg.text_length, cfg.batch_size, cfg.concurrency, cfg.num_gpus
+    if num_gpus == "auto" and engine == "local":     # without Ray: this machine's GPU
+        import torch
+
+        num_gpus = 1.0 if torch.cuda.is_available() else 0.0
+    if isinstance(num_gpus, str):   # "auto": 1 GPU per encoder where the cluster has GPUs, else CPU
+        num_gpus = resolve_num_gpus("extract-features", num_gpus, "features.num_gpus")
     if batch_size < 1 or concurrency < 1 or num_gpus < 0:
         raise UsageError("batch_size and concurrency must be >= 1 and num_gpus >= 0")
     if engine not in ("ray", "local"):
@@ -222,4 +230,4 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
     _log(quiet, f"done: {plan.uri} ({pending} shards written, {total - pending} skipped, {elapsed:.1f}s)")
     return {**manifest, "uri": plan.uri,
             "run": {"shards_written": pending, "shards_skipped": total - pending, "units": len(units),
-                    "seconds": round(elapsed, 3)}}
+                    "seconds": round(elapsed, 3), "num_gpus": float(num_gpus)}}

@@ -90,7 +90,19 @@ def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri:
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets={"train": mention_dataset(features_uri, dataset_uri, "train")},
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options()),
     )
+
+
+def ingest_options():
+    """Ray Train's default ingest options (DataConfig.default_ingest_options) built with the current API: Ray
+    2.60 copies the deprecated `exclude_resources` (always zero here) into them and then warns about its own
+    call (RayDeprecationWarning in every run); left out, it is zero all the same."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+                            verbose_progress=current.verbose_progress)
 
 
 def load_checkpoint_state(checkpoint) -> dict:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from mel_ray import storage
+from mel_ray import console, storage
 from mel_ray.config import Config
 from mel_ray.errors import UsageError
 
@@ -196,6 +197,16 @@ def heatmaps(rows: list[dict], grid: dict[str, list], folder: Path) -> list[Path
     return paths
 
 
+def _result_loggers() -> list:
+    """Tune's result files (progress.csv, result.json) without its default TensorBoard logger, which rejects
+    every metric name with '@' (dev_H@3: "Summary name ... is illegal") once per result; the metrics are in
+    MLflow. Explicit loggers plus TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1, as Ray documents for choosing them."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
 def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, negatives_uri: str | None = None,
               storage_path: str | None = None, tracking_dir: str = ".") -> dict:
     import ray.tune
@@ -233,6 +244,7 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     restore_path = f"{root}/{cfg.tune.name}"
     if ray.tune.Tuner.can_restore(restore_path, storage_filesystem=fs):
         log.info("tune: resuming %s", experiment_path)
+        _result_loggers()           # a restored Tuner keeps its RunConfig; the switch is read at fit()
         tuner = ray.tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True,
                                        storage_filesystem=fs)
     else:
@@ -245,7 +257,10 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
             param_space={name: ray.tune.grid_search(values) for name, values in grid.items()},
             tune_config=ray.tune.TuneConfig(metric=TUNE_METRIC, mode="max", scheduler=scheduler,
                                             max_concurrent_trials=cfg.tune.max_concurrent_trials),
-            run_config=ray.tune.RunConfig(name=cfg.tune.name, storage_path=root, storage_filesystem=fs),
+            run_config=ray.tune.RunConfig(name=cfg.tune.name, storage_path=root, storage_filesystem=fs,
+                                          callbacks=_result_loggers(),
+                                          # the trial status tables: with --verbose only (ours: one table)
+                                          verbose=None if console.is_verbose() else 0),
         )
     grid_results = tuner.fit()
 
