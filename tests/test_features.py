@@ -9,9 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from killing import run_and_kill
 from PIL import Image
 
 from mel_ray import storage
 from mel_ray.config import IngestConfig
 from mel_ray.dataset import SPLITS, load_dataset
-from mel_ray.demo_data import make_demo_data
 from mel_ray.errors import DataError, UsageError
 from mel_ray.features import (
     MANIFEST,
@@ -40,9 +37,7 @@ from mel_ray.features import (
 )
 from mel_ray.ingest import ingest
 from mel_ray.keys import sha256_hex, stable_seed
-from mel_ray.tiny_models import make_tiny_models
 
-ROOT = Path(__file__).resolve().parents[1]
 SYNTH = "synthkey0"
 N_S = 3
 SMALL = {"micro_batch": 4, "shard_rows": 16, "quiet": True}    # many shards and units on a small dataset
@@ -84,13 +79,13 @@ def _files(uri: str) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> SimpleNamespace:
+def world(small_data, tmp_path_factory) -> SimpleNamespace:
+    """The session's small dataset, copied (the hand-written synthetic views and the features go into it)."""
     root = tmp_path_factory.mktemp("features")
-    clip = make_tiny_models(str(root / "models"))["clip"]
-    make_demo_data(str(root / "raw"), n_entities=40, n_mentions=60, seed=0)
-    ingest("mimic", str(root / "raw"), str(root / "ds"), name="feat", options=IngestConfig())
-    synthetic = make_synthetic(str(root / "ds"))
-    return SimpleNamespace(root=root, clip=clip, ds=str(root / "ds"), synthetic=synthetic)
+    ds = small_data.copy(root)
+    synthetic = make_synthetic(ds)
+    return SimpleNamespace(root=root, clip=small_data.models["clip"], ds=ds, synthetic=synthetic,
+                           raw=small_data.raw, name=small_data.name)
 
 
 @pytest.fixture(scope="module")
@@ -401,23 +396,10 @@ f.extract_features(sys.argv[1], sys.argv[2], synthetic_key=sys.argv[3], features
 def test_sigkill_mid_run_then_resume_gives_identical_output(world, reference, ray_local, tmp_path):
     root = tmp_path / "features"
     env = {**os.environ, "RAY_ADDRESS": ray_local.address_info["gcs_address"]}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, world.ds, world.clip, SYNTH, str(root)],
-                            env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     total = sum(len(t["shards"]) for t in reference["manifest"]["tables"].values())
-    deadline = time.monotonic() + 150
-    try:
-        while True:
-            done = [p for p in root.rglob("part-*.parquet")] if root.exists() else []
-            if len(done) >= 2:
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the subprocess wrote no shards in time"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    proc = run_and_kill(KILL_SCRIPT, lambda: len(list(root.rglob("part-*.parquet"))) >= 2,
+                        args=[world.ds, world.clip, SYNTH, str(root)], env=env, log=tmp_path / "killed-run.log",
+                        timeout=150, what="2 written shards")
     assert proc.returncode == -signal.SIGKILL
     key_dir = root / reference["manifest"]["key"]
     survivors = {p: p.stat().st_mtime_ns for p in key_dir.rglob("part-*.parquet")}
@@ -435,7 +417,7 @@ def test_round_trip_on_s3(world, reference, ray_local, s3_bucket, s3_client):
     """Dataset, images, synthetic views and features on the S3 test server, read and written by Ray workers;
     same bytes as the local reference (batch_size 7 there vs 1: batch size does not change the output)."""
     ds_uri = f"{s3_bucket}/datasets/feat"
-    ingest("mimic", str(world.root / "raw"), ds_uri, name="feat", options=IngestConfig())
+    ingest("mimic", world.raw, ds_uri, name=world.name, options=IngestConfig())
     make_synthetic(ds_uri)
     out = extract_features(ds_uri, world.clip, synthetic_key=SYNTH, batch_size=7, concurrency=1, **SMALL)
     assert out["uri"] == f"{ds_uri}/features/{reference['manifest']['key']}"   # same tables -> same key
