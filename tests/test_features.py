@@ -112,7 +112,8 @@ def direct(world):
                                   return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
             out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px)
-        return {"text_global": out.text_embeds[0].numpy(), "text_local": out.text_model_output.last_hidden_state[0].numpy(),
+        return {"text_global": out.text_embeds[0].numpy(),
+                "text_local": out.text_model_output.last_hidden_state[0].numpy(),
                 "text_mask": enc["attention_mask"][0].numpy(), "image_global": out.image_embeds[0].numpy(),
                 "image_local": out.vision_model_output.last_hidden_state[0].numpy()}
     return encode
@@ -254,7 +255,8 @@ def test_features_equal_a_direct_clip_call(world, reference, direct):
     # a mention with an image and synthetic views
     mentions = ds.mentions("train").to_pylist()
     mfeats = load_features(uri, "mentions/train")
-    i, m = next((i, m) for i, m in enumerate(mentions) if m["image_uri"] and len(world.synthetic.get(m["mention_id"], [])) >= 2)
+    i, m = next((i, m) for i, m in enumerate(mentions)
+                if m["image_uri"] and len(world.synthetic.get(m["mention_id"], [])) >= 2)
     want = direct(mention_text(m["mention"], m["sentence"]), Image.open(ds.resolve_uri(m["image_uri"])))
     for col, expected in want.items():
         _close(mfeats[col][i], expected)
@@ -352,7 +354,8 @@ def test_corrupt_and_missing_images_are_counted_and_flagged(world, tmp_path):
     Path(ds.resolve_uri(v_swap["uri"])).write_bytes(_png(12345))
     rows = [r for views in world.synthetic.values() for r in views]
     rows = [{**r, "sha256": sha256_hex(garbage)} if r["uri"] == v_bad["uri"] else r for r in rows]
-    storage.write_table(ds.path("synthetic", SYNTH, "manifest.parquet"), pa.Table.from_pylist(rows, schema=SYNTH_SCHEMA))
+    storage.write_table(ds.path("synthetic", SYNTH, "manifest.parquet"),
+                        pa.Table.from_pylist(rows, schema=SYNTH_SCHEMA))
 
     out = extract_features(ds_uri, world.clip, synthetic_key=SYNTH, engine="local", **SMALL)
     c = out["counters"]

@@ -231,7 +231,8 @@ def _wait(url: str, job_id: str, timeout: float = JOB_TIMEOUT) -> tuple[str, str
             return str(status.value), client.get_job_logs(job_id)
         if time.monotonic() > deadline:
             client.stop_job(job_id)
-            pytest.fail(f"job {job_id} still {status} after {timeout:.0f}s; logs:\n{client.get_job_logs(job_id)[-5000:]}")
+            logs = client.get_job_logs(job_id)[-5000:]
+            pytest.fail(f"job {job_id} still {status} after {timeout:.0f}s; logs:\n{logs}")
         time.sleep(2)
 
 
