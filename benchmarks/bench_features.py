@@ -144,7 +144,8 @@ def batch_invariance(clip: str, n: int = 29) -> list[str]:
             ref = run(1)
             for bs in (2, 7, n):
                 diff = [int((a != b).sum()) for a, b in zip(ref, run(bs), strict=True)]
-                lines.append(f"| {threads} | {bs} | " + " | ".join(f"{d} of {a.numel()}" for d, a in zip(diff, ref, strict=True)) + " |")
+                cells = " | ".join(f"{d} of {a.numel()}" for d, a in zip(diff, ref, strict=True))
+                lines.append(f"| {threads} | {bs} | {cells} |")
     finally:
         torch.set_num_threads(saved)
     return lines

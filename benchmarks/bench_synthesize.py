@@ -133,7 +133,8 @@ def run_loop(args, dataset: str, model: str, threads: int) -> dict:
     t0 = time.time()
     # Ray starts its workers at niceness 15 (RAY_worker_niceness); the loop gets the same, so that on a
     # machine shared with other work both sides compete for the cores on equal terms
-    out = subprocess.run(["nice", "-n", str(args.niceness), sys.executable, __file__, "--loop", "--dataset", dataset, "--model", model,
+    out = subprocess.run(["nice", "-n", str(args.niceness), sys.executable, __file__, "--loop",
+                          "--dataset", dataset, "--model", model,
                           "--threads", str(threads), "--views", str(args.views), "--steps", str(args.steps),
                           "--size", str(args.size), "--batch-size", str(args.batch_size)],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True)

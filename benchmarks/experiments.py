@@ -311,7 +311,8 @@ def negative_confusability(inputs: dict, records: list[dict], out: Path) -> dict
     ents = ds.entities(columns=["entity_id", "name", "attributes"]).to_pylist()
     names = [e["name"] for e in ents]
     attrs = [set(e["attributes"] or []) for e in ents]
-    pools = [np.asarray(p, dtype=np.int64) for p in read_negatives(inputs["dataset"], POOL_K).column("neg_entity_ids").to_pylist()]
+    pool_rows = read_negatives(inputs["dataset"], POOL_K).column("neg_entity_ids").to_pylist()
+    pools = [np.asarray(p, dtype=np.int64) for p in pool_rows]
     same_name = {}
     for i, n in enumerate(names):
         same_name.setdefault(n, []).append(i)
@@ -411,7 +412,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
             "k": "–" if cfg.get("train.negatives") == "in_batch" else cfg.get("train.k", "4"),
             "w": cfg.get("model.cvacpt_weight", "1.0"), "views": "–" if cfg.get("model.cvacpt_weight") == "0.0"
             else f"{src} × {n_s}", "seeds": len(recs),
-            **{f"{split}_{m}": _mean_std([r[split][m] for r in recs]) for split in ("test", "dev") for m in ("H@1", "MRR")},
+            **{f"{split}_{m}": _mean_std([r[split][m] for r in recs])
+               for split in ("test", "dev") for m in ("H@1", "MRR")},
             "train_s": statistics.mean(r["train_seconds"] for r in recs)})
     return rows
 
@@ -419,11 +421,13 @@ def summary_rows(records: list[dict]) -> list[dict]:
 def comparisons(records: list[dict]) -> list[str]:
     """Per-seed paired differences (same seed, same data) for the four questions."""
     by = {(r["arm"], r["seed"]): r for r in records}
-    pairs = [("(a) jaccard − in_batch", "base", "in_batch"), ("(a) both − in_batch", "both", "in_batch"), ("(b) SD views: w=1 − w=0", "base", "w0"),
+    pairs = [("(a) jaccard − in_batch", "base", "in_batch"), ("(a) both − in_batch", "both", "in_batch"),
+             ("(b) SD views: w=1 − w=0", "base", "w0"),
              ("(b) procedural views: w=1 − w=0", "proc", "w0"), ("(c) k=4 − k=2", "base", "k2"),
              ("(c) k=6 − k=4", "k6", "base"), ("(d) SD n_s=3 − n_s=1", "base", "sd_ns1"),
              ("(d) SD n_s=2 − n_s=1", "sd_ns2", "sd_ns1"), ("(d) procedural n_s=3 − n_s=1", "proc", "proc_ns1"),
-             ("(d) procedural n_s=2 − n_s=1", "proc_ns2", "proc_ns1"), ("procedural − SD views (n_s=3)", "proc", "base")]
+             ("(d) procedural n_s=2 − n_s=1", "proc_ns2", "proc_ns1"),
+             ("procedural − SD views (n_s=3)", "proc", "base")]
     lines = ["| comparison | seeds | Δ test H@1 (mean ± std) | Δ test MRR (mean ± std) | seeds where better (MRR) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     seeds = sorted({r["seed"] for r in records})
@@ -433,7 +437,8 @@ def comparisons(records: list[dict]) -> list[str]:
             continue
         dh = [by[(a, s)]["test"]["H@1"] - by[(b, s)]["test"]["H@1"] for s in both]
         dm = [by[(a, s)]["test"]["MRR"] - by[(b, s)]["test"]["MRR"] for s in both]
-        lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {sum(d > 0 for d in dm)}/{len(both)} |")
+        wins = sum(d > 0 for d in dm)
+        lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {wins}/{len(both)} |")
     return lines
 
 
@@ -514,12 +519,14 @@ def main(argv: list[str] | None = None) -> None:
             "cvacpt": cvacpt_effect(inputs, records)}
     storage.write_json(str(out / "diagnostics.json"), diag)
     meta = {
-        "command": "nice -n 19 .venv/bin/python benchmarks/experiments.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": ("nice -n 19 .venv/bin/python benchmarks/experiments.py "
+                    + shlex.join(sys.argv[1:] if argv is None else argv)),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "data": (f"make_demo_data(n_entities={args.entities}, n_mentions={args.mentions}, seed={args.data_seed}): "
                  f"{json.dumps(inputs['data_stats']['mentions'])} mentions, name collision rate "
-                 f"{inputs['data_stats']['name_collision_rate']}, no-image rate {inputs['data_stats']['no_image_rate']}"),
+                 f"{inputs['data_stats']['name_collision_rate']}, "
+                 f"no-image rate {inputs['data_stats']['no_image_rate']}"),
         "negatives": f"pool k={POOL_K}: {inputs['negatives']}",
         "views": f"{VIEWS} per mention from each of: " + "; ".join(SOURCES.values()),
         "training": (f"train() with configs/demo.yaml + 2 workers x 0.5 CPU, batch 32, lr 1e-3, {args.epochs} epochs, "

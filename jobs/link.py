@@ -1,4 +1,5 @@
-"""Link job: `python jobs/link.py --config C --set link.model=RUN_OR_MODEL --set link.kb=DATASET --set link.mentions=FILE`.
+"""Link job: `python jobs/link.py --config C --set link.model=RUN_OR_MODEL --set link.kb=DATASET
+--set link.mentions=FILE`.
 
 Batch linking of new mentions (Parquet or JSONL: text, mention, optional image) against a KB with a trained
 model: synthetic views, CLIP features and top-k scores over the whole KB as one Ray Data job; writes

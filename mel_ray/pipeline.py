@@ -276,7 +276,8 @@ def train_model(cfg: Config, dataset: str, features: str, root: str | os.PathLik
     kept = {k: result[k] for k in ("run_id", "tracking_uri", "best", "checkpoint", "features_uri", "negatives_uri")}
     storage.write_json(marker, json.loads(json.dumps(kept, default=float)))
     best = result["best"]
-    note = f"best dev MRR {best.get('dev_MRR', float('nan')):.4f} (epoch {best['epoch']}), MLflow run {result['run_id']}"
+    note = (f"best dev MRR {best.get('dev_MRR', float('nan')):.4f} (epoch {best['epoch']}), "
+            f"MLflow run {result['run_id']}")
     return Outcome(kept, True, note, _train_info(kept, name))
 
 

@@ -17,6 +17,14 @@ Fixtures (all lazy: a test pays only for the servers it asks for):
                              It depends on `s3_server` so Ray workers inherit the S3 environment.
 * `session_env` (session) -> a pytest.MonkeyPatch for environment changes that last the whole session.
 * `session_tmp` (session) -> the session's private tmp dir (server and Ray logs).
+* `tiny_models` (session) -> {"clip": path, "stable-diffusion": path}: mel_ray.tiny_models, built once.
+* `small_data` (session)  -> SmallData: the tiny models, one generated MIMIC release (SMALL_DATA sizes) and
+                             that release ingested, built once and shared by every test that needs "a small
+                             dataset". Shared means read-only: every stage writes under its dataset
+                             (negatives/, synthetic/, features/), so a test that runs one works on
+                             `small_data.copy(folder)` or the `small_dataset` fixture (a fresh copy). The
+                             session checks at its end that nobody wrote into the shared one.
+* `small_dataset` (function) -> path (str) of a private copy of small_data.dataset under the test's tmp_path.
 
 The whole session runs with: HF_HUB_OFFLINE=1, TRANSFORMERS_OFFLINE=1, HF_HOME in a tmp dir, telemetry
 off (Ray, MLflow, Hugging Face), MLFLOW_TRACKING_URI=sqlite in a tmp dir, RAY_AUTH_MODE=token with a random
@@ -38,6 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -215,3 +224,61 @@ def ray_local(s3_server):
     _STATE["services"].timings["ray.init"] = time.monotonic() - started
     yield context
     ray.shutdown()
+
+
+# ------------------------------------------------------------------------------- the shared small dataset
+
+# One size for every test that just needs "a small dataset with images, ambiguous names and all three splits":
+# 60 entities (enough for top-10 links and k=4 mined negatives), 90 mentions (63 / 9 / 18 train / dev / test).
+SMALL_DATA = {"n_entities": 60, "n_mentions": 90, "seed": 0}
+SMALL_NAME = "small"
+
+
+@dataclass
+class SmallData:
+    """The session's small data, all read-only: copy before running a stage on it."""
+
+    root: Path
+    models: dict[str, str]          # {"clip": path, "stable-diffusion": path}
+    raw: str                        # the generated MIMIC-format release (make_demo_data)
+    dataset: str                    # raw ingested ("mimic", name SMALL_NAME, default options)
+    name: str = SMALL_NAME
+    stats: dict = field(default_factory=dict)
+
+    def copy(self, folder: Path | str) -> str:
+        """A private copy of the dataset (images included) at FOLDER/ds; returns its path."""
+        dest = Path(folder) / "ds"
+        shutil.copytree(self.dataset, dest)
+        return str(dest)
+
+
+def _snapshot(folder: str) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    from mel_ray.tiny_models import make_tiny_models
+
+    return make_tiny_models(str(tmp_path_factory.mktemp("tiny-models")))
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, tiny_models):
+    from mel_ray.config import IngestConfig
+    from mel_ray.demo_data import make_demo_data
+    from mel_ray.ingest import ingest
+
+    root = tmp_path_factory.mktemp("small-data")
+    stats = make_demo_data(str(root / "raw"), **SMALL_DATA)
+    ingest("mimic", str(root / "raw"), str(root / "ds"), name=SMALL_NAME, options=IngestConfig())
+    data = SmallData(root=root, models=tiny_models, raw=str(root / "raw"), dataset=str(root / "ds"), stats=stats)
+    before = {folder: _snapshot(folder) for folder in (data.raw, data.dataset, *tiny_models.values())}
+    yield data
+    changed = [folder for folder, files in before.items() if _snapshot(folder) != files]
+    assert not changed, f"a test wrote into the shared small data (use small_data.copy()): {changed}"
+
+
+@pytest.fixture
+def small_dataset(small_data, tmp_path) -> str:
+    return small_data.copy(tmp_path)

@@ -9,9 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from killing import run_and_kill
 from PIL import Image
 
 from mel_ray import storage
 from mel_ray.config import FeaturesConfig, IngestConfig
 from mel_ray.dataset import SPLITS, load_dataset
-from mel_ray.demo_data import make_demo_data
 from mel_ray.errors import DataError, UsageError
 from mel_ray.features import (
     MANIFEST,
@@ -40,9 +37,7 @@ from mel_ray.features import (
 )
 from mel_ray.ingest import ingest
 from mel_ray.keys import sha256_hex, stable_seed
-from mel_ray.tiny_models import make_tiny_models
 
-ROOT = Path(__file__).resolve().parents[1]
 SYNTH = "synthkey0"
 N_S = 3
 SMALL = {"micro_batch": 4, "shard_rows": 16, "quiet": True}    # many shards and units on a small dataset
@@ -90,13 +85,13 @@ def _files(uri: str) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> SimpleNamespace:
+def world(small_data, tmp_path_factory) -> SimpleNamespace:
+    """The session's small dataset, copied (the hand-written synthetic views and the features go into it)."""
     root = tmp_path_factory.mktemp("features")
-    clip = make_tiny_models(str(root / "models"))["clip"]
-    make_demo_data(str(root / "raw"), n_entities=40, n_mentions=60, seed=0)
-    ingest("mimic", str(root / "raw"), str(root / "ds"), name="feat", options=IngestConfig())
-    synthetic = make_synthetic(str(root / "ds"))
-    return SimpleNamespace(root=root, clip=clip, ds=str(root / "ds"), synthetic=synthetic)
+    ds = small_data.copy(root)
+    synthetic = make_synthetic(ds)
+    return SimpleNamespace(root=root, clip=small_data.models["clip"], ds=ds, synthetic=synthetic,
+                           raw=small_data.raw, name=small_data.name)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +118,8 @@ def direct(world):
                                   return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
             out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px)
-        return {"text_global": out.text_embeds[0].numpy(), "text_local": out.text_model_output.last_hidden_state[0].numpy(),
+        return {"text_global": out.text_embeds[0].numpy(),
+                "text_local": out.text_model_output.last_hidden_state[0].numpy(),
                 "text_mask": enc["attention_mask"][0].numpy(), "image_global": out.image_embeds[0].numpy(),
                 "image_local": out.vision_model_output.last_hidden_state[0].numpy()}
     return encode
@@ -265,7 +261,8 @@ def test_features_equal_a_direct_clip_call(world, reference, direct):
     # a mention with an image and synthetic views
     mentions = ds.mentions("train").to_pylist()
     mfeats = load_features(uri, "mentions/train")
-    i, m = next((i, m) for i, m in enumerate(mentions) if m["image_uri"] and len(world.synthetic.get(m["mention_id"], [])) >= 2)
+    i, m = next((i, m) for i, m in enumerate(mentions)
+                if m["image_uri"] and len(world.synthetic.get(m["mention_id"], [])) >= 2)
     want = direct(mention_text(m["mention"], m["sentence"]), Image.open(ds.resolve_uri(m["image_uri"])))
     for col, expected in want.items():
         _close(mfeats[col][i], expected)
@@ -329,7 +326,8 @@ def test_rerun_skips_everything(world, reference):
 @pytest.mark.parametrize("batch_size,concurrency,engine", [(7, 2, "ray"), (64, 1, "local")])
 def test_output_does_not_depend_on_batch_size_actors_or_engine(world, reference, batch_size, concurrency, engine):
     out = extract_features(world.ds, world.clip, fc(batch_size=batch_size, concurrency=concurrency),
-                           synthetic_key=SYNTH, engine=engine, features_root=str(world.root / f"f-{batch_size}-{concurrency}-{engine}"),
+                           synthetic_key=SYNTH, engine=engine,
+                           features_root=str(world.root / f"f-{batch_size}-{concurrency}-{engine}"),
                            **SMALL)
     assert out["key"] == reference["manifest"]["key"]
     files = _files(out["uri"])
@@ -363,7 +361,8 @@ def test_corrupt_and_missing_images_are_counted_and_flagged(world, tmp_path):
     Path(ds.resolve_uri(v_swap["uri"])).write_bytes(_png(12345))
     rows = [r for views in world.synthetic.values() for r in views]
     rows = [{**r, "sha256": sha256_hex(garbage)} if r["uri"] == v_bad["uri"] else r for r in rows]
-    storage.write_table(ds.path("synthetic", SYNTH, "manifest.parquet"), pa.Table.from_pylist(rows, schema=SYNTH_SCHEMA))
+    storage.write_table(ds.path("synthetic", SYNTH, "manifest.parquet"),
+                        pa.Table.from_pylist(rows, schema=SYNTH_SCHEMA))
 
     out = extract_features(ds_uri, world.clip, fc(), synthetic_key=SYNTH, engine="local", **SMALL)
     c = out["counters"]
@@ -409,23 +408,10 @@ f.extract_features(sys.argv[1], sys.argv[2], FeaturesConfig(batch_size=1, num_gp
 def test_sigkill_mid_run_then_resume_gives_identical_output(world, reference, ray_local, tmp_path):
     root = tmp_path / "features"
     env = {**os.environ, "RAY_ADDRESS": ray_local.address_info["gcs_address"]}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, world.ds, world.clip, SYNTH, str(root)],
-                            env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     total = sum(len(t["shards"]) for t in reference["manifest"]["tables"].values())
-    deadline = time.monotonic() + 150
-    try:
-        while True:
-            done = [p for p in root.rglob("part-*.parquet")] if root.exists() else []
-            if len(done) >= 2:
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the subprocess wrote no shards in time"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    proc = run_and_kill(KILL_SCRIPT, lambda: len(list(root.rglob("part-*.parquet"))) >= 2,
+                        args=[world.ds, world.clip, SYNTH, str(root)], env=env, log=tmp_path / "killed-run.log",
+                        timeout=150, what="2 written shards")
     assert proc.returncode == -signal.SIGKILL
     key_dir = root / reference["manifest"]["key"]
     survivors = {p: p.stat().st_mtime_ns for p in key_dir.rglob("part-*.parquet")}
@@ -444,7 +430,7 @@ def test_round_trip_on_s3(world, reference, ray_local, s3_bucket, s3_client):
     """Dataset, images, synthetic views and features on the S3 test server, read and written by Ray workers;
     same bytes as the local reference (batch_size 7 there vs 1: batch size does not change the output)."""
     ds_uri = f"{s3_bucket}/datasets/feat"
-    ingest("mimic", str(world.root / "raw"), ds_uri, name="feat", options=IngestConfig())
+    ingest("mimic", world.raw, ds_uri, name=world.name, options=IngestConfig())
     make_synthetic(ds_uri)
     out = extract_features(ds_uri, world.clip, fc(batch_size=7, concurrency=1), synthetic_key=SYNTH, **SMALL)
     assert out["uri"] == f"{ds_uri}/features/{reference['manifest']['key']}"   # same tables -> same key

@@ -190,18 +190,14 @@ def ray_head(session_tmp):
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    """Tiny models, a small generated release and a config with every path absolute (the job's working dir
-    is Ray's copy of the repo, so relative paths would land there)."""
-    from mel_ray.demo_data import make_demo_data
-    from mel_ray.tiny_models import make_tiny_models
-
+def tiny_setup(small_data, tmp_path_factory):
+    """The session's tiny models and small release (read only: the job ingests it into a dataset of its own)
+    and a config with every path absolute (the job's working dir is Ray's copy of the repo, so relative paths
+    would land there)."""
     root = tmp_path_factory.mktemp("jobs")
-    make_tiny_models(str(root / "models"))
-    make_demo_data(str(root / "raw"), n_entities=40, n_mentions=48, seed=0)
     cfg = {
-        "data": {"name": "tiny", "dataset": str(root / "ds"), "ingest": {"format": "mimic", "input": str(root / "raw")}},
-        "models": {"clip": str(root / "models" / "clip"), "diffusion": str(root / "models" / "stable-diffusion")},
+        "data": {"name": "tiny", "dataset": str(root / "ds"), "ingest": {"format": "mimic", "input": small_data.raw}},
+        "models": {"clip": small_data.models["clip"], "diffusion": small_data.models["stable-diffusion"]},
         "negatives": {"k": 4},
         "synthesize": {"views": 1, "steps": 1, "size": 16, "batch_size": 32, "num_gpus": 0},
         "features": {"text_length": 8, "batch_size": 64, "num_gpus": 0},
@@ -235,7 +231,8 @@ def _wait(url: str, job_id: str, timeout: float = JOB_TIMEOUT) -> tuple[str, str
             return str(status.value), client.get_job_logs(job_id)
         if time.monotonic() > deadline:
             client.stop_job(job_id)
-            pytest.fail(f"job {job_id} still {status} after {timeout:.0f}s; logs:\n{client.get_job_logs(job_id)[-5000:]}")
+            logs = client.get_job_logs(job_id)[-5000:]
+            pytest.fail(f"job {job_id} still {status} after {timeout:.0f}s; logs:\n{logs}")
         time.sleep(2)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mel_ray import cli, storage
-from mel_ray.config import IngestConfig, load_config
+from mel_ray.config import load_config
 from mel_ray.errors import DataError
 
 pytestmark = pytest.mark.slow
@@ -22,24 +22,19 @@ SETTINGS = ["synthesize.views=2", "synthesize.steps=2", "synthesize.size=32", "m
 
 
 @pytest.fixture(scope="module")
-def linked_setup(tmp_path_factory, ray_local):
+def linked_setup(small_data, tmp_path_factory, ray_local):
     from mel_ray.checkpoints import export_model
     from mel_ray.config import FeaturesConfig
     from mel_ray.dataset import load_dataset
-    from mel_ray.demo_data import make_demo_data
     from mel_ray.eval.evaluate import evaluate
     from mel_ray.feature_store import model_dims_from, read_manifest
     from mel_ray.features import extract_features
-    from mel_ray.ingest import ingest
     from mel_ray.model import MELModel, ModelDims
     from mel_ray.synthesize import synthesize
-    from mel_ray.tiny_models import make_tiny_models
 
     root = tmp_path_factory.mktemp("link")
-    models = make_tiny_models(str(root / "models"))
-    make_demo_data(str(root / "raw"), n_entities=60, n_mentions=90, seed=2)
-    ds = str(root / "ds")
-    ingest("mimic", str(root / "raw"), ds, name="d", options=IngestConfig())
+    models = small_data.models
+    ds = small_data.copy(root)                  # views and features are written into the dataset
     cfg = load_config(None, [*SETTINGS, f"models.clip={models['clip']}",
                              f"models.diffusion={models['stable-diffusion']}"])
     views = synthesize(ds, cfg.models.diffusion, cfg.synthesize.model_copy(update={"batch_size": 4, "num_gpus": 0}),

@@ -49,12 +49,40 @@ def test_cvacpt_with_w_zero_is_an_exact_identity():
     assert torch.equal(side.image_global, plain.image_global) and torch.equal(side.image_local, plain.image_local)
 
 
-def test_cvacpt_changes_features_when_w_positive():
-    m = batch(5, 1)
-    m["n_views"] = torch.full((5,), S)
-    side = model(1.0).mention_features(m)
-    plain = model(1.0)._project(m)
-    assert not torch.allclose(side.image_local, plain.image_local)
+def _paper_cvacpt(module: CVaCPT, ve_g, ve_l, ves_g, n_views, te_g, w: float):
+    """Paper Sec. 4.3, eq. 5-12, one mention at a time; only CE, A^G and A^L (the learned networks) are the
+    module's. VE^G [B, dv], VE^L [B, P, dv], VEs^G [B, S, dv], TE^G [B, dt]."""
+    out_g, out_l = ve_g.clone(), ve_l.clone()
+    for j in range(ve_g.shape[0]):
+        n = int(n_views[j])
+        if n == 0:                   # no synthetic view: nothing to condition on, the mention stays as it is
+            continue
+        vtes = torch.stack([module.context.net(torch.cat([ves_g[j, h], te_g[j]])) for h in range(n)])  # eq. 10-11
+        ctx = vtes.max(dim=0).values                                                   # eq. 12, real views only
+        alpha_g, beta_g = module.affine_global(torch.cat([ve_g[j], ctx])).chunk(2)        # eq. 7
+        patches = torch.cat([ve_l[j], ctx.expand(ve_l.shape[1], -1)], dim=-1)           # [P, dv + dc]
+        alpha_l, beta_l = module.affine_local(patches.T[None])[0].T.chunk(2, dim=-1)    # eq. 8: convs over patches
+        out_g[j] = ve_g[j] + w * (alpha_g * ve_g[j] + beta_g)                           # eq. 5
+        out_l[j] = ve_l[j] + w * (alpha_l * ve_l[j] + beta_l)                           # eq. 6
+    return out_g, out_l
+
+
+@pytest.mark.parametrize("w", [1.0, 0.3])
+def test_cvacpt_with_w_positive_is_the_papers_affine_modulation(w):
+    net = model(w)
+    m = batch(6, 1)
+    m["n_views"] = torch.tensor([0, 1, 2, 3, 3, 1])
+    with torch.no_grad():
+        side, plain = net.mention_features(m), net._project(m)
+        views = net.image_global_proj(m["synthetic_global"])        # VEs^G: the projection VE^G goes through
+        want_g, want_l = _paper_cvacpt(net.cvacpt, plain.image_global, plain.image_local, views, m["n_views"],
+                                       plain.text_global, w)
+    torch.testing.assert_close(side.image_global, want_g)
+    torch.testing.assert_close(side.image_local, want_l)
+    # a real change (the randomly initialised A^G / A^L predict nonzero scale and shift), only where views are
+    moved = (side.image_local - plain.image_local).abs().amax(dim=(1, 2))
+    assert (moved[m["n_views"] > 0] > 1e-3).all() and (moved[m["n_views"] == 0] == 0).all()
+    assert torch.equal(side.text_global, plain.text_global)          # only the mention image is transformed
 
 
 def test_cvacpt_identity_init_starts_as_the_identity_and_still_learns():

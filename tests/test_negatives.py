@@ -277,6 +277,7 @@ def test_ray_two_workers_equal_in_process(ray_local):
 
 @pytest.fixture(scope="module")
 def demo_dataset(tmp_path_factory):
+    """Not the shared small data: mining is checked on the demo's full 400-entity KB (one Ray block per 101)."""
     from mel_ray.demo_data import make_demo_data
     from mel_ray.ingest import ingest
 

@@ -74,14 +74,11 @@ def test_unknown_procedural_model_is_refused():
         procedural.ProceduralPipeline("procedural:sd")
 
 
-def test_synthesize_writes_the_contract_with_a_key_of_its_own(tmp_path, ray_local):
-    from mel_ray.config import IngestConfig, SynthesizeConfig
-    from mel_ray.ingest import ingest
+def test_synthesize_writes_the_contract_with_a_key_of_its_own(small_dataset, tmp_path, ray_local):
+    from mel_ray.config import SynthesizeConfig
     from mel_ray.synthesize import load_synthetic, synthesis_key, synthesis_settings, synthesize
 
-    dd.make_demo_data(str(tmp_path / "raw"), n_entities=30, n_mentions=20, seed=1)
-    dataset = str(tmp_path / "ds")
-    ingest("mimic", str(tmp_path / "raw"), dataset, options=IngestConfig())
+    dataset = small_dataset                           # a private copy at tmp_path / "ds"
     section = SynthesizeConfig(views=2, size=64, num_gpus=0, batch_size=8)
     summary = synthesize(dataset, "procedural:demo", section, limit=5, splits=("train",))
     assert summary["generated"] == 10 and summary["settings"]["model"]["procedural"] == "procedural:demo"

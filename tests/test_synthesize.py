@@ -8,8 +8,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -18,9 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from killing import run_and_kill
 
 from mel_ray import storage
-from mel_ray.config import IngestConfig, SynthesizeConfig
+from mel_ray.config import SynthesizeConfig
 from mel_ray.dataset import SPLITS, load_dataset, mentions_table, write_dataset
 from mel_ray.errors import UsageError
 from mel_ray.keys import sha256_hex, stable_seed
@@ -38,7 +37,7 @@ from mel_ray.synthesize import (
     synthesize,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 RUN = {"steps": 2, "size": 32, "num_gpus": 0}          # + template, guidance, scheduler, seed: defaults
 PAIR_IDS = ("wikidm:demo/pair-1", "wikidm:demo/pair-2")   # two mentions of one sentence, ids with '/' and ':'
 PAIR_SENTENCE = "Alice Smith and Bob Jones shake hands in front of the old town hall."
@@ -51,25 +50,19 @@ def cfg(**changes) -> SynthesizeConfig:
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory) -> str:
-    from mel_ray.tiny_models import make_tiny_models
-
-    return make_tiny_models(str(tmp_path_factory.mktemp("synth-models") / "models"))["stable-diffusion"]
+def sd(tiny_models) -> str:
+    return tiny_models["stable-diffusion"]
 
 
 @pytest.fixture(scope="module")
-def base_ds(tmp_path_factory) -> Path:
-    """Demo dataset (8 mentions) plus two mentions sharing one sentence and one over-long sentence."""
-    from mel_ray.demo_data import make_demo_data
-    from mel_ray.ingest import ingest
-
+def base_ds(small_data, tmp_path_factory) -> Path:
+    """The session's small dataset cut to 9 mentions (every mention costs real diffusion runs, several per test),
+    plus two mentions sharing one sentence and one over-long sentence."""
     root = tmp_path_factory.mktemp("synth-data")
-    make_demo_data(str(root / "raw"), n_entities=8, n_mentions=9, seed=0)
-    ingest("mimic", str(root / "raw"), str(root / "ingested"), name="synth", options=IngestConfig())
-    src = load_dataset(str(root / "ingested"))
+    src = load_dataset(small_data.dataset)
     entities = src.entities()
     qids = entities.column("qid").to_pylist()
-    mentions = {s: src.mentions(s) for s in SPLITS}
+    mentions = {s: src.mentions(s).slice(0, n) for s, n in zip(SPLITS, (6, 1, 2), strict=True)}
     sentence = PAIR_SENTENCE
     extra_dev = [{"mention_id": PAIR_IDS[0], "mention": "Alice Smith", "sentence": sentence, "image_uri": None,
                   "entity_id": 0, "qid": qids[0]},
@@ -81,7 +74,7 @@ def base_ds(tmp_path_factory) -> Path:
     mentions["dev"] = pa.concat_tables([mentions["dev"], mentions_table(extra_dev)])
     mentions["test"] = pa.concat_tables([mentions["test"], mentions_table(extra_test)])
     out = root / "ds"
-    shutil.copytree(root / "ingested", out)          # images/ come along
+    shutil.copytree(small_data.dataset, out)          # images/ come along
     write_dataset(str(out), name="synth", source_format="mimic", entities=entities, mentions=mentions,
                   report=src.report())
     return out
@@ -288,23 +281,8 @@ def test_killed_run_resumes_with_only_the_missing_pairs(reference, sd, base_ds, 
                                                     num_gpus=0))
     """)
     env = {**os.environ, "RAY_ADDRESS": ray_local.address_info["gcs_address"]}   # + the session's token
-    log = tmp_path / "killed-run.log"            # a file, not a pipe: a full pipe would stall the run
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
-                                stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(_finished_parts(out)) >= 3:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"run ended before it could be killed:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no progress within 120 s:\n{log.read_text()[-3000:]}"
-        os.killpg(proc.pid, signal.SIGKILL)                 # the driver and anything in its process group
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    run_and_kill(script, lambda: len(_finished_parts(out)) >= 3, env=env, log=tmp_path / "killed-run.log",
+                 timeout=120, what="3 finished record parts")     # the driver and its process group
     _quiet(out)
     assert not (out / "manifest.parquet").exists() and not (out / "complete.json").exists()
     parts = [storage.read_table(str(p)) for p in _finished_parts(out)]

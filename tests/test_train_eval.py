@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import numpy as np
 import pytest
 import torch
+from killing import kill_when
 
 from mel_ray.checkpoints import build_model, load_checkpoint
-from mel_ray.config import IngestConfig, load_config
+from mel_ray.config import load_config
 from mel_ray.eval.evaluate import evaluate
 from mel_ray.feature_store import EntityStore, mention_tensors
 
@@ -17,18 +19,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
+def prepared(small_data, tmp_path_factory, ray_local):
     from mel_ray.config import FeaturesConfig
-    from mel_ray.demo_data import make_demo_data
     from mel_ray.features import extract_features
-    from mel_ray.ingest import ingest
-    from mel_ray.tiny_models import make_tiny_models
 
     root = tmp_path_factory.mktemp("train")
-    models = make_tiny_models(str(root / "models"))
-    make_demo_data(str(root / "raw"), n_entities=80, n_mentions=120, seed=0)
-    ingest("mimic", str(root / "raw"), str(root / "ds"), name="d", options=IngestConfig())
-    features = extract_features(str(root / "ds"), models["clip"], FeaturesConfig(num_gpus=0), engine="local",
+    ds = small_data.copy(root)                  # the features are written into the dataset
+    features = extract_features(ds, small_data.models["clip"], FeaturesConfig(num_gpus=0), engine="local",
                                 quiet=True)
     return root, features["uri"]
 
@@ -114,10 +111,7 @@ def _train_workers(token: str) -> list:
 
 def test_killed_worker_resumes_from_the_last_checkpoint(prepared, trained):
     """SIGKILL one training worker mid-epoch: the run restarts from its checkpoint and still finishes."""
-    import os
-    import signal
     import threading
-    import time
 
     from mel_ray.train.run import train
 
@@ -130,14 +124,14 @@ def test_killed_worker_resumes_from_the_last_checkpoint(prepared, trained):
         cfg, str(root / "ds"), features_uri=features, storage_path=str(root / "runs-kill"), run_name="kill",
         tracking_dir=str(root))))
     runner.start()
-    run_dir = root / "runs-kill" / "kill"
-    deadline = time.time() + 600
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"   # written once Ray has REGISTERED a checkpoint
-    while time.time() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
-        time.sleep(0.5)
-    workers = _train_workers(os.environ["RAY_AUTH_TOKEN"])
-    assert workers, "no training worker found after the first checkpoint"
-    os.kill(workers[0].pid, signal.SIGKILL)        # a real process kill, mid-way through epoch 2
+    snapshot = root / "runs-kill" / "kill" / "checkpoint_manager_snapshot.json"
+
+    def checkpoint_registered() -> bool:       # the snapshot is written once Ray has REGISTERED a checkpoint
+        return snapshot.exists() and "checkpoint_" in snapshot.read_text()
+
+    # a real process kill of one training worker, mid-way through epoch 2
+    kill_when(checkpoint_registered, lambda: [w.pid for w in _train_workers(os.environ["RAY_AUTH_TOKEN"])][:1],
+              alive=runner.is_alive, timeout=600, poll=0.5, what="registered checkpoint")
     runner.join(timeout=900)
     assert not runner.is_alive()
     history = outcome["result"]["history"]

@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from killing import run_and_kill
 from test_features import make_synthetic  # the synthesize stage's output contract, written by hand
 
-from mel_ray.config import IngestConfig, load_config
+from mel_ray.config import load_config
 from mel_ray.errors import UsageError
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["tune.name=t", "tune.k=[2,4]", "tune.views=[2]", "tune.max_concurrent_trials=1",
          "tune.train={epochs: 1, num_workers: 2, cpus_per_worker: 0.45}",
          "train.negatives=jaccard", "train.epochs=5", "train.batch_size=16", "train.lr=1e-3",
@@ -27,22 +23,17 @@ SWEEP = ["tune.name=t", "tune.k=[2,4]", "tune.views=[2]", "tune.max_concurrent_t
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
+def prepared(small_data, tmp_path_factory, ray_local):
     from mel_ray.config import FeaturesConfig
-    from mel_ray.demo_data import make_demo_data
     from mel_ray.features import extract_features
-    from mel_ray.ingest import ingest
     from mel_ray.negatives import mine_negatives
-    from mel_ray.tiny_models import make_tiny_models
 
     root = tmp_path_factory.mktemp("tune")
-    models = make_tiny_models(str(root / "models"))
-    make_demo_data(str(root / "raw"), n_entities=60, n_mentions=90, seed=1)
-    ds = str(root / "ds")
-    ingest("mimic", str(root / "raw"), ds, name="d", options=IngestConfig())
+    ds = small_data.copy(root)          # negatives, views and features are written into the dataset
     mine_negatives(ds, k=4, num_workers=0)
     make_synthetic(ds, key="views", n_s=2)
-    features = extract_features(ds, models["clip"], FeaturesConfig(num_gpus=0), synthetic_key="views", engine="local",
+    features = extract_features(ds, small_data.models["clip"], FeaturesConfig(num_gpus=0), synthetic_key="views",
+                                engine="local",
                                 quiet=True)["uri"]
     return root, ds, features
 
@@ -89,25 +80,13 @@ def test_killed_sweep_resumes_and_logs_parent_and_children(prepared, ray_local):
         run_sweep(load_config(None, {sweep!r}), {ds!r}, features_uri={features!r}, storage_path={str(runs)!r})
     """)
     env = {**os.environ, "RAY_ADDRESS": ray_local.address_info["gcs_address"], "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    log = root / "sweep-1.log"
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
-                                stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        # kill once Tune's own experiment state records a finished trial (so the restore must keep it)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            states = glob.glob(str(runs / "t" / "experiment_state-*.json"))
-            if any("TERMINATED" in Path(s).read_text() for s in states):
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, f"sweep ended before it could be killed:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no finished trial within the deadline:\n{log.read_text()[-3000:]}"
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+
+    def finished_trial() -> bool:       # Tune's own experiment state records one (so the restore must keep it)
+        states = glob.glob(str(runs / "t" / "experiment_state-*.json"))
+        return any("TERMINATED" in Path(s).read_text() for s in states)
+
+    run_and_kill(script, finished_trial, env=env, log=root / "sweep-1.log", timeout=300, poll=0.5,
+                 what="finished trial in Tune's experiment state")
 
     result = run_sweep(load_config(None, sweep), ds, features_uri=features, storage_path=str(runs))
     client = MlflowClient(result["tracking_uri"])

@@ -84,7 +84,8 @@ class Collector:
                 self.done_shards += 1
                 elapsed = time.perf_counter() - self.t0
                 _log(self.quiet, f"{self.done_shards}/{self.total_shards} shards written, {self.rows} rows, "
-                     f"{self.images} images encoded in {elapsed:.1f}s ({self.images / max(elapsed, 1e-9):.1f} images/s)")
+                     f"{self.images} images encoded in {elapsed:.1f}s "
+                     f"({self.images / max(elapsed, 1e-9):.1f} images/s)")
             else:
                 still.append(f)
         self.futures = still
