@@ -125,12 +125,14 @@ def _cmd_extract_features(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from mel_ray import redact
     from mel_ray.config import load_config
     from mel_ray.train.run import train
 
     cfg = load_config(args.config, args.set)
     result = train(cfg, args.dataset or cfg.data.dataset, features_uri=args.features, negatives_uri=args.negatives,
                    run_name=args.run_name)
+    result = {**result, "tracking_uri": redact.uri(result["tracking_uri"])}
     print(json.dumps({k: result[k] for k in ("run_id", "tracking_uri", "best", "checkpoint")}, default=str))
     return 0
 
@@ -304,25 +306,41 @@ def run_guarded(func, argv: list[str] | None = None, debug: bool | None = None) 
     """Run `func(argv)`; data/usage errors become one stderr line and exit 2 (traceback with --debug)."""
     if debug is None:
         debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    from mel_ray import redact
+
     try:
         return func(argv) or 0
     except (DataError, UsageError) as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact.text(err)}", file=sys.stderr)
         return EXIT_DATA
     except StorageError as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact.text(err)}", file=sys.stderr)
         return EXIT_STORAGE
+    except Exception as err:
+        from mel_ray.tracking import describe_error
+
+        line = describe_error(err)   # MLflow / HTTP failures: one line without credentials, else re-raised
+        if line is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_DATA if isinstance(line, UsageError) else EXIT_STORAGE
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_guarded(lambda _argv: args.func(args), argv, debug=args.debug)
+    from mel_ray import redact
+
+    with redact.redacted_output():   # no credential in anything this command prints (mel_ray/redact.py)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        redact.install_log_filter()
+        return run_guarded(lambda _argv: args.func(args), argv, debug=args.debug)
 
 if __name__ == "__main__":
     sys.exit(main())

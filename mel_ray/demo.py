@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mel_ray import pipeline
+from mel_ray import pipeline, redact
 from mel_ray.config import Config, load_config
 from mel_ray.dataset import SPLITS, load_dataset
 
@@ -89,8 +89,8 @@ def train_and_evaluate(root: Path, merged: str, features: str, cfg: Config) -> d
     report = pipeline.evaluate_model(cfg, merged, features, trained, info["run_name"])[0]
     _done(t0, f"{report['mentions']} mentions x {report['entities']} entities")
     print(format_table(report))
-    print(f"MLflow: run {trained['run_id']} at {trained['tracking_uri']} "
-          f"(mlflow ui --backend-store-uri {trained['tracking_uri']})")
+    shown = redact.uri(trained["tracking_uri"])
+    print(f"MLflow: run {trained['run_id']} at {shown} (mlflow ui --backend-store-uri {shown})")
     return report
 
 
