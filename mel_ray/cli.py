@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from mel_ray import __version__
+from mel_ray.args import count
 from mel_ray.errors import DataError, UsageError
 from mel_ray.storage import StorageError
 
@@ -221,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-demo-data", parents=[common], help="generate a small MEL release in mimic format")
     p.add_argument("--output", required=True)
-    p.add_argument("--entities", type=int, default=400)
-    p.add_argument("--mentions", type=int, default=600)
+    p.add_argument("--entities", type=count(1), default=400)
+    p.add_argument("--mentions", type=count(1), default=600)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_demo_data)
 
@@ -238,10 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mine-negatives", parents=[common], help="JD-CCL: exact top-k Jaccard hard negatives")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--k", type=int, help="pool size k_max (default: negatives.k)")
-    p.add_argument("--seed", type=int, help="tie-break seed (default: negatives.seed)")
-    p.add_argument("--workers", type=int, help="Ray actors (default: one per CPU; 0 = no Ray)")
-    p.add_argument("--block-size", type=int, help="query entities per Ray Data block (default: negatives.block_size)")
+    p.add_argument("--k", type=count(1), help="pool size k_max (default: negatives.k)")
+    p.add_argument("--seed", type=count(0), help="tie-break seed (default: negatives.seed)")
+    p.add_argument("--workers", type=count(0), help="Ray actors (default: one per CPU; 0 = no Ray)")
+    p.add_argument("--block-size", type=count(1), help="query entities per Ray Data block (default: negatives.block_size)")
     p.add_argument("--force", action="store_true", help="recompute even if the same pool is complete")
     p.set_defaults(func=_cmd_mine_negatives)
 
@@ -249,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", help="diffusion model id or path (default: models.diffusion); 'procedural:demo' "
                    "is a TEST TOOL for generated demo data, not a model (see mel_ray/procedural.py)")
-    p.add_argument("--views", type=int, help="n_s (default: synthesize.views)")
-    p.add_argument("--limit", type=int, help="only the first N mentions of each split")
+    p.add_argument("--views", type=count(1), help="n_s (default: synthesize.views)")
+    p.add_argument("--limit", type=count(1), help="only the first N mentions of each split")
     p.set_defaults(func=_cmd_synthesize)
 
     p = sub.add_parser("show-views", parents=[common], help="a PNG grid of mentions and their synthetic views")
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kb", help="KB dataset URI with features from the model's CLIP (link.kb)")
     p.add_argument("--mentions", help=".parquet or .jsonl: text, mention, optional image / mention_id")
     p.add_argument("--output", help="folder or s3:// prefix for links.parquet + link_report.json")
-    p.add_argument("--top-k", dest="top_k", type=int, help="entities per mention (default 10)")
+    p.add_argument("--top-k", dest="top_k", type=count(1), help="entities per mention (default 10)")
     p.set_defaults(func=_cmd_link)
 
     p = sub.add_parser("evaluate", parents=[common], help="exact full-KB ranking metrics")
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="model.pt or a training checkpoint folder")
     p.add_argument("--features", help="features/<key> URI (default: the only one)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--shards", type=int, default=2, help="KB shards (Ray actors)")
+    p.add_argument("--shards", type=count(1), default=2, help="KB shards (Ray actors)")
     p.add_argument("--output", help="where to write predictions_<split>.parquet and eval_<split>.json")
     p.set_defaults(func=_cmd_evaluate)
 

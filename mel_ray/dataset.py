@@ -7,6 +7,7 @@ ingest_report.json and manifest.json. manifest.json is written last, so its pres
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 from typing import Any
 
 import pyarrow as pa
@@ -156,7 +157,7 @@ class Dataset:
             shown = relative if len(relative) <= 120 else relative[:117] + "..."
             raise DataError(file or self.uri, f"image URI {shown!r} resolves outside the dataset root "
                             f"{self.uri}" if depth < 0 else f"image URI {shown!r} is not a file name", field=field)
-        return self.path(*[p for p in parts if p not in ("", ".")])
+        return self.path(*posixpath.normpath("/".join(parts)).split("/"))
 
 
 def load_dataset(uri: str) -> Dataset:
