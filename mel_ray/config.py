@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mel_ray import redact
 from mel_ray.errors import UsageError
@@ -20,7 +28,7 @@ from mel_ray.errors import UsageError
 MAX_EXCERPT = 200   # characters of an offending value shown in an error (a YAML alias bomb is gigabytes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _leaf_types(annotation: Any) -> frozenset:
     """The plain types inside an annotation: `list[int] | None` -> {list, int, NoneType}."""
     out: set = set()
