@@ -15,6 +15,7 @@ import sys
 import traceback
 
 from mel_ray import __version__
+from mel_ray.args import count
 from mel_ray.errors import DataError, UsageError
 from mel_ray.storage import StorageError
 
@@ -232,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-demo-data", parents=[common], help="generate a small MEL release in mimic format")
     p.add_argument("--output", required=True)
-    p.add_argument("--entities", type=int, default=400)
-    p.add_argument("--mentions", type=int, default=600)
+    p.add_argument("--entities", type=count(1), default=400)
+    p.add_argument("--mentions", type=count(1), default=600)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_demo_data)
 
@@ -249,10 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mine-negatives", parents=[common], help="JD-CCL: exact top-k Jaccard hard negatives")
     p.add_argument("--dataset", help="default: data.dataset")
-    p.add_argument("--k", type=int, help="pool size k_max (default: negatives.k)")
-    p.add_argument("--seed", type=int, help="tie-break seed (default: negatives.seed)")
-    p.add_argument("--workers", type=int, help="Ray actors (default: one per CPU; 0 = no Ray)")
-    p.add_argument("--block-size", type=int, help="query entities per Ray Data block (default: negatives.block_size)")
+    p.add_argument("--k", type=count(1), help="pool size k_max (default: negatives.k)")
+    p.add_argument("--seed", type=count(0), help="tie-break seed (default: negatives.seed)")
+    p.add_argument("--workers", type=count(0), help="Ray actors (default: one per CPU; 0 = no Ray)")
+    p.add_argument("--block-size", type=count(1),
+                   help="query entities per Ray Data block (default: negatives.block_size)")
     p.add_argument("--force", action="store_true", help="recompute even if the same pool is complete")
     p.set_defaults(func=_cmd_mine_negatives)
 
@@ -260,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="default: data.dataset")
     p.add_argument("--model", help="diffusion model id or path (default: models.diffusion); 'procedural:demo' "
                    "is a TEST TOOL for generated demo data, not a model (see mel_ray/procedural.py)")
-    p.add_argument("--views", type=int, help="n_s (default: synthesize.views)")
-    p.add_argument("--limit", type=int, help="only the first N mentions of each split")
+    p.add_argument("--views", type=count(1), help="n_s (default: synthesize.views)")
+    p.add_argument("--limit", type=count(1), help="only the first N mentions of each split")
     p.set_defaults(func=_cmd_synthesize)
 
     p = sub.add_parser("show-views", parents=[common], help="a PNG grid of mentions and their synthetic views")
@@ -299,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kb", help="KB dataset URI with features from the model's CLIP (link.kb)")
     p.add_argument("--mentions", help=".parquet or .jsonl: text, mention, optional image / mention_id")
     p.add_argument("--output", help="folder or s3:// prefix for links.parquet + link_report.json")
-    p.add_argument("--top-k", dest="top_k", type=int, help="entities per mention (default 10)")
+    p.add_argument("--top-k", dest="top_k", type=count(1), help="entities per mention (default 10)")
     p.set_defaults(func=_cmd_link)
 
     p = sub.add_parser("evaluate", parents=[common], help="exact full-KB ranking metrics")
@@ -307,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="model.pt or a training checkpoint folder")
     p.add_argument("--features", help="features/<key> URI (default: the only one)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--shards", type=int, default=2, help="KB shards (Ray actors)")
+    p.add_argument("--shards", type=count(1), default=2, help="KB shards (Ray actors)")
     p.add_argument("--output", help="where to write predictions_<split>.parquet and eval_<split>.json")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -321,18 +323,30 @@ def run_guarded(func, argv: list[str] | None = None, debug: bool | None = None) 
     """Run `func(argv)`; data/usage errors become one stderr line and exit 2 (traceback with --debug)."""
     if debug is None:
         debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    from mel_ray import redact
+
     try:
         return func(argv) or 0
     except (DataError, UsageError) as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact.text(err)}", file=sys.stderr)
         return EXIT_DATA
     except StorageError as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact.text(err)}", file=sys.stderr)
         return EXIT_STORAGE
+    except Exception as err:
+        from mel_ray.tracking import describe_error
+
+        line = describe_error(err)   # MLflow / HTTP failures: one line without credentials, else re-raised
+        if line is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_DATA if isinstance(line, UsageError) else EXIT_STORAGE
 
 
 # commands that run Ray (or load models): their libraries' output goes to a log file unless --verbose
@@ -354,15 +368,17 @@ def log_file_for(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mel_ray import console
+    from mel_ray import console, redact
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    log_file = console.setup(log_file_for(args), verbose=args.verbose)
-    if log_file is not None and args.command != "demo":      # the demo says it on its last lines
-        print(f"mel-ray {args.command}: Ray's and the libraries' output -> {log_file} (--verbose: here)",
-              file=sys.stderr, flush=True)
-    return run_guarded(lambda _argv: args.func(args), argv, debug=args.debug)
+    with redact.redacted_output():   # no credential in anything this command prints (mel_ray/redact.py)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        log_file = console.setup(log_file_for(args), verbose=args.verbose)
+        redact.install_log_filter()
+        if log_file is not None and args.command != "demo":      # the demo says it on its last lines
+            print(f"mel-ray {args.command}: Ray's and the libraries' output -> {log_file} (--verbose: here)",
+                  file=sys.stderr, flush=True)
+        return run_guarded(lambda _argv: args.func(args), argv, debug=args.debug)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,13 +6,59 @@ batch 128. Secrets (S3 keys, tokens) never belong here: they come from the envir
 
 from __future__ import annotations
 
+import functools
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from mel_ray import redact
 from mel_ray.errors import UsageError
+
+MAX_EXCERPT = 200   # characters of an offending value shown in an error (a YAML alias bomb is gigabytes)
+
+
+@functools.cache
+def _leaf_types(annotation: Any) -> frozenset:
+    """The plain types inside an annotation: `list[int] | None` -> {list, int, NoneType}."""
+    out: set = set()
+    stack = [annotation]
+    while stack:
+        a = stack.pop()
+        args = typing.get_args(a)
+        origin = typing.get_origin(a)
+        if origin is Annotated:
+            stack.append(args[0])
+            continue
+        if origin is Literal:
+            out.update(type(x) for x in args)
+            continue
+        if args:
+            stack.extend(args)
+        if isinstance(origin, type):
+            out.add(origin)
+        elif isinstance(a, type):
+            out.add(a)
+    return frozenset(out)
+
+
+def _has_bool(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (list, tuple)) and depth < 2:
+        return any(_has_bool(v, depth + 1) for v in value[:1000])
+    return False
 
 
 # GPUs per actor of a stage's actor pool: "auto" = 1 where the Ray cluster has GPUs (or may get them,
@@ -35,6 +81,17 @@ NumGpus = Annotated[float | Literal["auto"], PlainValidator(_num_gpus)]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML `true` is not the integer 1: a boolean where a number is expected is refused."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _has_bool(value):
+            leaves = _leaf_types(field.annotation)
+            if bool not in leaves and (int in leaves or float in leaves):
+                raise ValueError("expected a number, got a boolean")
+        return value
 
 
 class IngestConfig(Section):
@@ -69,7 +126,7 @@ class ModelsConfig(Section):
 
 class NegativesConfig(Section):
     k: int = Field(16, ge=1)                # pool size k_max; training samples its k from it
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     block_size: int = Field(4096, ge=1)
 
 
@@ -77,10 +134,10 @@ class SynthesizeConfig(Section):
     views: int = Field(3, ge=1)             # n_s
     template: str = "An image of {mention}: {sentence}"
     steps: int = Field(25, ge=1)
-    guidance: float = 7.5
+    guidance: float = Field(7.5, ge=0)
     size: int = Field(512, ge=8)
     scheduler: str = "dpmsolver++"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     concurrency: int = Field(1, ge=1)
     num_gpus: NumGpus = "auto"
@@ -96,8 +153,8 @@ class FeaturesConfig(Section):
 
 
 class ModelConfig(Section):
-    dv: int = 96                            # projected visual size
-    dt: int = 512                           # text size (CLIP text projection)
+    dv: int = Field(96, ge=1)               # projected visual size
+    dt: int = Field(512, ge=1)              # text size (CLIP text projection)
     cvacpt_weight: float = Field(1.0, ge=0.0, le=1.0)   # w in feature + w * (alpha * feature + beta)
     views: int | None = Field(None, ge=0)   # n_s: synthetic views CVaCPT uses (None: all the features hold)
     # A^G / A^L output layers: "random" (PyTorch's default init) or "identity" (zero, so CVaCPT starts as the
@@ -106,7 +163,7 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    lr: float = 1e-5
+    lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(128, ge=1)
     epochs: int = Field(20, ge=1)
     k: int = Field(6, ge=0)                 # hard negatives per positive, sampled from the mined pool
@@ -125,18 +182,18 @@ class TrainConfig(Section):
     eval_entity_chunk: int = Field(1024, ge=1)
     shuffle_buffer: int = Field(1024, ge=1)
     torch_threads: int = Field(1, ge=1)          # per CPU worker; more threads than cores only slows DDP down
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class SweepConfig(Section):
     """`mel-ray tune`: the paper's Table 2 grid (k x n_s), optionally lr, w and seeds."""
 
     name: str = "sweep"
-    k: list[int] = Field(default_factory=lambda: [2, 4, 6])
-    views: list[int] = Field(default_factory=lambda: [1, 2, 3])
-    lr: list[float] = Field(default_factory=list)             # empty: train.lr
-    cvacpt_weight: list[float] = Field(default_factory=list)  # empty: model.cvacpt_weight
-    seeds: list[int] = Field(default_factory=list)            # empty: train.seed
+    k: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [2, 4, 6])
+    views: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [1, 2, 3])
+    lr: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list)                    # empty: train.lr
+    cvacpt_weight: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=list)   # empty: model.*
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)                   # empty: train.seed
     scheduler: Literal["fifo", "asha"] = "fifo"
     asha_grace_period: int = Field(1, ge=1)                   # epochs before ASHA may stop a trial
     max_concurrent_trials: int = Field(1, ge=1)
@@ -209,7 +266,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             allowed = ", ".join(_allowed_keys(Config, loc[:-1]))
             lines.append(f"{source}: unknown key '{dotted}' (allowed here: {allowed})")
         else:
-            lines.append(f"{source}: '{dotted}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{source}: '{dotted}': {e['msg']} (got {redact.excerpt(e.get('input'), MAX_EXCERPT)})")
     return "\n".join(lines)
 
 
@@ -230,7 +287,17 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
         key, raw = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise UsageError(f"--set {redact.excerpt(item, MAX_EXCERPT)}: expected KEY=VALUE with a dotted key, "
+                             "e.g. --set train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem", None) or type(err).__name__
+            raise UsageError(f"--set {key}: value {redact.excerpt(raw, MAX_EXCERPT)} is not valid YAML ({mark}); "
+                             "quote it, e.g. --set 'tracking.experiment=\"a: b\"'") from None
+        parsed.append((key, value))
     return parsed
 
 
@@ -248,13 +315,18 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise UsageError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, seen))})")
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as err:
         raise UsageError(f"{path}: cannot read config: {err.strerror or err}") from err
     try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UsageError(f"{path}: config is not valid UTF-8: byte 0x{data[err.start]:02x} at line {line}") from None
+    try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise UsageError(f"{path}: invalid YAML: {err}") from err
+        raise UsageError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(tree, dict):
         raise UsageError(f"{path}: top level must be a mapping of sections")
     parent = tree.pop("extends", None)

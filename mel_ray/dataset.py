@@ -7,6 +7,7 @@ ingest_report.json and manifest.json. manifest.json is written last, so its pres
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 from typing import Any
 
 import pyarrow as pa
@@ -132,13 +133,31 @@ class Dataset:
     def report(self) -> dict[str, Any]:
         return storage.read_json(self.path(REPORT))
 
-    def resolve_uri(self, relative: str | None) -> str | None:
-        """Image URIs in the tables are relative to the dataset root unless they carry a scheme."""
+    def resolve_uri(self, relative: str | None, *, file: str | None = None, field: str = "image_uri") -> str | None:
+        """Image URIs in the tables are relative to the dataset root unless they carry a scheme.
+
+        A relative URI that leaves the dataset root (`../x`, `images/../../x`) is refused with a DataError
+        naming the table (`file`, default the dataset) and `field`: stored data never reads outside its dataset.
+        Absolute paths and s3:// URIs are kept (`ingest --reference-images` stores them on purpose).
+        """
         if relative is None:
             return None
         if "://" in relative or relative.startswith("/"):
             return relative
-        return self.path(relative)
+        parts = relative.replace("\\", "/").split("/")
+        depth = 0
+        for part in parts:
+            if part == "..":
+                depth -= 1
+            elif part not in ("", "."):
+                depth += 1
+            if depth < 0:
+                break
+        if depth < 0 or "\x00" in relative:
+            shown = relative if len(relative) <= 120 else relative[:117] + "..."
+            raise DataError(file or self.uri, f"image URI {shown!r} resolves outside the dataset root "
+                            f"{self.uri}" if depth < 0 else f"image URI {shown!r} is not a file name", field=field)
+        return self.path(*posixpath.normpath("/".join(parts)).split("/"))
 
 
 def load_dataset(uri: str) -> Dataset:

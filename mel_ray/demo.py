@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mel_ray import pipeline
+from mel_ray import pipeline, redact
 from mel_ray.config import Config, load_config
 from mel_ray.dataset import SPLITS, load_dataset
 
@@ -156,7 +156,7 @@ def run_demo(output: str, config_path: str | None = None, overrides: list[str] |
     print(f"  outputs: {root}")
     if until in ("train", "tune"):
         uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, str(root))
-        print(f"  MLflow:  mlflow ui --backend-store-uri {uri}   (experiment '{cfg.tracking.experiment}')")
+        print(f"  MLflow:  mlflow ui --backend-store-uri {redact.uri(uri)}   (experiment '{cfg.tracking.experiment}')")
     log_file = console.log_file()
     print(f"  log:     {log_file} (Ray, Train, Tune and Data output; --verbose shows it here)" if log_file else
           "  log:     none, everything went to the terminal (--verbose)", flush=True)

@@ -17,6 +17,7 @@ The result is an ordinary dataset (manifest.json last, `source_format: merge`, `
 
 from __future__ import annotations
 
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -42,6 +43,22 @@ def _absolute(uri: str) -> str:
     if storage.is_s3(uri):
         return uri.rstrip("/")
     return storage.resolve(uri)[1]
+
+
+def _canonical(uri: str) -> str:
+    """One spelling per folder: s3 keys normalised (`//`, `./`, trailing `/`), local paths fully resolved
+    (`./x`, `x/`, `a/../x`, symlinked folders, `file://`), so the same folder compares equal."""
+    uri = storage.check_uri(uri)
+    if storage.is_s3(uri):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        key = posixpath.normpath("/" + key).lstrip("/") if key else ""
+        return f"s3://{bucket}/{key}".rstrip("/")
+    return os.path.realpath(os.path.expanduser(storage.resolve(uri)[1]))
+
+
+def _overlap(a: str, b: str) -> bool:
+    """True if the canonical folders `a` and `b` are the same or one holds the other."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
 def _default_name(output: str) -> str:
@@ -94,10 +111,15 @@ def merge(inputs: list[str], output: str, name: str | None = None, copy_images: 
     """Merge `inputs` (dataset URIs, first wins) into a new dataset at `output`; returns its manifest."""
     if not inputs:
         raise UsageError("merge: give at least one input dataset")
-    out_abs = _absolute(output)
+    out_real = _canonical(output)
     for uri in inputs:
-        if _absolute(uri) == out_abs:
-            raise UsageError(f"merge: output {output} is also an input; write the merge somewhere else")
+        in_real = _canonical(uri)
+        if in_real == out_real:
+            raise UsageError(f"merge: output {output} is also an input ({uri}; both are {in_real}); write the "
+                             "merge somewhere else")
+        if _overlap(in_real, out_real):
+            raise UsageError(f"merge: output {output} and input {uri} overlap (one folder holds the other: "
+                             f"{out_real}, {in_real}); write the merge somewhere else")
     datasets = [load_dataset(uri) for uri in inputs]   # DataError if a manifest is missing
     by_name: dict[str, list[str]] = {}
     for ds in datasets:
@@ -114,6 +136,7 @@ def merge(inputs: list[str], output: str, name: str | None = None, copy_images: 
                             "(it must be non-empty and contain no '/')", field="name")
 
     storage.delete(storage.join(output, MANIFEST))  # incomplete until the new manifest lands
+    storage.remove_stale_tmp(output)                # half-written files of a killed earlier merge
     images = _Images(output, copy_images)
     entities: list[dict[str, Any]] = []
     qid_to_id: dict[str, int] = {}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from mel_ray import storage
+from mel_ray import redact, storage
 from mel_ray.config import Config, IngestConfig
 from mel_ray.dataset import MANIFEST, REPORT, load_dataset
 from mel_ray.errors import UsageError
@@ -282,7 +282,7 @@ def train_model(cfg: Config, dataset: str, features: str, root: str | os.PathLik
 
 
 def _train_info(result: dict, name: str) -> dict:
-    return {"run_name": name, "run_id": result["run_id"], "tracking_uri": result["tracking_uri"],
+    return {"run_name": name, "run_id": result["run_id"], "tracking_uri": redact.uri(result["tracking_uri"]),
             "checkpoint": result["checkpoint"]}
 
 
@@ -364,7 +364,8 @@ def sweep(cfg: Config, dataset: str, features: str, root: str | os.PathLike) -> 
     note = (f"{'already swept' if result['skipped'] else 'swept'} {len(result['rows'])} trials; best "
             f"{trial} (dev MRR {best.get('metrics', {}).get('best_dev_MRR', float('nan')):.4f}), "
             f"MLflow parent run {result['parent_run_id']}")
-    info = {"parent_run_id": result["parent_run_id"], "tracking_uri": result["tracking_uri"], "best": trial}
+    info = {"parent_run_id": result["parent_run_id"], "tracking_uri": redact.uri(result["tracking_uri"]),
+            "best": trial}
     return Outcome(result, not result["skipped"], note, info)
 
 
@@ -397,7 +398,7 @@ def run_pipeline(cfg: Config, root: str | os.PathLike = ".", base: str = "pipeli
     report = step(evaluate_stage(cfg, root, features=features, trained=trained, base=base)).value
     print(f"[pipeline] done in {time.perf_counter() - t0:.1f}s: {SPLIT} MRR "
           f"{report['metrics'].get('MRR', float('nan')):.4f}, MLflow run {trained['run_id']} at "
-          f"{trained['tracking_uri']}", flush=True)
+          f"{redact.uri(trained['tracking_uri'])}", flush=True)
     return {"stages": [r.summary() for r in results], "run_id": trained["run_id"],
             "tracking_uri": trained["tracking_uri"], "checkpoint": trained["checkpoint"],
             f"{SPLIT}_metrics": report["metrics"]}

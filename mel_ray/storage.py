@@ -3,8 +3,15 @@
 Everything goes through pyarrow filesystems, so Ray Data, Parquet readers and our own writes agree on what
 a URI means. S3 endpoint, region and credentials come from the standard AWS environment variables or config
 files (`AWS_ENDPOINT_URL[_S3]`, `AWS_REGION`/`AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, ...); they are never
-logged. Writes are atomic: local files are written under a temporary name and renamed; S3 objects are sent
-in one PUT of a finished buffer, so a killed writer never leaves a half object behind.
+logged, and every URI in an error message goes through `mel_ray.redact` (a `user:password@` in the endpoint is
+dropped: S3 takes its credentials from the AWS variables, never from the URL).
+
+URIs: a local path, `file:///absolute/path` or `s3://bucket/prefix`. Any other scheme (`https://`, `gs://`,
+`S3://`, `s3a://`, ...) and malformed URIs (`s3:/bucket`, `s3://` without a bucket, credentials inside an
+s3:// URI, a NUL byte) are refused with one line (`URIError`, a UsageError: exit code 2), never taken as a
+local folder named after them. Writes are atomic: local files are written under a temporary name and
+renamed; S3 objects are sent in one PUT of a finished buffer, so a killed writer never leaves a half object
+behind.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from mel_ray import redact
+from mel_ray.errors import UsageError
 
 # bounded retries with exponential backoff (AWS standard strategy) on transient errors
 S3_MAX_ATTEMPTS = int(os.environ.get("MEL_RAY_S3_MAX_ATTEMPTS", "6"))
@@ -30,19 +41,66 @@ class StorageError(OSError):
     """An object-store or filesystem operation failed after retries; names the URI, never credentials."""
 
 
+class URIError(UsageError, StorageError):
+    """A URI the project cannot use: unsupported scheme or malformed (a UsageError first: exit code 2)."""
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+# schemes users plausibly type; "<scheme>:/x" with one of these is a mistyped URI, not a local file name
+_KNOWN_SCHEMES = {"s3", "s3a", "s3n", "file", "gs", "gcs", "http", "https", "hdfs", "abfs", "abfss", "az", "adl",
+                  "wasb", "wasbs", "ftp", "sftp", "ssh", "hf", "oss", "r2", "minio"}
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+def check_uri(uri: str | os.PathLike) -> str:
+    """`uri` as a string if the project can use it (local path, file:///path, s3://bucket/...); else URIError."""
+    uri = os.fspath(uri)
+    shown = redact.uri(uri)
+    if "\x00" in uri:
+        raise URIError(f"{shown!r}: malformed URI (holds a NUL byte)")
+    if is_s3(uri):
+        bucket = uri[len("s3://"):].split("/", 1)[0]
+        if "@" in bucket:
+            raise URIError(f"{shown}: malformed s3:// URI: credentials do not belong in the URI "
+                           "(set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+        if not _BUCKET.match(bucket):
+            what = "no bucket" if not bucket else f"bad bucket name {bucket!r}"
+            raise URIError(f"{shown}: malformed s3:// URI: {what} (expected s3://bucket/prefix)")
+        return uri
+    match = _SCHEME.match(uri)
+    if match is None:
+        return uri
+    scheme = match.group(1)
+    rest = uri[match.end():]
+    if rest.startswith("//"):
+        if scheme == "file":
+            if not rest.startswith("///") and not rest.startswith("//localhost/"):
+                raise URIError(f"{shown}: malformed file:// URI (expected file:///absolute/path)")
+            return uri
+        raise URIError(f"{shown}: unsupported URI scheme {scheme!r} (use a local path, file:///path or "
+                       "s3://bucket/prefix)")
+    if scheme.lower() in _KNOWN_SCHEMES:
+        raise URIError(f"{shown}: malformed URI (expected {scheme.lower()}://...; the project reads local paths, "
+                       "file:///path and s3://bucket/prefix)")
+    return uri
 
 
 def _s3_settings() -> tuple:
     env = os.environ
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    if endpoint:
+        endpoint = _USERINFO.sub(r"\1", endpoint)   # never sent or shown: S3 credentials are the AWS_* keys
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
     # credentials are part of the cache key only so that a change of identity is picked up
     return (endpoint, region, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"),
             env.get("AWS_SESSION_TOKEN"), env.get("AWS_PROFILE"))
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
 
 
@@ -70,24 +128,22 @@ def s3_filesystem() -> pafs.S3FileSystem:
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """Return (filesystem, path inside it) for a local path or s3:// URI."""
-    uri = str(uri)
+    uri = check_uri(uri)
     if is_s3(uri):
         return s3_filesystem(), uri[len("s3://"):].rstrip("/")
-    if "://" in uri and not uri.startswith("file://"):
-        raise StorageError(f"{uri}: unsupported URI scheme (use a local path or s3://bucket/prefix)")
-    uri = uri.removeprefix("file://")
+    uri = uri.removeprefix("file://localhost").removeprefix("file://")
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
-    uri = str(uri)
+    uri = check_uri(uri)   # before Path() turns "gs://b" into the local "gs:/b"
     if is_s3(uri):
         return posixpath.join(uri.rstrip("/"), *parts)
     return str(Path(uri).joinpath(*parts))
 
 
 def _wrap(uri: str, action: str, err: Exception) -> StorageError:
-    return StorageError(f"{uri}: could not {action}: {err}")
+    return StorageError(redact.text(f"{uri}: could not {action}: {err}"))
 
 
 def exists(uri: str) -> bool:
@@ -209,6 +265,25 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
     prefix = path.rstrip("/") + "/"
     return sorted(i.path[len(prefix):] for i in infos
                   if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith(".tmp-"))
+
+
+def remove_stale_tmp(uri: str) -> int:
+    """Delete the `.tmp-*` files a killed local writer left under the folder `uri`; returns how many.
+
+    Only for a folder this process is about to (re)write: another writer's live temporary file would go too.
+    S3 writes leave no temporary objects, so this is a no-op there.
+    """
+    if is_s3(uri):
+        return 0
+    _fs, root = resolve(uri)
+    removed = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.startswith(".tmp-"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
 
 
 def copy_file(src: str, dst: str) -> None:

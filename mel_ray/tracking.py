@@ -5,7 +5,14 @@ sqlite store `<workdir>/mlflow.db` with artifacts in `<workdir>/mlartifacts` (no
 `mlflow server`, artifacts go wherever the server puts them (e.g. `--artifacts-destination s3://...`);
 `artifact_root` can point a new experiment's artifacts at any local path or s3:// URI instead.
 
-Parameters are logged flat (`train.lr`), and anything that looks like a secret is redacted.
+Parameters are logged flat (`train.lr`), and anything that looks like a secret is redacted: secret-looking keys
+lose their value, and every value goes through `mel_ray.redact` (a `user:password@` in a URI, a signed URL's
+`X-Amz-Signature=`); so do tags. The tracking URI itself is shown only as `display_uri(uri)`.
+
+A tracking server that does not answer fails in bounded time: unless the user set them, MLflow's HTTP client
+gets MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1 and MLFLOW_HTTP_REQUEST_TIMEOUT=30
+(MLflow's own defaults, 7 retries with factor 2 and 120 s, wait about 4 minutes on a dead server), and the
+failure is ONE line without credentials (`TrackingError`, exit code 1 like other service failures).
 """
 
 from __future__ import annotations
@@ -18,21 +25,76 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mel_ray import storage
+from mel_ray import redact, storage
 from mel_ray.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-REDACTED = "[redacted]"
+REDACTED = redact.MASK
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 _SECRET_WORDS = {"secret", "secrets", "password", "passwd", "pwd", "token", "credential",
                  "credentials", "apikey", "passphrase"}
 _SECRET_PAIRS = ("access_key", "secret_key", "api_key", "private_key", "session_token", "auth_token")
-_URI_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@\s]+)@")
+# bounded defaults for MLflow's HTTP client (see the module docstring); the user's own settings win
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingError(storage.StorageError):
+    """The tracking server failed or did not answer; the message never holds credentials (exit code 1)."""
+
+
+def bounded_http() -> None:
+    """Set HTTP_DEFAULTS in os.environ where unset (Ray workers started later inherit them)."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def display_uri(uri: str | None) -> str | None:
+    """The tracking URI as it may be printed, logged or stored in a summary: credentials removed."""
+    return None if uri is None else redact.uri(uri)
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err)
+    low = text.lower()
+    if "connection refused" in low or "failed to establish a new connection" in low:
+        return "connection refused"
+    if "timed out" in low or "timeout" in low:
+        return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '?')} s"
+    if "name or service not known" in low or "nodename nor servname" in low or "name resolution" in low:
+        return "host not found"
+    if re.search(r"error code 401\b", text) or "unauthorized" in low:
+        return "401 unauthorized (check the credentials)"
+    if re.search(r"error code 403\b", text) or "forbidden" in low:
+        return "403 forbidden"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return redact.excerpt(first, 200).strip("'\"")
+
+
+def describe_error(err: BaseException, uri: str | None = None) -> TrackingError | UsageError | None:
+    """A one-line error for an MLflow / HTTP failure (None if `err` is neither); never shows credentials."""
+    import sys
+
+    # only look at the classes if their modules are loaded: an error from elsewhere must not import MLflow
+    mlflow_exc = getattr(sys.modules.get("mlflow.exceptions"), "MlflowException", None)
+    requests_exc = getattr(getattr(sys.modules.get("requests"), "exceptions", None), "RequestException", None)
+    if mlflow_exc is not None and isinstance(err, mlflow_exc):
+        code = getattr(err, "error_code", "")
+        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "ENDPOINT_NOT_FOUND"):
+            return UsageError(redact.text(f"MLflow: {redact.excerpt(err.message, 300).strip(chr(39) + chr(34))}"))
+    elif requests_exc is None or not isinstance(err, requests_exc):
+        return None
+    where = f" at {display_uri(uri)}" if uri else ""
+    retries = (f"after {os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '?')} retries; "
+               if uri is None or uri.startswith(("http://", "https://")) else "")
+    return TrackingError(f"MLflow tracking{where}: {_reason(err)} ({retries}check tracking.mlflow_uri / "
+                         "MLFLOW_TRACKING_URI)")
 
 
 def tracking_uri(cfg_uri: str | None, workdir: str | os.PathLike) -> str:
     """Config value, else MLFLOW_TRACKING_URI, else the embedded `sqlite:///<workdir>/mlflow.db`."""
+    bounded_http()
     if cfg_uri:
         return cfg_uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -62,6 +124,17 @@ def _artifact_location(artifact_root: str) -> str:
 
 def ensure_experiment(experiment: str, uri: str, artifact_root: str | None = None) -> str:
     """Create the experiment if needed (with its artifact location) and return its id."""
+    bounded_http()
+    try:
+        return _ensure_experiment(experiment, uri, artifact_root)
+    except Exception as err:
+        line = describe_error(err, uri)
+        if line is None:
+            raise
+        raise line from None
+
+
+def _ensure_experiment(experiment: str, uri: str, artifact_root: str | None) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -70,7 +143,7 @@ def ensure_experiment(experiment: str, uri: str, artifact_root: str | None = Non
     if existing is not None:
         if artifact_root and existing.artifact_location.rstrip("/") != (location or "").rstrip("/"):
             logger.warning("experiment %r already stores artifacts in %s; keeping that location, not %s",
-                           experiment, existing.artifact_location, location)
+                           experiment, redact.uri(existing.artifact_location), redact.uri(location))
         return existing.experiment_id
     try:
         return client.create_experiment(experiment, artifact_location=location)
@@ -91,9 +164,18 @@ def start_run(experiment: str, run_name: str | None, tracking_uri: str, artifact
     """
     import mlflow
 
+    bounded_http()
     mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = ensure_experiment(experiment, tracking_uri, artifact_root)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {})) as run:
+    try:
+        experiment_id = ensure_experiment(experiment, tracking_uri, artifact_root)
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                  tags={k: redact.text(v) for k, v in (tags or {}).items()})
+    except Exception as err:
+        line = describe_error(err, tracking_uri)
+        if line is None:
+            raise
+        raise line from None
+    with active as run:
         yield run
 
 
@@ -106,8 +188,8 @@ def is_secret_key(key: str) -> bool:
 
 
 def _scrub_value(value: str) -> str:
-    """Drop `user:password@` from URI-looking values."""
-    return _URI_USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", value)
+    """Drop `user:password@` and secret query values from URIs anywhere in the value."""
+    return redact.text(value)
 
 
 def flatten(params: Any, prefix: str = "") -> dict[str, Any]:

@@ -4,6 +4,13 @@ Order of work, chosen so a failure never looks like success: delete DST/manifest
 validate every input record (fatal problems raise DataError before anything is written), then place images,
 then `dataset.write_dataset`, which writes manifest.json last. The input formats, the attribute rule and
 which problems are fatal versus skipped are documented in docs/data-contract.md.
+
+Nothing outside the release is read as its data. Image paths with `..`, absolute paths and URLs are fatal
+(`safe_name`). A local image whose real path (symlinks resolved) lies outside both its image folder
+(kb_image/, mention_image/, the jsonl folder, --image-dir; that folder may itself be a symlink) and the
+release folder is never read, copied or referenced: it is counted as missing, and separately as
+`images.<kb|mentions>.outside_release` with examples under `image_outside_release` in the report.
+`.tmp-*` files that a killed ingest left in DST are removed when DST is written again.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from mel_ray.errors import UsageError
 from mel_ray.ingest import jsonl, melbench, mimic
 from mel_ray.ingest.common import (
     IMAGE_MISSING,
+    IMAGE_OUTSIDE,
     IMAGE_UNDECODABLE,
     Image,
     Parsed,
@@ -55,11 +63,13 @@ def ingest(fmt: str, source: str, output: str, *, name: str | None = None,
         raise UsageError(f"unknown ingest format {fmt!r} (expected one of {', '.join(FORMATS)})")
     source, output = str(source), str(output)
     storage.delete(storage.join(output, MANIFEST))   # from here on, DST is "incomplete" until we finish
+    storage.remove_stale_tmp(output)                 # half-written files of a killed earlier run
     report = new_report(fmt, source, output)
     report["options"] = options.model_dump(mode="json", exclude={"format", "input"})   # provenance
     parsed = FORMATS[fmt](source, options, report)
 
-    images = _Images(output, options.copy_images, options.check_images, report)
+    release = source if fmt != "melbench" else (options.image_dir or source)
+    images = _Images(output, options.copy_images, options.check_images, report, release=release)
     entities = [{"entity_id": eid, "qid": e["qid"], "name": e["name"], "description": e["description"],
                  "attributes": e["attributes"],
                  "image_uris": dedupe(u for u in (images.place("kb", i) for i in e["images"]) if u)}
@@ -86,7 +96,9 @@ class _Images:
     copy: bool
     check: bool
     report: dict[str, Any]
+    release: str | None = None
     done: dict[tuple, str | None] = field(default_factory=dict)
+    real_roots: dict[str, list[str]] = field(default_factory=dict)
     written: set[str] = field(default_factory=set)
     listings: dict[str, set[str]] = field(default_factory=dict)
 
@@ -102,12 +114,27 @@ class _Images:
             self.listings[root] = set(storage.list_files(root)) if storage.is_dir(root) else set()
         return rel in self.listings[root]
 
+    def _outside(self, root: str, src: str) -> bool:
+        """True if the local file `src` really (symlinks resolved) lies outside its image folder and the release."""
+        if storage.is_s3(src):
+            return False   # object stores have no symlinks
+        if root not in self.real_roots:
+            folders = [root] + ([self.release] if self.release and not storage.is_s3(self.release) else [])
+            self.real_roots[root] = [os.path.realpath(storage.resolve(f)[1]) for f in folders]
+        real = os.path.realpath(storage.resolve(src)[1])
+        return not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self.real_roots[root])
+
     def _place(self, kind: str, image: Image) -> str | None:
         counts = self.report["images"][kind]
         for root, rel in image.candidates:
             if not self._exists(root, rel):
                 continue
             src = source_uri(root, rel)
+            if self._outside(root, src):
+                counts["missing"] += 1
+                counts["outside_release"] = counts.get("outside_release", 0) + 1
+                add_example(self.report, IMAGE_OUTSIDE, f"{image.context} (a link to a file outside the release)")
+                return None
             data = storage.read_bytes(src) if self.copy or self.check else b""
             if self.check and not _decodable(data):
                 counts["undecodable"] += 1
@@ -149,8 +176,10 @@ def summary_line(output: str, report: dict[str, Any]) -> str:
             skipped[reason] = skipped.get(reason, 0) + n
     detail = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
     images = report["images"].values()
+    n_outside = sum(i.get("outside_release", 0) for i in images)
+    outside = f" ({n_outside} outside the release)" if n_outside else ""
     return (f"ingested {output}: {rows['entities']['kept']} entities, "
             f"train/dev/test = {'/'.join(str(splits[s]) for s in SPLITS)} mentions, "
             f"skipped {sum(skipped.values())}{f' ({detail})' if detail else ''}, "
-            f"images missing {sum(i['missing'] for i in images)}, "
+            f"images missing {sum(i['missing'] for i in images)}{outside}, "
             f"undecodable {sum(i['undecodable'] for i in images)}")

@@ -31,6 +31,7 @@ EMPTY_MENTION = "empty_mention"
 EMPTY_SENTENCE = "empty_sentence"
 IMAGE_MISSING = "image_missing"
 IMAGE_UNDECODABLE = "image_undecodable"
+IMAGE_OUTSIDE = "image_outside_release"   # a symlink whose target is outside the release: counted as missing
 
 NIL_VALUES = {"", "nil"}      # compared case-insensitively: the releases use "nil", users write "NIL"
 

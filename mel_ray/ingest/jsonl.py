@@ -90,7 +90,7 @@ def read_mentions(source: str, qid_to_id: dict[str, int], parsed: Parsed, report
         sentence = clean(get_str(obj, "sentence", uri, record) or "")
         image = (get_str(obj, "image", uri, record, optional=True) or "").strip()
         image = safe_name(image, uri, record, "image") if image else None
-        qid = (get_str(obj, "qid", uri, record) or "").strip()
+        qid = clean(get_str(obj, "qid", uri, record) or "")   # normalised like the KB's qids (get_qid)
         split = get_str(obj, "split", uri, record)
         if split not in SPLITS:
             raise DataError(uri, f"split must be one of {', '.join(SPLITS)}, got {split!r}", record, "split")

@@ -51,8 +51,8 @@ def parse(source: str, options: IngestConfig, report: dict[str, Any]) -> Parsed:
     names: dict[str, str] = {}
     for sample in samples:
         for _mention, name, qid in sample["items"]:
-            if not is_nil(qid) and not names.get(qid.strip()):
-                names[qid.strip()] = name
+            if not is_nil(qid) and not names.get(clean(qid)):
+                names[clean(qid)] = name
     qid_to_id = {qid: i for i, qid in enumerate(names)}
     parsed = Parsed(entities=[{"qid": q, "name": n or q, "description": "", "attributes": [], "images": []}
                               for q, n in names.items()])
@@ -70,7 +70,7 @@ def parse(source: str, options: IngestConfig, report: dict[str, Any]) -> Parsed:
             elif not sample["sentence"]:
                 skip(report, "mentions", EMPTY_SENTENCE, f"sample {sample['id']!r} mention {index}")
             else:
-                qid = answer.strip()
+                qid = clean(answer)
                 parsed.mentions[split].append({"mention_id": mid, "mention": mention, "sentence": sample["sentence"],
                                                "image": sample["image"], "entity_id": qid_to_id[qid], "qid": qid})
     return parsed

@@ -177,14 +177,14 @@ def read_split(source: str, fname: str, qid_to_id: dict[str, int], image_roots: 
         where = f"{fname} {record}"
         if is_nil(answer):
             skip(report, "mentions", NIL_ANSWER, f"{where}: answer {answer!r}")
-        elif answer.strip() not in qid_to_id:
-            skip(report, "mentions", NOT_IN_KB, f"{where}: answer {answer.strip()!r}")
+        elif clean(answer) not in qid_to_id:   # normalised like the KB's qids (get_qid)
+            skip(report, "mentions", NOT_IN_KB, f"{where}: answer {clean(answer)!r}")
         elif not mention:
             skip(report, "mentions", EMPTY_MENTION, where)
         elif not sentence:
             skip(report, "mentions", EMPTY_SENTENCE, where)
         else:
-            qid = answer.strip()
+            qid = clean(answer)
             rows.append({"mention_id": mid, "mention": mention, "sentence": sentence,
                          "image": mention_image(img, image_roots, mid), "entity_id": qid_to_id[qid], "qid": qid})
     return rows
