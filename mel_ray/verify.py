@@ -121,6 +121,8 @@ def raise_first(problems: list[Problem], verify_uri: str | None = None) -> None:
 def _type_str(t: pa.DataType) -> str:
     if pa.types.is_fixed_size_list(t):
         return f"fixed_size_list<{_type_str(t.value_type)}>[{t.list_size}]"
+    if t == pa.float16():
+        return "float16"
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         return f"list<{_type_str(t.value_type)}>"
     if pa.types.is_large_string(t):
@@ -205,7 +207,9 @@ class _Checker:
         self.problems: list[Problem] = []
         self.files: set[str] | None = None       # every file under the root (relative, "/"-separated)
         self.counts: dict[str, int] | None = None
-        self.table_sha: dict[str, str] = {}      # "entities" / split -> sha256 of the Parquet bytes
+        self.table_sha: dict[str, str] = {}      # "entities" / split -> sha256 of the Parquet bytes (if sound)
+        self.pending_sha: dict[str, tuple[str, str]] = {}
+        self.rows: dict[str, int] = {}           # "entities" / split -> rows of the table as read
         self.entity_qids: list | None = None
         self.split_ids: dict[str, list] = {}
         self.summary: dict[str, Any] = {}
@@ -216,6 +220,12 @@ class _Checker:
 
     def uri(self, rel: str) -> str:
         return storage.join(self.root, *rel.split("/"))
+
+    def expected_rows(self, key: str) -> int | None:
+        """Rows of a dataset table: as read (if it was), else as its manifest counts them."""
+        if key in self.rows:
+            return self.rows[key]
+        return self.counts.get(key) if self.counts else None
 
     def add(self, rel: str, message: str, row: int | None = None, field: str | None = None) -> None:
         self.problems.append(Problem(self.uri(rel), message, row, field))
@@ -383,15 +393,17 @@ class _Checker:
             data = self.read_bytes(rel, "part of every dataset")
             if data is None:
                 return None
-            self.table_sha[count_key] = hashlib.sha256(data).hexdigest()
         elif not self.exists(rel):
             self.add(rel, "missing (part of every dataset)")
             return None
+        if data is not None:
+            self.pending_sha[count_key] = (rel, hashlib.sha256(data).hexdigest())
         pf = self.open_parquet(rel, "part of every dataset", data)
         if pf is None:
             return None
         good = self.check_schema(rel, pf.schema_arrow, schema)
         rows = pf.metadata.num_rows
+        self.rows[count_key] = rows
         if self.counts is not None and count_key in self.counts and rows != self.counts[count_key]:
             self.add(rel, f"{rows} rows but manifest.json counts.{count_key} says {self.counts[count_key]}")
         if self.level == "quick" or not good:
@@ -406,7 +418,7 @@ class _Checker:
         if self.level != "quick":
             self.read_json(REPORT, "written by ingest and merge")
         entities = self.dataset_table(ENTITIES, ENTITY_SCHEMA, "entities")
-        n = self.counts.get("entities") if self.counts else None
+        n = self.expected_rows("entities")
         qids: list | None = None
         if entities is not None:
             n = entities.num_rows
@@ -471,6 +483,12 @@ class _Checker:
             if "image_uri" in cols:
                 self.image_uris(rel, "image_uri",
                                 ((i, u) for i, u in enumerate(table.column("image_uri").to_pylist()) if u is not None))
+        # a table's sha256 is compared with what negatives / features were made from only when the table itself
+        # is fine: a damaged table is reported once, not again as "stale" derived artefacts
+        damaged = {p.file for p in self.problems}
+        for key, (rel, sha) in self.pending_sha.items():
+            if self.uri(rel) not in damaged:
+                self.table_sha[key] = sha
 
     def image_uris(self, rel: str, field: str, rows: Iterable[tuple[int, Any]]) -> None:
         escape, missing, link = self.rule(rel, field), self.rule(rel, field), self.rule(rel, field)
@@ -506,7 +524,7 @@ class _Checker:
             self.add(mrel, "missing: an unfinished mine-negatives run (its Parquet is not usable; rerun it)")
         else:
             manifest = self.read_json(mrel, "written last by mine-negatives")
-        n = self.counts.get("entities") if self.counts else None
+        n = self.expected_rows("entities")
         if manifest is not None:
             if manifest.get("k") != k or isinstance(manifest.get("k"), bool):
                 self.add(mrel, f"k {manifest.get('k')!r} but the file is named k{k}", field="k")
@@ -678,9 +696,10 @@ class _Checker:
                 self.add(mrel, "expected an object with rows, shards and columns", field=where)
                 continue
             rows, shards, columns = info["rows"], info["shards"], info["columns"]
-            if self.counts is not None and count_key in self.counts and rows != self.counts[count_key]:
+            want = self.expected_rows(count_key)
+            if want is not None and rows != want:
                 self.add(mrel, f"rows {rows} but the dataset's {ENTITIES if count_key == 'entities' else mentions_path(count_key)} "
-                         f"has {self.counts[count_key]}", field=f"{where}.rows")
+                         f"has {want}", field=f"{where}.rows")
             sha = self.table_sha.get(count_key)
             if sha and isinstance(inputs, dict) and inputs.get(count_key) not in (None, sha):
                 self.add(mrel, f"made from another {ENTITIES if count_key == 'entities' else mentions_path(count_key)}"
@@ -713,8 +732,9 @@ class _Checker:
                         break
                     expected.append(pa.field(c, typ))
             else:
-                dataset_ids = (list(range(self.counts["entities"])) if id_col == "entity_id" and self.counts
-                               and "entities" in self.counts else self.split_ids.get(count_key))
+                n_ent = self.expected_rows("entities")
+                dataset_ids = (list(range(n_ent)) if n_ent is not None else None) if id_col == "entity_id" \
+                    else self.split_ids.get(count_key)
                 for s, srel in enumerate(shards):
                     if not isinstance(srel, str) or uri_problem(srel) or "://" in srel or srel.startswith("/"):
                         self.add(mrel, f"shard {srel!r} is not a path inside the features folder",
@@ -722,9 +742,9 @@ class _Checker:
                         continue
                     want = max(0, min(shard_rows, rows - s * shard_rows))
                     self.feature_shard(f"{base}/{posixpath.normpath(srel)}", pa.schema(expected), shapes,
-                                             want, id_col, dataset_ids, s * shard_rows)
+                                       want, id_col, dataset_ids, s * shard_rows)
                     n_shards += 1
-        self.summary.setdefault("features", {})[base.split("/", 1)[1]] = n_shards
+        self.summary.setdefault("features", {})[base.rsplit("/", 1)[-1]] = n_shards
 
     def feature_shard(self, rel: str, expected: pa.Schema, shapes: dict, want_rows: int, id_col: str,
                       dataset_ids: list | None, first_row: int) -> int | None:
