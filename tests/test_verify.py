@@ -316,3 +316,16 @@ def test_s3_tree(tree, s3_bucket):
         f"{shard}: not a readable Parquet file: footer does not parse (truncated or not Parquet)",
         f"2 problems in {root}",
     ])
+
+
+def test_hostile_features_manifest(ds, tree):
+    path = ds / "features" / tree.feat_key / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shapes"]["text_local"] = [1 << 20, 1 << 12]
+    path.write_text(json.dumps(manifest))
+    _one(ds, f"{path}: field 'shapes.text_local': shape [1048576, 4096] has 4294967296 values per row "
+         "(at most 2^31 - 1)")
+    manifest["tables"]["entities"] = {"rows": 3, "shards": "x", "columns": []}
+    manifest["shapes"]["text_local"] = [8, 32]
+    path.write_text(json.dumps(manifest))
+    _one(ds, f"{path}: field 'tables.entities': expected an object with rows, shards and columns")
