@@ -190,6 +190,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from mel_ray.verify import summary_line, verify_with_summary
+
+    problems, summary = verify_with_summary(args.dataset, deep=args.deep)
+    for problem in problems:
+        print(problem.line())
+    if problems:
+        print(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in {args.dataset}")
+        return EXIT_DATA
+    print(summary_line(args.dataset, summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mel-ray", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mel-ray {__version__}")
@@ -316,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", parents=[common], help="print a dataset's manifest")
     p.add_argument("dataset")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("verify", parents=[common], help="check a whole dataset tree: one line per problem, exit 2")
+    p.add_argument("dataset")
+    p.add_argument("--deep", action="store_true", help="also sha256 of every synthetic view, full decode of feature "
+                   "shards, absolute image URIs")
+    p.set_defaults(func=_cmd_verify)
     return parser
 
 
