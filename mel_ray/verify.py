@@ -704,8 +704,8 @@ class _Checker:
             rows, shards, columns = info["rows"], info["shards"], info["columns"]
             want = self.expected_rows(count_key)
             if want is not None and rows != want:
-                self.add(mrel, f"rows {rows} but the dataset's {ENTITIES if count_key == 'entities' else mentions_path(count_key)} "
-                         f"has {want}", field=f"{where}.rows")
+                table = ENTITIES if count_key == "entities" else mentions_path(count_key)
+                self.add(mrel, f"rows {rows} but the dataset's {table} has {want}", field=f"{where}.rows")
             sha = self.table_sha.get(count_key)
             if sha and isinstance(inputs, dict) and inputs.get(count_key) not in (None, sha):
                 self.add(mrel, f"made from another {ENTITIES if count_key == 'entities' else mentions_path(count_key)}"
