@@ -29,7 +29,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "transformers", "diffusers",
                    "huggingface_hub")
 
-_state: dict = {"file": None, "handlers": []}
+_state: dict = {"file": None, "handlers": [], "moved": []}
 
 
 def is_verbose() -> bool:
@@ -127,7 +127,10 @@ def reset() -> None:
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).removeHandler(handler)
         handler.close()
-    _state.update(file=None, handlers=[])
+    for logger, handler in _state["moved"]:     # the libraries' own console handlers, as tidy() found them
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    _state.update(file=None, handlers=[], moved=[])
 
 
 def tidy() -> None:
@@ -139,10 +142,14 @@ def tidy() -> None:
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            if (isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+                    and handler not in _state["handlers"]):
                 logger.removeHandler(handler)
-        if not logger.propagate and file not in logger.handlers:
-            logger.addHandler(file)
+                _state["moved"].append((logger, handler))
+        if not logger.propagate:      # records stop here: give it the file and the (filtered) terminal
+            for handler in _state["handlers"]:
+                if handler not in logger.handlers:
+                    logger.addHandler(handler)
     if "diffusers.utils.logging" in sys.modules:
         sys.modules["diffusers.utils.logging"].disable_progress_bar()
 
