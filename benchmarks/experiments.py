@@ -285,7 +285,7 @@ def procedural_look_agreement(inputs: dict) -> dict:
     best = {n: {p: [] for p in parts} for n in range(1, VIEWS + 1)}
     for row in test:
         u = int(row["qid"][1:])
-        gold = dd._look(dd._make_entity(u, dd.TYPE_PATTERN[u % len(dd.TYPE_PATTERN)]))
+        gold = dd.look(dd._make_entity(u, dd.TYPE_PATTERN[u % len(dd.TYPE_PATTERN)]))
         looks = [procedural.view_look(v["prompt"], v["seed"]) for v in sorted(by_mention[row["mention_id"]],
                                                                               key=lambda v: v["view"])]
         for p in parts:

@@ -70,7 +70,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
                            "data.ingest.check_images": True if args.check_images else None,
                            "data.ingest.copy_images": False if args.reference_images else None})
     cfg.data.name = _name(cfg, args.name, args.output)
-    result = pipeline.ingest_stage(cfg, root=".")
+    result = pipeline.ingest_stage(cfg, root=".", force=True)     # an explicit ingest reads the release again
     print(result.note)           # ingest's one summary line (or "already ingested ...")
     return 0
 

@@ -84,6 +84,9 @@ def quiet_libraries(verbose: bool) -> None:
     # model download / load / save bars (huggingface_hub, and transformers reads the same switch); one
     # per model load, not per long stage; diffusers has no switch and is quieted where its pipelines load
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # MLflow's artifact upload/download bars (the demo downloads the best model once per sweep)
+    if not interactive():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if "transformers.utils.logging" in sys.modules:
         sys.modules["transformers.utils.logging"].disable_progress_bar()
 

@@ -272,7 +272,7 @@ BACKGROUNDS = [(250, 246, 227), (210, 230, 250), (225, 245, 220), (245, 225, 225
 PATTERNS = ["solid", "hstripes", "vstripes", "dots", "checker", "diagonal"]
 
 
-def _h(text: str) -> int:
+def text_hash(text: str) -> int:
     """Stable small hash (Python's hash() is salted per process, which would break determinism)."""
     return zlib.crc32(text.encode("utf-8"))
 
@@ -377,16 +377,16 @@ def wiki_title(name: str) -> str:
 
 # ------------------------------------------------------------------------------------------------- images
 
-def _look(e: dict) -> dict:
+def look(e: dict) -> dict:
     colour_p, pattern_p, bg_p = TYPES[e["kind"]]["look"]
     a = e["attrs"]
     return {"shape": TYPES[e["kind"]]["shape"],
-            "fg": PALETTE[_h(_first(a, colour_p)) % len(PALETTE)],
-            "pattern": PATTERNS[_h(_first(a, pattern_p)) % len(PATTERNS)],
-            "bg": BACKGROUNDS[_h(_first(a, bg_p)) % len(BACKGROUNDS)],
+            "fg": PALETTE[text_hash(_first(a, colour_p)) % len(PALETTE)],
+            "pattern": PATTERNS[text_hash(_first(a, pattern_p)) % len(PATTERNS)],
+            "bg": BACKGROUNDS[text_hash(_first(a, bg_p)) % len(BACKGROUNDS)],
             # a per-entity badge: same-name, same-type entities with equal main attributes still differ
-            "badge": PALETTE[_h(_attr_string(a)) % len(PALETTE)],
-            "badge_pos": _h(e["qid"]) % 4}
+            "badge": PALETTE[text_hash(_attr_string(a)) % len(PALETTE)],
+            "badge_pos": text_hash(e["qid"]) % 4}
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
@@ -423,7 +423,7 @@ PATTERN_MASKS = {"hstripes": (_YY // 4) % 2 == 0, "vstripes": (_XX // 4) % 2 == 
                  "diagonal": ((_YY + _XX) // 5) % 2 == 0}
 
 
-def _render(look: dict, dx: float = 0.0, dy: float = 0.0, scale: float = 1.0, bg_shift: int = 0) -> np.ndarray:
+def render(look: dict, dx: float = 0.0, dy: float = 0.0, scale: float = 1.0, bg_shift: int = 0) -> np.ndarray:
     bg = tuple(int(np.clip(c + bg_shift, 0, 255)) for c in look["bg"])
     canvas = Image.new("RGB", (IMG, IMG), bg)
     shape_mask = Image.new("L", (IMG, IMG), 0)
@@ -540,11 +540,11 @@ def _write_release(root: Path, n_entities: int, n_mentions: int, seed: int) -> d
     kb, kb_images = [], 0
     for idx, e in enumerate(ents):
         rec = _kb_record(e, idx)
-        look = _look(e)
+        entity_look = look(e)
         img_rng = np.random.default_rng([UNIVERSE, e["u"], 1])    # shared entities: identical bytes
         for k, fname in enumerate(rec["image_list"]):
             dx, dy = img_rng.uniform(-4, 4, size=2)
-            img = _render(look, dx, dy, img_rng.uniform(0.85, 1.1), bg_shift=0 if k == 0 else -25)
+            img = render(entity_look, dx, dy, img_rng.uniform(0.85, 1.1), bg_shift=0 if k == 0 else -25)
             (root / "kb_image" / fname).write_bytes(_encode(img, "jpg" if e["jpg"] else "png"))
             kb_images += 1
         kb.append(rec)
@@ -572,7 +572,7 @@ def _write_release(root: Path, n_entities: int, n_mentions: int, seed: int) -> d
         img_path = ""
         if i not in no_image:
             dx, dy = rng.uniform(-8, 8, size=2)
-            img = _perturb(_render(_look(gold), dx, dy, rng.uniform(0.7, 1.15)), rng)
+            img = _perturb(render(look(gold), dx, dy, rng.uniform(0.7, 1.15)), rng)
             r = rng.random()
             if r < JPG_FALLBACK_RATE:
                 img_path, fname, fmt = f"{mid}.png", f"{mid}.jpg", "jpg"

@@ -117,10 +117,12 @@ def ingested_with(output: str, options: IngestConfig, source: str, name: str) ->
             and report.get("options") == options.model_dump(mode="json", exclude={"format", "input"}))
 
 
-def ingest_dataset(options: IngestConfig, source: str, output: str, name: str) -> Outcome:
+def ingest_dataset(options: IngestConfig, source: str, output: str, name: str, *, force: bool = False) -> Outcome:
+    """force: ingest even when the same input was ingested with the same options (the skip check compares the
+    input's path, not its content: `mel-ray ingest`, asked explicitly, always reads the release again)."""
     from mel_ray.ingest import ingest, summary_line
 
-    if ingested_with(output, options, source, name):
+    if not force and ingested_with(output, options, source, name):
         return Outcome(load_dataset(output).manifest, False, f"already ingested {output} from {source}",
                        {"dataset": output})
     report = ingest(options.format, source, output, name=name, options=options)
@@ -156,11 +158,12 @@ def merge_datasets(inputs: list[str], output: str, name: str) -> Outcome:
     return Outcome(manifest, True, note, {"dataset": output, "counts": manifest["counts"]})
 
 
-def ingest_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
+def ingest_stage(cfg: Config, root: str | os.PathLike = ".", *, force: bool = False) -> StageResult:
     cfg = resolve_paths(cfg, root)
     if not cfg.data.ingest.input:
         raise UsageError("data.ingest.input is not set: nothing to ingest (set it, or list datasets in data.merge)")
-    return _timed("ingest", ingest_dataset, cfg.data.ingest, cfg.data.ingest.input, cfg.data.dataset, cfg.data.name)
+    return _timed("ingest", ingest_dataset, cfg.data.ingest, cfg.data.ingest.input, cfg.data.dataset, cfg.data.name,
+                  force=force)
 
 
 def merge_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:

@@ -4,7 +4,7 @@ THIS IS NOT A MODEL and says nothing about how Stable Diffusion would behave. It
 Stable Diffusion of `mel_ray.tiny_models` has random weights, so its "views" carry no information about the
 prompt, and an experiment on the demo benchmark could never tell whether CVaCPT *can* use synthetic views.
 This stand-in draws what a prompt's attribute clues describe, with the demo generator's own drawing code
-(`mel_ray.demo_data._look` / `_render`), so its views are informative exactly to the extent that the
+(`mel_ray.demo_data.look` / `render`), so its views are informative exactly to the extent that the
 mention sentence is. Use it only with demo releases (`mel_ray.demo_data`); on any other text it draws noise-
 free shapes of random looks.
 
@@ -17,12 +17,12 @@ How a prompt becomes an image (the prompt is synthesize's "An image of {mention}
 2. Type. Each entity type scores the clues it can produce; the event phrase of a sentence (demo_data.EVENTS)
    and words of the mention's name (building kinds such as "Tower", ship prefixes such as "HMS", animal
    nouns) count extra because only one type uses them. Ties are broken by the view's random generator.
-3. Look. demo_data._look of a pseudo-entity holding the matched statements gives shape, fill colour,
+3. Look. demo_data.look of a pseudo-entity holding the matched statements gives shape, fill colour,
    pattern and background exactly as the generator derives them from an entity's attributes. A look
    property the prompt does not mention, and the per-entity badge (it hashes the full attribute list, which
    no sentence holds), are drawn at random from the view's generator: different views then show different
    guesses, which is what CVaCPT's max-pool over n_s views is meant to cope with.
-4. Drawing. demo_data._render with a small random shift and scale (as the KB images get), resized to the
+4. Drawing. demo_data.render with a small random shift and scale (as the KB images get), resized to the
    requested size.
 
 Deterministic per (prompt, seed). The settings key of `synthesize` holds `identity()` instead of a weights
@@ -123,7 +123,7 @@ def prompt_look(prompt: str, rng: np.random.Generator) -> dict:
     kinds = [k for k, s in scores.items() if s == best]
     kind = kinds[int(rng.integers(len(kinds)))]
     attrs = [(c.prop, c.value) for c in clues if c.kind == kind]
-    look = dd._look({"kind": kind, "attrs": attrs, "qid": ""})
+    look = dd.look({"kind": kind, "attrs": attrs, "qid": ""})
     said = {p for p, _ in attrs}
     colour_p, pattern_p, bg_p = dd.TYPES[kind]["look"]
     if colour_p not in said:
@@ -138,7 +138,7 @@ def prompt_look(prompt: str, rng: np.random.Generator) -> dict:
 
 
 def _view_rng(prompt: str, seed: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, dd._h(prompt)])
+    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, dd.text_hash(prompt)])
 
 
 def view_look(prompt: str, seed: int) -> dict:
@@ -151,7 +151,7 @@ def draw(prompt: str, seed: int, size: int = dd.IMG) -> np.ndarray:
     rng = _view_rng(prompt, seed)
     look = prompt_look(prompt, rng)
     dx, dy = rng.uniform(-4, 4, size=2)
-    img = dd._render(look, dx, dy, rng.uniform(0.85, 1.1))
+    img = dd.render(look, dx, dy, rng.uniform(0.85, 1.1))
     if size != dd.IMG:
         img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
     return img

@@ -137,7 +137,7 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
     uri = check_uri(uri)   # before Path() turns "gs://b" into the local "gs:/b"
-    if is_s3(uri):
+    if is_s3(uri) or uri.startswith("file://"):      # Path() would fold "file:///x" into "file:/x"
         return posixpath.join(uri.rstrip("/"), *parts)
     return str(Path(uri).joinpath(*parts))
 

@@ -110,10 +110,12 @@ def test_auto_follows_the_cluster_and_a_number_is_checked(ray_local, monkeypatch
 
 
 def test_the_synthesis_key_names_the_resolved_device_not_auto(ray_local, monkeypatch):
+    from mel_ray.config import SynthesizeConfig
     from mel_ray.synthesize import synthesis_key, synthesis_settings
 
     monkeypatch.delenv(AUTOSCALING, raising=False)
     chosen = resolve_num_gpus("synthesize", "auto", "synthesize.num_gpus")
-    auto = synthesis_settings("procedural:demo", size=64, num_gpus="auto")
-    assert synthesis_key(auto) == synthesis_key(synthesis_settings("procedural:demo", size=64, num_gpus=chosen))
+    auto = synthesis_settings("procedural:demo", SynthesizeConfig(size=64, num_gpus="auto"))
+    explicit = synthesis_settings("procedural:demo", SynthesizeConfig(size=64, num_gpus=chosen))
+    assert synthesis_key(auto) == synthesis_key(explicit)
     assert auto["device"] == ("cuda" if chosen else "cpu")

@@ -14,8 +14,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mel_ray"
 SHARED = ("mel_ray.feature_store", "mel_ray.scoring", "mel_ray.checkpoints")
 CONSUMERS = ("mel_ray.train", "mel_ray.eval", "mel_ray.tune", "mel_ray.link", "mel_ray.pipeline", "mel_ray.cli")
-# known, being removed under issue 12 item 5 (procedural plugs into synthesize, not into demo_data's internals)
-TOLERATED = ("mel_ray.procedural:",)
 
 
 @functools.cache
@@ -112,7 +110,7 @@ def test_feature_store_scoring_and_checkpoints_depend_on_no_stage_that_uses_them
 
 
 def test_no_module_takes_another_modules_private_names():
-    assert [v for v in private_name_violations(_source()) if not v.startswith(TOLERATED)] == []
+    assert private_name_violations(_source()) == []
 
 
 def test_the_checks_see_violations():

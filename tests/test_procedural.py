@@ -37,14 +37,14 @@ def test_prompt_naming_attributes_draws_the_generators_look(kind):
     assert ents, f"no {kind} with all look attributes"
     for e in ents:
         prompt = _full_prompt(e)
-        want = dd._look(e)
+        want = dd.look(e)
         got = procedural.prompt_look(prompt, np.random.default_rng(0))
         assert {k: got[k] for k in ("shape", "fg", "pattern", "bg")} == \
                {k: want[k] for k in ("shape", "fg", "pattern", "bg")}, prompt
         # pixels: against demo_data's own rendering of the entity. The pattern masks are fixed in image
         # coordinates, so a point well inside the shape has the same colour whatever the shift; the top edge
         # is background.
-        img, ref = procedural.draw(prompt, seed=3), dd._render(want)
+        img, ref = procedural.draw(prompt, seed=3), dd.render(want)
         inside = (38, 32) if want["shape"] == "boat" else (32, 32)
         assert tuple(img[inside]) == tuple(ref[inside]), prompt
         assert tuple(img[1, 32]) == tuple(ref[1, 32]) == want["bg"], prompt
@@ -56,7 +56,7 @@ def test_unsaid_look_varies_with_the_seed_said_look_does_not():
     prompt = f"An image of {e['name']}: {e['name']}, {_clue('occupation', occupation)}, poses for a portrait."
     looks = [procedural.prompt_look(prompt, np.random.default_rng(s)) for s in range(8)]
     assert {lk["shape"] for lk in looks} == {"circle"}
-    assert {lk["fg"] for lk in looks} == {dd._look(e)["fg"]}
+    assert {lk["fg"] for lk in looks} == {dd.look(e)["fg"]}
     assert len({lk["bg"] for lk in looks}) > 1          # never said: each view guesses
 
 

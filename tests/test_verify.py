@@ -38,6 +38,7 @@ from mel_ray.verify import (
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> SimpleNamespace:
     import mel_ray.synthesize as synth
+    from mel_ray.config import FeaturesConfig, SynthesizeConfig
     from mel_ray.features import extract_features
 
     root = tmp_path_factory.mktemp("verify")
@@ -47,12 +48,14 @@ def tree(tmp_path_factory) -> SimpleNamespace:
     ingest("mimic", str(root / "raw"), ds, name="v", options=IngestConfig())
     mine_negatives(ds, k=4, num_workers=0)
     mp = pytest.MonkeyPatch()
-    mp.setattr(synth, "_run_ray", lambda todo, kwargs, **_: synth.ViewGenerator(**kwargs, write_parts=False)(todo))
+    mp.setattr(synth, "draw_views", lambda todo, plan, dataset_uri, **_:      # in-process, no Ray actors
+               synth.ViewGenerator(**plan.generator_kwargs(dataset_uri, False))(todo))
     try:
-        summary = synth.synthesize(ds, "procedural:demo", views=2, size=32, batch_size=16, num_gpus=0)
+        summary = synth.synthesize(ds, "procedural:demo", SynthesizeConfig(views=2, size=32, batch_size=16, num_gpus=0))
     finally:
         mp.undo()
-    feats = extract_features(ds, clip, synthetic_key=summary["key"], text_length=8, micro_batch=4, shard_rows=8,
+    feats = extract_features(ds, clip, FeaturesConfig(text_length=8, num_gpus=0), synthetic_key=summary["key"],
+                             micro_batch=4, shard_rows=8,
                              engine="local", quiet=True)
     return SimpleNamespace(ds=ds, synth_key=summary["key"], feat_key=feats["key"],
                            proj=feats["shapes"]["text_global"][0])
