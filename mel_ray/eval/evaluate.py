@@ -107,9 +107,9 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
     import ray
 
     t0 = time.perf_counter()
-    init_ray()
-    state = load_checkpoint(checkpoint_uri)
+    state = load_checkpoint(checkpoint_uri)     # validated here, before Ray and any shard starts
     state.pop("config")                     # the shards need weights and dims only
+    init_ray()
     ds = load_dataset(dataset_uri)
     n_entities = ds.num_entities
     mentions = mention_tensors(features_uri, dataset_uri, split)
