@@ -112,12 +112,12 @@ def test_evaluate_refuses_non_finite_scores_and_nan_weights(prepared, tmp_path, 
     out = tmp_path / "eval"
     base = ["evaluate", "--dataset", p["ds"], "--features", p["features"], "--output", str(out)]
     code, stdout, lines = _cli(tmp_path, capsys, *base, "--checkpoint", p["models"]["huge"])
-    assert (code, lines) == (2, [f"error: {p['models']['huge']}: split 'test': 18 of 18 mentions got non-finite "
-                                 "scores (NaN or inf) against the KB; no metrics reported"])
+    assert (code, lines) == (2, [(f"error: {p['models']['huge']}: split 'test': 18 of 18 mentions got non-finite "
+                                 "scores (NaN or inf) against the KB; no metrics reported")])
     assert "H@1" not in stdout and not out.exists()
     code, stdout, lines = _cli(tmp_path, capsys, *base, "--checkpoint", p["models"]["nan"], "--split", "dev")
-    assert (code, lines) == (2, [f"error: {p['models']['nan']}: weights are not finite: 1 of 54 tensors hold NaN "
-                                 "or inf (first: tglu.query.weight); the model cannot be evaluated or used"])
+    assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 54 tensors hold NaN "
+                                 "or inf (first: tglu.query.weight); the model cannot be evaluated or used")])
     assert not out.exists()
 
 
@@ -150,12 +150,12 @@ def test_link_refuses_non_finite_scores(prepared, tmp_path, capsys):
     mentions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = ["link", "--kb", p["ds"], "--mentions", str(mentions)]
     code, _, lines = _cli(tmp_path, capsys, *base, "--model", p["models"]["huge"], "--output", str(tmp_path / "o1"))
-    assert (code, lines) == (2, [f"error: {p['models']['huge']}: 5 of 5 mentions of {mentions} got non-finite "
-                                 f"scores (NaN or inf) against the KB {p['ds']}; no links written"])
+    assert (code, lines) == (2, [(f"error: {p['models']['huge']}: 5 of 5 mentions of {mentions} got non-finite "
+                                 f"scores (NaN or inf) against the KB {p['ds']}; no links written")])
     assert not (tmp_path / "o1" / "links.parquet").exists()
     code, _, lines = _cli(tmp_path, capsys, *base, "--model", p["models"]["nan"], "--output", str(tmp_path / "o2"))
-    assert (code, lines) == (2, [f"error: {p['models']['nan']}: weights are not finite: 1 of 54 tensors hold NaN "
-                                 "or inf (first: tglu.query.weight); the model cannot be evaluated or used"])
+    assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 54 tensors hold NaN "
+                                 "or inf (first: tglu.query.weight); the model cannot be evaluated or used")])
 
 
 def _train_cli(tmp_path: Path, capsys, monkeypatch, ds: str, features: str, *settings: str):
