@@ -354,7 +354,7 @@ def run_guarded(func, argv: list[str] | None = None, debug: bool | None = None) 
             if debug:
                 traceback.print_exc()
             print(f"error: {redact.text(err)}", file=sys.stderr)
-            return EXIT_STORAGE if isinstance(err, StorageError) else EXIT_DATA
+            return EXIT_DATA if isinstance(err, (DataError, UsageError)) else EXIT_STORAGE
         from mel_ray.tracking import describe_error
 
         line = describe_error(raised)   # MLflow / HTTP failures: one line without credentials, else re-raised

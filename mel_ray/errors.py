@@ -17,6 +17,11 @@ class DataError(Exception):
         self.message = message
         super().__init__(self.line())
 
+    def __reduce__(self):
+        # pickled by its state, not by re-calling __init__ with self.args (the line): Ray ships exceptions raised
+        # in tasks and actors to the driver this way, and would otherwise only say it cannot deserialize them
+        return _restore, (type(self), self.args, dict(self.__dict__))
+
     def line(self) -> str:
         parts = [self.file]
         if self.record is not None:
@@ -29,6 +34,13 @@ class DataError(Exception):
 
 class UsageError(Exception):
     """Bad arguments or configuration (exit code 2)."""
+
+
+def _restore(cls: type, args: tuple, state: dict) -> BaseException:
+    err = cls.__new__(cls, *args)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class NonFiniteError(DataError):
