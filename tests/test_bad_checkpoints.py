@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -185,9 +186,9 @@ def test_errors_inside_ray_tasks_and_actors_are_their_own_line(ray_local, capsys
               "error: CKPT: split 'test': 2 of 9 mentions got non-finite scores")]
     for call, line in cases:
         assert cli.run_guarded(lambda _argv, call=call: call(), [], debug=False) == 2
-        err = capsys.readouterr().err
-        assert err.splitlines() == [line], err[-2000:]
-        assert "Traceback" not in err
+        # the test cluster forwards workers' own output (log_to_driver): "(Name pid=N) ..." lines are theirs
+        ours = [x for x in capsys.readouterr().err.splitlines() if not re.match(r"^(\x1b\[\d+m)?\(\w+ pid=", x)]
+        assert ours == [line]
 
 
 def test_unwrap_walks_train_and_data_wrappers():
