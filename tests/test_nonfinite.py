@@ -176,6 +176,7 @@ def test_a_diverging_run_stops_at_its_step_with_one_line(prepared, tmp_path, cap
     code, stdout, lines = _train_cli(tmp_path, capsys, monkeypatch, p["ds"], p["features"], "train.lr=1e30")
     assert code == 2, lines
     assert len(lines) == 1, lines
+    print(lines[0])
     assert re.fullmatch(r"error: train run 'train-[0-9a-f]+': epoch 1, step 2 \(split 'train'\): (the loss is "
                         r"(nan|inf)|the gradient norm is (nan|inf)) \(\d+ of \d+ mentions of the batch got non-finite "
                         r"scores\); training stopped", lines[0]), lines[0]
