@@ -9,17 +9,24 @@ Two files hold a model, both loadable with `torch.load(..., weights_only=True)`:
 
 `load_checkpoint` takes either file, a folder holding one (model.pt first), or an MLflow run (`runs:/<id>` or
 a bare 32-hex run id) whose model.pt artifact it downloads.
+
+Everything it reads is validated on the driver before any actor gets it (`validate`): a file torch cannot load
+(random bytes, truncated, a pickle `weights_only=True` refuses), something that is not a dict with the model's
+weights and `dims`, dims that do not describe a model, weights whose names or shapes do not match the model the
+dims describe, and weights that are NaN or infinite all raise a DataError naming the file and what was expected
+(`mel-ray` prints it as one line, exit 2).
 """
 
 from __future__ import annotations
 
 import io
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 from mel_ray import storage
-from mel_ray.errors import UsageError
+from mel_ray.errors import DataError, NonFiniteError, UsageError
 
 CHECKPOINT_FILE = "state.pt"       # a Ray Train checkpoint folder's file
 MODEL_FILE = "model.pt"            # the exported model
@@ -32,26 +39,127 @@ def is_run_id(source: str) -> bool:
 def load_checkpoint(source: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """{'model': state_dict, 'dims': dict, 'config': dict or None} from model.pt / state.pt, a folder holding
     one (model.pt first: a Ray Train checkpoint folder has state.pt) or an MLflow run holding model.pt."""
-    import torch
-
     if is_run_id(source):
         from mlflow.tracking import MlflowClient
 
         run_id = source.removeprefix("runs:/").split("/")[0]
         with tempfile.TemporaryDirectory() as tmp:
             local = MlflowClient(tracking_uri).download_artifacts(run_id, MODEL_FILE, tmp)
-            saved = torch.load(local, weights_only=True)
+            with open(local, "rb") as f:
+                data = f.read()
+        return validate(data, f"runs:/{run_id}/{MODEL_FILE}")
     else:
         uri = source
         if not uri.endswith(".pt"):
             exported = storage.join(uri, MODEL_FILE)
             uri = exported if storage.exists(exported) else storage.join(uri, CHECKPOINT_FILE)
+        if source.endswith(".pt") and not storage.exists(uri):
+            raise UsageError(f"{source}: no such file (expected an exported {MODEL_FILE} or a checkpoint's "
+                             f"{CHECKPOINT_FILE})")
         if not storage.exists(uri):
             raise UsageError(f"{source}: no {MODEL_FILE} or {CHECKPOINT_FILE} there (give an exported model, a "
                              "checkpoint folder or an MLflow run id)")
-        saved = torch.load(io.BytesIO(storage.read_bytes(uri)), weights_only=True)
-    return {"model": saved.get("state_dict", saved.get("model")), "dims": saved["dims"],
-            "config": saved.get("config")}
+        return validate(storage.read_bytes(uri), uri)
+
+
+EXPECTED = "expected a dict with 'state_dict' (model.pt) or 'model' (state.pt) and 'dims'"
+
+
+def _kind(value: Any) -> str:
+    name = type(value).__name__
+    return f"a {name}" if name[0].lower() not in "aeiou" else f"an {name}"
+
+
+def validate(data: bytes, name: str) -> dict[str, Any]:
+    """The {'model', 'dims', 'config'} of a model.pt / state.pt file's bytes, or a DataError naming `name`."""
+
+    import torch
+
+    if not data:
+        raise DataError(name, f"not a mel-ray checkpoint: the file is empty ({EXPECTED})")
+    try:
+        with warnings.catch_warnings():         # torch warns about pickle protocols on stderr: one line only
+            warnings.simplefilter("ignore")
+            saved = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, KeyError... on bad files
+        raise DataError(name, f"not a mel-ray checkpoint: {_load_failure(data, err)}") from None
+    if not isinstance(saved, dict):
+        raise DataError(name, f"not a mel-ray checkpoint: {EXPECTED}, got {_kind(saved)}")
+    weights = saved.get("state_dict", saved.get("model"))
+    if weights is None or "dims" not in saved:
+        keys = ", ".join(repr(k) for k in list(saved)[:8]) or "none"
+        raise DataError(name, f"not a mel-ray checkpoint: {EXPECTED}; its keys: {keys}")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise DataError(name, f"not a mel-ray checkpoint: its weights should be a dict of tensors, got {_kind(weights)}"
+                        + ("" if not isinstance(weights, dict) else " holding other values"))
+    config = saved.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise DataError(name, f"not a mel-ray checkpoint: 'config' should be a dict (the resolved config), got "
+                        f"{_kind(config)}")
+    dims = saved["dims"]
+    _check_weights(name, weights, dims)
+    return {"model": weights, "dims": dims, "config": config}
+
+
+def _load_failure(data: bytes, err: BaseException) -> str:
+    """What torch.load's failure means, in a few words: a rejected pickle, a damaged file, or no torch file."""
+    import re
+
+    text = str(err)
+    rejected = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if rejected:
+        return (f"it holds {rejected.group(1)[:120]}, which torch.load(weights_only=True) refuses to load (only "
+                "tensors, numbers, strings, lists and dicts are read; arbitrary pickles never are)")
+    if not data.startswith((b"PK\x03\x04", b"\x80\x02")):        # torch.save's zip / legacy pickle formats
+        return f"not a file torch.save wrote ({EXPECTED})"
+    detail = re.search(r"WeightsUnpickler error: *\n*\s*(.+)", text)
+    return f"the file is damaged or truncated ({_first_line(detail.group(1) if detail else err)})"
+
+
+def _first_line(err: BaseException | str, limit: int = 160) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_weights(name: str, weights: dict, dims: Any) -> None:
+    """dims describe a MELModel, the weights are exactly that model's (names and shapes), and all finite."""
+    import dataclasses
+
+    import torch
+
+    from mel_ray.model import MELModel, ModelDims
+
+    fields = {f.name for f in dataclasses.fields(ModelDims)}
+    required = {f.name for f in dataclasses.fields(ModelDims)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if not isinstance(dims, dict):
+        raise DataError(name, f"not a mel-ray checkpoint: 'dims' should be a dict of the model's sizes, got "
+                        f"{_kind(dims)}")
+    missing, unknown = sorted(required - set(dims)), sorted(set(dims) - fields)
+    if missing or unknown:
+        what = "; ".join(part for part in (missing and f"missing {', '.join(missing)}",
+                                           unknown and f"unknown {', '.join(map(str, unknown))}") if part)
+        raise DataError(name, f"not a mel-ray checkpoint: 'dims' does not describe a model ({what})")
+    try:
+        with torch.device("meta"):                 # shapes only: no memory, no initialisation
+            expected = MELModel(ModelDims(**dims)).state_dict()
+    except Exception as err:  # noqa: BLE001 - a size of the wrong type or sign fails inside torch
+        raise DataError(name, f"not a mel-ray checkpoint: 'dims' does not describe a model ({_first_line(err)})") \
+            from None
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        what = "; ".join(part for part in (missing and f"{len(missing)} missing (first: {missing[0]})",
+                                           unexpected and f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+                         if part)
+        raise DataError(name, f"weights do not match the model its 'dims' describe: {what}")
+    for key, tensor in expected.items():
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            raise DataError(name, f"weights do not match the model its 'dims' describe: {key} has shape "
+                            f"{list(weights[key].shape)}, expected {list(tensor.shape)}")
+    bad = [key for key, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteError(name, f"weights are not finite: {len(bad)} of {len(weights)} tensors hold NaN or inf "
+                             f"(first: {bad[0]}); the model cannot be evaluated or used", rows=len(bad))
 
 
 def build_model(state: dict):

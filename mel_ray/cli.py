@@ -16,7 +16,7 @@ import traceback
 
 from mel_ray import __version__
 from mel_ray.args import count
-from mel_ray.errors import DataError, UsageError
+from mel_ray.errors import DataError, UsageError, unwrap
 from mel_ray.storage import StorageError
 
 EXIT_DATA = 2
@@ -346,20 +346,18 @@ def run_guarded(func, argv: list[str] | None = None, debug: bool | None = None) 
 
     try:
         return func(argv) or 0
-    except (DataError, UsageError) as err:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {redact.text(err)}", file=sys.stderr)
-        return EXIT_DATA
-    except StorageError as err:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {redact.text(err)}", file=sys.stderr)
-        return EXIT_STORAGE
-    except Exception as err:
+    except Exception as raised:
+        # a DataError raised inside a Ray task, actor, Ray Data UDF or Train worker arrives wrapped by Ray (its
+        # str() is a traceback): the original's one line is what is printed
+        err = unwrap(raised, (StorageError,))
+        if isinstance(err, (DataError, UsageError, StorageError)):
+            if debug:
+                traceback.print_exc()
+            print(f"error: {redact.text(err)}", file=sys.stderr)
+            return EXIT_DATA if isinstance(err, (DataError, UsageError)) else EXIT_STORAGE
         from mel_ray.tracking import describe_error
 
-        line = describe_error(err)   # MLflow / HTTP failures: one line without credentials, else re-raised
+        line = describe_error(raised)   # MLflow / HTTP failures: one line without credentials, else re-raised
         if line is None:
             raise
         if debug:

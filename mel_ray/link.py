@@ -21,7 +21,9 @@ failure policy: an image that is missing or undecodable is counted and the menti
 image (has_image false), never replaced by noise; a view that cannot be read is left out and counted.
 Scorers rank whole mention batches against the KB in entity chunks with the evaluation's kernel
 (mel_ray.scoring.rank_counts): memory is bounded by batch x chunk, never mentions x KB; the entity side is
-recomputed per mention batch (use large `batch_size` for large KBs).
+recomputed per mention batch (use large `batch_size` for large KBs). Mentions whose scores are NaN or inf are
+counted over all batches and the command stops with one line (NonFiniteError: model, file, how many); nothing
+is written. A model file is validated (mel_ray.checkpoints) before any actor starts.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mel_ray import storage
-from mel_ray.errors import DataError, UsageError
+from mel_ray.errors import DataError, NonFiniteError, UsageError
 from mel_ray.keys import settings_key
 
 log = logging.getLogger(__name__)
@@ -167,17 +169,23 @@ class KBScorer:
         self.top_k, self.entity_chunk = top_k, entity_chunk
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mel_ray.scoring import chunks_of, rank_counts
+        from mel_ray.scoring import NonFiniteScores, chunks_of, rank_counts
 
         torch = self.torch
         mentions = {k: torch.from_numpy(np.asarray(batch[k], dtype=np.float32)) for k in FLOAT_COLUMNS}
         mentions["text_mask"] = torch.from_numpy(np.asarray(batch["text_mask"], dtype=bool))
         mentions["n_views"] = torch.from_numpy(np.asarray(batch["n_views"], dtype=np.int64))
         n = len(batch["mention_id"])
-        _, ids, scores = rank_counts(self.model, mentions, None,
-                                     chunks_of(self.store.chunk, 0, self.store.num_entities, self.entity_chunk),
-                                     mention_batch=max(1, n), topk=self.top_k)
-        return {"mention_id": batch["mention_id"], "entity_ids": ids, "scores": scores, "stats": batch["stats"]}
+        try:
+            _, ids, scores = rank_counts(self.model, mentions, None,
+                                         chunks_of(self.store.chunk, 0, self.store.num_entities, self.entity_chunk),
+                                         mention_batch=max(1, n), topk=self.top_k)
+            nonfinite = np.zeros(n, dtype=bool)
+        except NonFiniteScores as err:      # marked, not raised: the driver counts every batch's, then stops
+            k = min(self.top_k, self.store.num_entities)
+            ids, scores, nonfinite = np.zeros((n, k), dtype=np.int64), np.zeros((n, k), dtype=np.float32), err.mask
+        return {"mention_id": batch["mention_id"], "entity_ids": ids, "scores": scores, "stats": batch["stats"],
+                "nonfinite": nonfinite}
 
 
 # ------------------------------------------------------------------------------------------------- stage
@@ -269,6 +277,10 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
         if len(results) % max(1, batch_size) == 0:
             print(f"[link] scored {len(results)}/{mentions.num_rows} mentions against the whole KB", flush=True)
 
+    nonfinite = sum(bool(row["nonfinite"]) for row in results.values())
+    if nonfinite:
+        raise NonFiniteError(model, f"{nonfinite} of {len(results)} mentions of {mentions_path} got non-finite "
+                             f"scores (NaN or inf) against the KB {kb}; no links written", rows=nonfinite)
     entities = load_dataset(kb).entities(columns=["qid", "name"])
     qids, names = entities.column("qid").to_pylist(), entities.column("name").to_pylist()
     out: dict[str, list] = {f.name: [] for f in LINKS_SCHEMA}

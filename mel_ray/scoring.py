@@ -11,6 +11,11 @@ and merging top-k lists over shards is exact.
 
 Loop order: entity chunks outside (their entity side, `model.entity_side`, is computed once per chunk),
 mention batches inside (their mention side is computed once per call).
+
+Non-finite scores are an error, never a rank: NaN compares false, so a NaN row would rank its gold first (a NaN
+model would get H@1 100). Every scored block is checked with one `torch.isfinite(...).all()`; after the first
+failure the kernel only counts the affected mentions through the remaining chunks and raises `NonFiniteScores`
+(its `mask`: which mentions), which callers turn into a NonFiniteError naming the checkpoint or step and split.
 """
 
 from __future__ import annotations
@@ -21,12 +26,33 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from mel_ray.errors import NonFiniteError
 from mel_ray.model import MELModel
 
 HITS_AT = (1, 3, 5, 10, 20)
 
 
 # ------------------------------------------------------------------------------------ the tie policy
+
+
+class NonFiniteScores(NonFiniteError):
+    """Some mentions got a NaN or infinite score (against some entity or their gold): `mask` [N] marks them."""
+
+    def __init__(self, mask: np.ndarray, what: str = "scores"):
+        self.mask = np.asarray(mask, dtype=bool)
+        super().__init__(what, f"{describe_rows(self.mask)} got non-finite scores (NaN or inf)",
+                         rows=int(self.mask.sum()))
+
+
+def describe_rows(mask: np.ndarray, noun: str = "mentions") -> str:
+    return f"{int(np.sum(mask))} of {len(mask)} {noun}"
+
+
+def check_finite(scores: np.ndarray, what: str = "scores") -> None:
+    """Raise NonFiniteScores if any row of a [N, K] score array (a merged top-k, say) is not finite."""
+    scores = np.asarray(scores)
+    if scores.size and not np.isfinite(scores).all():
+        raise NonFiniteScores(~np.isfinite(scores.reshape(len(scores), -1)).all(axis=1), what)
 
 
 def count_before_gold(scores: torch.Tensor, entity_ids: torch.Tensor, gold_scores: torch.Tensor,
@@ -86,6 +112,7 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict | None,
     entity_chunks yields (first entity id, entity tensors) covering the KB part. Inputs may live on the CPU
     (they come from Arrow / memory maps); the work runs where the model's weights are (a GPU during GPU
     training) and the results come back as numpy.
+    Raises NonFiniteScores (which mentions) if any score of a mention, its gold's included, is NaN or inf.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -98,6 +125,7 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict | None,
     gold_ids = None if gold_features is None else mentions["gold"].to(device)
     counts = None if gold_features is None else np.zeros(n, dtype=np.int64)
     tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in spans]
+    bad: np.ndarray | None = None            # set at the first non-finite block: from then on only counted
     for first_id, chunk in entity_chunks:
         n_chunk = chunk["text_global"].shape[0]
         chunk_side = model.entity_side(model.entity_features(_on(chunk, device)))
@@ -105,14 +133,21 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict | None,
         ids = ids_cpu.to(device)
         for j, (a, b) in enumerate(spans):
             if gold_sides is None:
-                scores = model.pair_logits(mention_sides[j], chunk_side)["overall"]
+                scores = logits = model.pair_logits(mention_sides[j], chunk_side)["overall"]
             else:
                 logits = model.pair_logits(mention_sides[j], _cat_sides(chunk_side, gold_sides[j]))["overall"]
                 scores = logits[:, :n_chunk]
+            if bad is not None or not bool(torch.isfinite(logits).all()):
+                bad = np.zeros(n, dtype=bool) if bad is None else bad
+                bad[a:b] |= (~torch.isfinite(logits).all(dim=1)).cpu().numpy()
+                continue
+            if gold_sides is not None:
                 rows = torch.arange(b - a, device=device)
                 gold_scores = logits[rows, n_chunk + rows]
                 counts[a:b] += count_before_gold(scores, ids, gold_scores, gold_ids[a:b]).cpu().numpy()
             tops[j] = [merge_topk(tops[j] + [local_topk(scores.cpu(), ids_cpu, topk)], topk)]
+    if bad is not None:
+        raise NonFiniteScores(bad)
     top_ids = np.concatenate([t[0][0] for t in tops]) if n else np.zeros((0, topk), dtype=np.int64)
     top_scores = np.concatenate([t[0][1] for t in tops]) if n else np.zeros((0, topk), dtype=np.float32)
     return counts, top_ids, top_scores

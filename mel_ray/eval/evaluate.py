@@ -4,6 +4,10 @@ The KB is cut into contiguous shards, one Ray actor each; an actor memory-maps t
 loads the model once, and for each streamed mention batch returns per-mention counts of entities ranked
 before the gold one plus its local top-k (mel_ray/scoring.py). The driver sums counts and merges top-k lists, so the
 result equals a full score matrix + stable sort, while no process ever holds mentions x KB scores.
+
+Non-finite scores stop the evaluation: every shard scores all its batches, marking the mentions whose scores
+are NaN or inf (mel_ray.scoring), and the driver raises a NonFiniteError naming the checkpoint, the split and
+how many mentions were affected; no metric and no prediction file is written from such scores.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import torch
 from mel_ray import storage
 from mel_ray.checkpoints import build_model, load_checkpoint
 from mel_ray.dataset import load_dataset
+from mel_ray.errors import NonFiniteError, UsageError
 from mel_ray.feature_store import EntityStore, mention_tensors
 from mel_ray.runtime import init_ray
-from mel_ray.scoring import chunks_of, merge_topk, metrics_from_ranks, rank_counts
+from mel_ray.scoring import NonFiniteScores, chunks_of, describe_rows, merge_topk, metrics_from_ranks, rank_counts
 
 log = logging.getLogger(__name__)
 TOPK = 10
@@ -38,11 +43,46 @@ class KBShard:
         self.start, self.stop = start, min(stop, self.store.num_entities)
         self.entity_chunk, self.mention_batch = entity_chunk, mention_batch
 
-    def score(self, mentions: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score(self, mentions: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | NonFiniteScores:
+        """counts, top ids, top scores; or the NonFiniteScores (returned, not raised: the driver adds up every
+        shard's and every batch's affected mentions before it stops)."""
         gold = self.store.gather(mentions["gold"].numpy())
-        return rank_counts(self.model, mentions, gold,
-                           chunks_of(self.store.chunk, self.start, self.stop, self.entity_chunk),
-                           mention_batch=self.mention_batch, topk=TOPK)
+        try:
+            return rank_counts(self.model, mentions, gold,
+                               chunks_of(self.store.chunk, self.start, self.stop, self.entity_chunk),
+                               mention_batch=self.mention_batch, topk=TOPK)
+        except NonFiniteScores as err:
+            return err
+
+
+def fit_shards(num_shards: int, cpus_per_shard: float, n_entities: int) -> int:
+    """How many KB shards to start: at most one per entity and at most what the cluster can place at once.
+
+    Every shard must be alive at the same time (each mention batch is scored by all of them), so shards x
+    cpus_per_shard CPUs above the cluster's would wait for resources forever. Such a request is clamped to the
+    shards that fit, with a printed note; a cluster that may grow (MEL_RAY_AUTOSCALING=1) is asked as given.
+    A cluster where not even one shard fits is refused with one line (UsageError)."""
+    import ray
+
+    from mel_ray.runtime import cluster_may_grow
+
+    if num_shards < 1:
+        raise UsageError(f"evaluate: --shards must be at least 1 (got {num_shards})")
+    wanted = min(num_shards, max(1, n_entities))
+    if cluster_may_grow():
+        return wanted
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    total = sum(node_cpus)
+    # an actor lives on one node: count what each node can hold
+    fits = sum(int((c + 1e-9) // cpus_per_shard) for c in node_cpus) if cpus_per_shard > 0 else wanted
+    if fits < 1:
+        raise UsageError(f"evaluate: one KB shard needs {cpus_per_shard:g} CPUs but the cluster has {total:g}; "
+                         f"lower the CPUs per shard")
+    if wanted > fits:
+        print(f"[evaluate] {num_shards} shards x {cpus_per_shard:g} CPUs do not fit on this cluster of {total:g} "
+              f"CPUs: using {fits} shards", flush=True)
+        return fits
+    return wanted
 
 
 def shard_settings(train_cfg) -> dict:
@@ -57,17 +97,24 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
              output_uri: str | None = None, num_shards: int = 2, batch_size: int = 256, entity_chunk: int = 1024,
              mention_batch: int = 64, threads_per_shard: int = 1, cpus_per_shard: float = 1.0) -> dict:
     """checkpoint_uri: anything mel_ray.checkpoints.load_checkpoint takes (a Ray Train checkpoint folder,
-    model.pt, an MLflow run holding one)."""
+    model.pt, an MLflow run holding one); it is validated on the driver before any shard starts.
+
+    num_shards: KB shards (Ray actors of cpus_per_shard CPUs each), all alive at once. More than the cluster can
+    place (or than there are entities) is clamped to what fits, with a printed `[evaluate] ...` note, instead of
+    waiting for resources forever (`fit_shards`); less than 1 is refused.
+
+    Raises NonFiniteError (one line: checkpoint, split, how many mentions) when any score is NaN or inf."""
     import ray
 
     t0 = time.perf_counter()
-    init_ray()
-    state = load_checkpoint(checkpoint_uri)
+    state = load_checkpoint(checkpoint_uri)     # validated here, before Ray and any shard starts
     state.pop("config")                     # the shards need weights and dims only
+    init_ray()
     ds = load_dataset(dataset_uri)
     n_entities = ds.num_entities
     mentions = mention_tensors(features_uri, dataset_uri, split)
     n = len(mentions["mention_id"])
+    num_shards = fit_shards(num_shards, cpus_per_shard, n_entities)
     bounds = np.linspace(0, n_entities, num_shards + 1).astype(int)
     # "DEFAULT": the shards ask the cluster for their own CPUs even when called from inside a Tune trial,
     # whose placement group (sized for the trial's driver only) would otherwise capture them
@@ -78,13 +125,22 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
     counts = np.zeros(n, dtype=np.int64)
     top_ids = np.zeros((n, min(TOPK, n_entities)), dtype=np.int64)
     top_scores = np.zeros((n, min(TOPK, n_entities)), dtype=np.float32)
+    nonfinite = np.zeros(n, dtype=bool)
     for a in range(0, n, batch_size):
         b = min(n, a + batch_size)
         batch_ref = ray.put({k: v[a:b] for k, v in mentions.items() if isinstance(v, torch.Tensor)})
         parts = ray.get([s.score.remote(batch_ref) for s in shards])
+        for part in parts:
+            if isinstance(part, NonFiniteScores):
+                nonfinite[a:b] |= part.mask
+        if nonfinite.any():
+            continue                        # only counted from now on: nothing computed from them is kept
         counts[a:b] = sum(p[0] for p in parts)
         top_ids[a:b], top_scores[a:b] = merge_topk([(p[1], p[2]) for p in parts], TOPK)
         log.info("evaluate %s: %d/%d mentions scored against %d entities", split, b, n, n_entities)
+    if nonfinite.any():
+        raise NonFiniteError(checkpoint_uri, f"split '{split}': {describe_rows(nonfinite)} got non-finite scores "
+                             "(NaN or inf) against the KB; no metrics reported", rows=int(nonfinite.sum()))
     ranks = counts + 1
     metrics = metrics_from_ranks(ranks)
     seconds = time.perf_counter() - t0

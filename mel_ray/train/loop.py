@@ -3,6 +3,12 @@
 Runs on every worker. Rank r trains on its Ray Data shard of the mentions, evaluates rows r::world of dev
 against the whole KB, and the ranks all-reduce their rank statistics so every worker sees the same exact dev
 metrics (and so takes the same early-stopping decision). Rank 0 writes the checkpoint.
+
+A non-finite loss or gradient (a step) or non-finite dev scores (an evaluation) stop the run on every rank at
+once (the ranks agree through an all-reduce): the step's update is not applied, and rank 0 writes a last
+checkpoint whose metrics carry `nonfinite` (one line naming the epoch, step or split and how many mentions were
+affected) and no dev metric. The driver raises that line as a NonFiniteError (mel_ray.train.run); a restored
+run that finds such a checkpoint stops at once with the same line.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ import numpy as np
 import torch
 
 from mel_ray.checkpoints import CHECKPOINT_FILE
+from mel_ray.errors import NonFiniteError
 from mel_ray.feature_store import EntityStore, arrow_to_tensors, load_pools, mention_tensors, model_dims_from
 from mel_ray.model import MELModel, ModelDims
 from mel_ray.model.losses import build_columns, contrastive_loss
-from mel_ray.scoring import HITS_AT, chunks_of, rank_counts
+from mel_ray.scoring import HITS_AT, NonFiniteScores, chunks_of, rank_counts
+
+NONFINITE = "nonfinite"     # the metric (and state key) that carries a non-finite failure's line
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -32,17 +41,24 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def dev_statistics(model: MELModel, store: EntityStore, dev: dict, rows: np.ndarray, cfg: dict) -> torch.Tensor:
-    """[n, sum 1/rank, sum rank, hits@k...] of the given dev rows, against every KB entity."""
+    """[n, sum 1/rank, sum rank, hits@k..., non-finite rows] of the given dev rows, against every KB entity.
+    Rows with non-finite scores only count in the last slot (all the others are then zero)."""
+    stats = torch.zeros(4 + len(HITS_AT), dtype=torch.float64)
     if len(rows) == 0:
-        return torch.zeros(3 + len(HITS_AT), dtype=torch.float64)
+        return stats
     mentions = {k: v[rows] for k, v in dev.items() if isinstance(v, torch.Tensor)}
     gold = store.gather(mentions["gold"].numpy())
-    counts, _, _ = rank_counts(model, mentions, gold,
-                               chunks_of(store.chunk, 0, store.num_entities, cfg["eval_entity_chunk"]),
-                               mention_batch=cfg["eval_mention_batch"])
+    try:
+        counts, _, _ = rank_counts(model, mentions, gold,
+                                   chunks_of(store.chunk, 0, store.num_entities, cfg["eval_entity_chunk"]),
+                                   mention_batch=cfg["eval_mention_batch"])
+    except NonFiniteScores as err:
+        stats[-1] = float(err.mask.sum())
+        return stats
     ranks = counts.astype(np.float64) + 1
-    return torch.tensor([len(ranks), (1 / ranks).sum(), ranks.sum(), *[(ranks <= k).sum() for k in HITS_AT]],
-                        dtype=torch.float64)
+    stats[:-1] = torch.tensor([len(ranks), (1 / ranks).sum(), ranks.sum(), *[(ranks <= k).sum() for k in HITS_AT]],
+                              dtype=torch.float64)
+    return stats
 
 
 def metrics_from_statistics(stats: torch.Tensor, prefix: str = "dev_") -> dict[str, float]:
@@ -53,10 +69,23 @@ def metrics_from_statistics(stats: torch.Tensor, prefix: str = "dev_") -> dict[s
     return out
 
 
+def _world_any(flag: bool, device: torch.device, *values: float) -> tuple[bool, list[float]]:
+    """(flag on any rank, values summed over ranks): one small all-reduce when training is distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return flag, list(values)
+    t = torch.tensor([float(flag), *values], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return bool(t[0] > 0), [float(v) for v in t[1:]]
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mentions: dict, store: EntityStore,
                pools: list[np.ndarray], cfg: dict, rng: np.random.Generator, device: torch.device,
                use_gpu: bool) -> tuple[dict[str, float], int]:
-    """One JD-CCL step on a mention batch (tensors incl. `gold`): loss parts and the in-batch fallback count."""
+    """One JD-CCL step on a mention batch (tensors incl. `gold`): loss parts and the in-batch fallback count.
+
+    A loss or gradient norm that is NaN or inf on any rank raises NonFiniteError on every rank (they agree
+    through one all-reduce per step) before the optimizer step, so the weights stay those of the last good step."""
     mentions = {k: v.to(device) for k, v in mentions.items()}
     gold = mentions.pop("gold").cpu().numpy()
     cols = build_columns(gold, [pools[g] for g in gold], k=cfg["k"], mode=cfg["negatives"], rng=rng,
@@ -68,7 +97,23 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mention
                                    cols.mask.to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    finite = bool(torch.isfinite(torch.stack([loss.detach(), norm.detach().to(loss.device)])).all())
+    bad, _ = _world_any(not finite, device)
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        rows = torch.zeros(len(gold), dtype=torch.bool)
+        for value in logits.values():
+            rows |= ~torch.isfinite(value.detach().float()).all(dim=1).cpu()
+        _, (n_rows, n_batch) = _world_any(True, device, float(rows.sum()), float(len(gold)))
+        if finite:
+            what = "another rank's loss or gradient norm is not finite"
+        elif not bool(torch.isfinite(loss.detach())):
+            what = f"the loss is {float(loss.detach())}"
+        else:
+            what = f"the gradient norm is {float(norm)}"
+        raise NonFiniteError("train", f"{what} ({n_rows:g} of {n_batch:g} mentions of the batch got non-finite "
+                             "scores)", rows=int(n_rows))
     optimizer.step()
     return parts, cols.fallbacks
 
@@ -103,6 +148,8 @@ def train_loop_per_worker(config: dict) -> None:
         state["restarts"] = state.get("restarts", 0) + 1
         if state["bad_evals"] >= cfg["patience"]:   # it had early-stopped before the failure: nothing to do
             return
+        if state.get(NONFINITE):                    # it had stopped on non-finite values: the same line again
+            return
 
     # CVaCPT's parameters get no gradient when w = 0 or the features carry no synthetic views
     uses_cvacpt = dims.cvacpt_weight > 0.0 and "synthetic_global" in store.shapes
@@ -118,15 +165,23 @@ def train_loop_per_worker(config: dict) -> None:
         rng = np.random.default_rng([cfg["seed"], epoch, rank])
         sums: dict[str, float] = {}
         steps, fallbacks, t0 = 0, 0, time.perf_counter()
+        failure = None
         for batch in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow",
                                         local_shuffle_buffer_size=cfg["shuffle_buffer"],
                                         local_shuffle_seed=cfg["seed"] * 1000 + epoch):
-            parts, n_fallbacks = train_step(model, optimizer, arrow_to_tensors(batch, shapes), store, pools, cfg,
-                                            rng, device, use_gpu)
+            try:
+                parts, n_fallbacks = train_step(model, optimizer, arrow_to_tensors(batch, shapes), store, pools,
+                                                cfg, rng, device, use_gpu)
+            except NonFiniteError as err:
+                failure = f"epoch {epoch + 1}, step {steps + 1} (split 'train'): {err.message}; training stopped"
+                break
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + value
             steps += 1
             fallbacks += n_fallbacks
+        if failure:
+            stop_nonfinite(core, optimizer, state, dims, rank, epoch, failure)
+            return
         metrics = {"epoch": epoch + 1, "steps": steps, "negative_fallbacks": fallbacks,
                    "restarts": state.get("restarts", 0),
                    "epoch_seconds": time.perf_counter() - t0,
@@ -140,6 +195,12 @@ def train_loop_per_worker(config: dict) -> None:
                 stats = stats.to(device)
                 torch.distributed.all_reduce(stats)
                 stats = stats.cpu()
+            if stats[-1] > 0:
+                stop_nonfinite(core, optimizer, state, dims, rank, epoch,
+                               f"epoch {epoch + 1}, dev evaluation (split 'dev'): {int(stats[-1])} of "
+                               f"{len(dev['gold'])} mentions got non-finite scores (NaN or inf); training stopped, "
+                               "no dev metrics reported")
+                return
             metrics.update(metrics_from_statistics(stats))
             if metrics["dev_MRR"] > state["best_mrr"]:
                 state["best_mrr"], state["bad_evals"] = metrics["dev_MRR"], 0
@@ -159,3 +220,20 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({**metrics, "checkpoint_score": metrics.get("dev_MRR", -1.0)}, checkpoint=ckpt)
         if stop:
             break
+
+
+def stop_nonfinite(core: MELModel, optimizer, state: dict, dims: ModelDims, rank: int, epoch: int, line: str) -> None:
+    """Every rank's last report: `nonfinite` = line, no dev metric; rank 0 attaches a checkpoint (so the driver
+    reads the line from the run's result, and a restored run stops at once). Its weights are the model's as
+    they are now (a failed step was not applied); evaluating them is refused by the loaders and the kernel."""
+    import ray.train
+
+    state = {**state, NONFINITE: line}
+    metrics = {"epoch": epoch + 1, NONFINITE: line, "checkpoint_score": -1.0}
+    with tempfile.TemporaryDirectory() as folder:
+        ckpt = None
+        if rank == 0:
+            torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                        "dims": dims.to_dict()}, os.path.join(folder, CHECKPOINT_FILE))
+            ckpt = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=ckpt)

@@ -21,11 +21,11 @@ from mel_ray import storage
 from mel_ray.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from mel_ray.config import Config
 from mel_ray.dataset import ENTITIES, load_dataset
-from mel_ray.errors import UsageError
+from mel_ray.errors import NonFiniteError, UsageError, unwrap
 from mel_ray.feature_store import find_features, mention_dataset, mention_tensors
 from mel_ray.keys import sha256_hex
 from mel_ray.runtime import init_ray
-from mel_ray.train.loop import train_loop_per_worker
+from mel_ray.train.loop import NONFINITE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 PATCH_MAP_MENTIONS = 4
@@ -117,6 +117,9 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
 
     parent_run_id: make the MLflow run a child (a Tune trial of a sweep); callbacks: Ray Train callbacks
     (a sweep passes Tune's TuneReportCallback so each epoch's metrics reach Tune).
+
+    A NaN or infinite loss, gradient or dev score stops the run: NonFiniteError naming the run, the epoch and
+    step or split and how many mentions were affected; nothing is logged to MLflow and no model exported.
     """
     from mel_ray import tracking
     from mel_ray.plots import plot_curves
@@ -130,7 +133,13 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     trainer = trainer_for(cfg, dataset_uri, features_uri, negatives_uri, storage_path, run_name, callbacks)
     result = trainer.fit()
     if result.error:
-        raise result.error
+        cause = unwrap(result.error)        # a DataError raised in a worker: its own line, not Ray's wrapping
+        if cause is result.error:
+            raise result.error
+        raise cause from result.error
+    line = (result.metrics or {}).get(NONFINITE)
+    if line:                                # the workers stopped on a NaN / inf loss or dev score
+        raise NonFiniteError(f"train run '{run_name}'", line)
     best = result.get_best_checkpoint(metric="checkpoint_score", mode="max") or result.checkpoint
     state = load_checkpoint_state(result.checkpoint)       # the latest holds the whole history
     best_state = load_checkpoint_state(best)

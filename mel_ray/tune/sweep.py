@@ -27,7 +27,7 @@ import numpy as np
 
 from mel_ray import console, storage
 from mel_ray.config import Config
-from mel_ray.errors import UsageError
+from mel_ray.errors import DataError, UsageError, unwrap
 
 log = logging.getLogger(__name__)
 SWEEP_STATE = "mel_ray_sweep.json"
@@ -92,6 +92,18 @@ def run_trial(params: dict, *, base: dict, dataset_uri: str, features_uri: str, 
     ray.tune.report({**final, TUNE_METRIC: result["best"].get("dev_MRR", -1.0), "epoch": len(result["history"]),
                      "mlflow_run_id": result["run_id"], "model_checkpoint": result["checkpoint"],
                      "trial_done": True})
+
+
+def trial_error(error: BaseException) -> str:
+    """A failed trial's one line: the DataError / UsageError it raised (out of Tune's and Ray's wrappers), else
+    the first line of what Tune reports."""
+    from mel_ray import redact
+
+    inner = unwrap(error)
+    if isinstance(inner, (DataError, UsageError)):
+        return redact.text(str(inner))
+    lines = str(error).strip().splitlines()
+    return redact.text((lines[-1] if lines else type(error).__name__)[:300])
 
 
 def _check_inputs(cfg: Config, features_uri: str) -> None:
@@ -268,7 +280,8 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     for r in grid_results:
         metrics = dict(r.metrics or {}) if (r.metrics or {}).get("trial_done") else {}
         status = "error" if r.error else ("done" if metrics else "stopped")
-        results.append({"params": {k: r.config[k] for k in grid}, "metrics": metrics, "status": status})
+        results.append({"params": {k: r.config[k] for k in grid}, "metrics": metrics, "status": status,
+                        "error": trial_error(r.error) if r.error else None})
     rows = ablation_rows(results, grid)
     finished = [r for r in results if r["metrics"]]
     best = max(finished, key=lambda r: r["metrics"].get("best_dev_MRR", -1.0), default=None)
@@ -293,6 +306,8 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     failed = [r for r in results if r["status"] == "error"]
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
     print(table)
+    for r in failed:        # e.g. a trial whose training diverged (NonFiniteError): its line, never its numbers
+        print(f"[tune] trial {trial_name(r['params'])} failed: {r['error']}")
     summary = {"parent_run_id": parent, "tracking_uri": uri, "rows": rows, "table": table, "best": best}
     if not failed:      # a finished sweep is not run again (a failed one resumes its errored trials)
         storage.write_json(storage.join(experiment_path, SWEEP_STATE),

@@ -1,0 +1,216 @@
+"""Non-finite scores and losses are errors, never results (issue 13, item 1): the ranking kernel, `evaluate`,
+`link` and training (a diverging step, a NaN dev score) stop with one line naming the checkpoint or the
+epoch/step, the split and how many mentions were affected; and `evaluate --shards N` never waits forever for
+shards the cluster cannot place (clamped, with a printed note)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mel_ray import cli, console
+from mel_ray.checkpoints import export_model
+from mel_ray.config import load_config
+from mel_ray.model import MELModel, ModelDims
+from mel_ray.scoring import NonFiniteScores, chunks_of, rank_counts
+
+SMALL = ["model.dt=32", "model.dv=16", "model.cvacpt_weight=0.0"]
+TRAIN = ["train.negatives=in_batch", "train.epochs=2", "train.batch_size=16", "train.num_workers=2",
+         "train.cpus_per_worker=0.5", "train.max_failures=0", "tracking.experiment=nonfinite"]
+
+
+# ------------------------------------------------------------------------------------------- the kernel
+
+
+def _features(n: int, mention: bool = False, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {"text_global": torch.randn(n, 8, generator=g), "text_local": torch.randn(n, 5, 8, generator=g),
+           "text_mask": torch.ones(n, 5, dtype=torch.bool), "image_global": torch.randn(n, 8, generator=g),
+           "image_local": torch.randn(n, 3, 8, generator=g)}
+    if mention:
+        out["synthetic_global"] = torch.zeros(n, 2, 8)
+        out["n_views"] = torch.zeros(n, dtype=torch.long)
+    return out
+
+
+def test_kernel_raises_on_a_nan_row_and_counts_the_rows():
+    torch.manual_seed(0)
+    model = MELModel(ModelDims(text_global=8, text_local=8, image_global=8, image_local=8, dt=4, dv=4))
+    mentions, kb = _features(6, mention=True), _features(20, seed=1)
+    mentions["gold"] = torch.tensor([0, 1, 2, 3, 4, 5])
+    gold = {k: v[mentions["gold"]] for k, v in kb.items()}
+
+    def chunks():
+        return chunks_of(lambda a, b: {k: v[a:b] for k, v in kb.items()}, 0, 20, 7)
+
+    counts, _, scores = rank_counts(model, mentions, gold, chunks(), mention_batch=4)
+    assert np.isfinite(scores).all() and counts.shape == (6,)
+    mentions["text_global"] = mentions["text_global"].clone()
+    mentions["text_global"][2] = float("nan")                 # one mention's features are NaN
+    with pytest.raises(NonFiniteScores) as info:
+        rank_counts(model, mentions, gold, chunks(), mention_batch=4)
+    assert info.value.mask.tolist() == [False, False, True, False, False, False]
+    assert str(info.value) == "scores: 1 of 6 mentions got non-finite scores (NaN or inf)"
+    with pytest.raises(NonFiniteScores):                      # top-k only (link): the same check
+        rank_counts(model, mentions, None, chunks(), mention_batch=4)
+    kb["image_global"][13] = float("inf")                     # one KB entity: every mention is affected
+    mentions["text_global"][2] = 0.0
+    with pytest.raises(NonFiniteScores, match=r"^scores: 6 of 6 mentions got non-finite"):
+        rank_counts(model, mentions, gold, chunks(), mention_batch=4)
+
+
+# ---------------------------------------------------------------------------------------- on the cluster
+
+
+@pytest.fixture(scope="module")
+def prepared(small_data, tmp_path_factory, ray_local):
+    """A copy of the small dataset with features (no synthetic views), and models exported from it."""
+    from mel_ray.config import FeaturesConfig
+    from mel_ray.feature_store import model_dims_from, read_manifest
+    from mel_ray.features import extract_features
+
+    root = tmp_path_factory.mktemp("nonfinite")
+    ds = small_data.copy(root)
+    features = extract_features(ds, small_data.models["clip"], FeaturesConfig(num_gpus=0), engine="local",
+                                quiet=True)["uri"]
+    cfg = load_config(None, [*SMALL, f"models.clip={small_data.models['clip']}"])
+    torch.manual_seed(0)
+    dims = ModelDims(**model_dims_from(read_manifest(features)), dt=32, dv=16, cvacpt_weight=0.0)
+    weights = MELModel(dims).state_dict()
+    models = {}
+    for name, scale in (("good", 1.0), ("huge", 1e10)):     # huge: finite weights, scores overflow to inf / NaN
+        state = {"model": {k: v * scale if v.is_floating_point() else v for k, v in weights.items()},
+                 "dims": dims.to_dict()}
+        models[name] = str(export_model(state, cfg, root / f"{name}.pt"))
+    nan = {k: v.clone() for k, v in weights.items()}
+    nan["tglu.query.weight"][0, 0] = float("nan")
+    models["nan"] = str(export_model({"model": nan, "dims": dims.to_dict()}, cfg, root / "nan.pt"))
+    return {"root": root, "ds": ds, "features": features, "models": models, "clip": small_data.models["clip"]}
+
+
+def _cli(tmp_path: Path, capsys, *args: str) -> tuple[int, str, list[str]]:
+    """cli.main with the log in tmp_path; (exit code, stdout, its error and traceback lines on stderr)."""
+    try:
+        code = cli.main([*args, "--log-file", str(tmp_path / "cli.log")])
+    finally:
+        console.reset()
+    captured = capsys.readouterr()
+    # the test cluster forwards the workers' own output to this stderr (log_to_driver); what the command itself
+    # says about a failure is its "error: ..." line, and it never prints a traceback
+    lines = [line for line in captured.err.splitlines() if line.startswith(("error:", "Traceback"))]
+    return code, captured.out, lines
+
+
+def test_evaluate_refuses_non_finite_scores_and_nan_weights(prepared, tmp_path, capsys):
+    p = prepared
+    out = tmp_path / "eval"
+    base = ["evaluate", "--dataset", p["ds"], "--features", p["features"], "--output", str(out)]
+    code, stdout, lines = _cli(tmp_path, capsys, *base, "--checkpoint", p["models"]["huge"])
+    assert (code, lines) == (2, [(f"error: {p['models']['huge']}: split 'test': 18 of 18 mentions got non-finite "
+                                 "scores (NaN or inf) against the KB; no metrics reported")])
+    assert "H@1" not in stdout and not out.exists()
+    code, stdout, lines = _cli(tmp_path, capsys, *base, "--checkpoint", p["models"]["nan"], "--split", "dev")
+    assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 54 tensors hold NaN "
+                                 "or inf (first: tglu.query.weight); the model cannot be evaluated or used")])
+    assert not out.exists()
+
+
+def test_evaluate_clamps_shards_to_what_the_cluster_can_place(prepared, tmp_path, capsys):
+    import ray
+
+    p = prepared
+    total = int(ray.cluster_resources()["CPU"])
+    assert total == 2
+    base = ["evaluate", "--dataset", p["ds"], "--features", p["features"], "--checkpoint", p["models"]["good"]]
+    for shards in (3, 100000):
+        code, stdout, lines = _cli(tmp_path, capsys, *base, "--shards", str(shards),
+                                   "--output", str(tmp_path / f"s{shards}"))
+        assert (code, lines) == (0, [])
+        assert stdout.splitlines()[0] == (f"[evaluate] {shards} shards x 1 CPUs do not fit on this cluster of 2 "
+                                          f"CPUs: using 2 shards")
+        report = json.loads((tmp_path / f"s{shards}" / "eval_test.json").read_text())
+        assert report["shards"] == 2 and np.isfinite(report["metrics"]["MRR"])
+
+
+def test_link_refuses_non_finite_scores(prepared, tmp_path, capsys):
+    from mel_ray.dataset import load_dataset
+
+    p = prepared
+    data = load_dataset(p["ds"])
+    rows = [{"mention_id": m["mention_id"], "text": m["sentence"], "mention": m["mention"],
+             "image": data.resolve_uri(m["image_uri"]) if m["image_uri"] else None}
+            for m in data.mentions("test").to_pylist()[:5]]
+    mentions = tmp_path / "new.jsonl"
+    mentions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["link", "--kb", p["ds"], "--mentions", str(mentions)]
+    code, _, lines = _cli(tmp_path, capsys, *base, "--model", p["models"]["huge"], "--output", str(tmp_path / "o1"))
+    assert (code, lines) == (2, [(f"error: {p['models']['huge']}: 5 of 5 mentions of {mentions} got non-finite "
+                                 f"scores (NaN or inf) against the KB {p['ds']}; no links written")])
+    assert not (tmp_path / "o1" / "links.parquet").exists()
+    code, _, lines = _cli(tmp_path, capsys, *base, "--model", p["models"]["nan"], "--output", str(tmp_path / "o2"))
+    assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 54 tensors hold NaN "
+                                 "or inf (first: tglu.query.weight); the model cannot be evaluated or used")])
+
+
+def _train_cli(tmp_path: Path, capsys, monkeypatch, ds: str, features: str, *settings: str):
+    monkeypatch.chdir(tmp_path)          # tracking.storage and the MLflow store are relative: under tmp_path
+    sets = [arg for s in (*SMALL, *TRAIN, *settings) for arg in ("--set", s)]
+    return _cli(tmp_path, capsys, "train", "--dataset", ds, "--features", features, *sets)
+
+
+def _last_state(tmp_path: Path) -> dict:
+    states = sorted(tmp_path.rglob("checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime_ns)
+    return torch.load(states[-1], weights_only=True)["state"]
+
+
+def test_a_diverging_run_stops_at_its_step_with_one_line(prepared, tmp_path, capsys, monkeypatch):
+    p = prepared
+    code, stdout, lines = _train_cli(tmp_path, capsys, monkeypatch, p["ds"], p["features"], "train.lr=1e30")
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    print(lines[0])
+    assert re.fullmatch(r"error: train run 'train-[0-9a-f]+': epoch 1, step 2 \(split 'train'\): (the loss is "
+                        r"(nan|inf)|the gradient norm is (nan|inf)) \(\d+ of \d+ mentions of the batch got non-finite "
+                        r"scores\); training stopped", lines[0]), lines[0]
+    assert "dev_MRR" not in stdout and "H@" not in stdout
+    state = _last_state(tmp_path)
+    assert state["nonfinite"] in lines[0] and all("dev_MRR" not in h for h in state["history"])
+
+
+def _poison_dev_mention(features: str, row: int = 0) -> None:
+    """Make one dev mention's text features NaN in the feature shard (as a broken encoder might write them)."""
+    from mel_ray.feature_store import mention_shard_uris
+
+    uri = mention_shard_uris(features, "dev")[0]
+    table = pq.read_table(uri)
+    col = table.column("text_global").combine_chunks()
+    values = col.values.to_numpy(zero_copy_only=False).copy().reshape(len(col), -1)
+    values[row] = np.nan
+    poisoned = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=col.type.value_type),
+                                                 col.type.list_size)
+    table = table.set_column(table.schema.get_field_index("text_global"), "text_global", poisoned)
+    pq.write_table(table, uri)
+
+
+def test_a_nan_dev_score_is_never_kept_as_best(prepared, tmp_path, capsys, monkeypatch):
+    p = prepared
+    ds = str(tmp_path / "ds")
+    shutil.copytree(p["ds"], ds)
+    features = str(Path(ds) / Path(p["features"]).relative_to(p["ds"]))
+    _poison_dev_mention(features)
+    code, stdout, lines = _train_cli(tmp_path, capsys, monkeypatch, ds, features, "train.lr=1e-3")
+    assert code == 2, lines
+    assert len(lines) == 1 and re.fullmatch(
+        r"error: train run 'train-[0-9a-f]+': epoch 1, dev evaluation \(split 'dev'\): 1 of 9 mentions got "
+        r"non-finite scores \(NaN or inf\); training stopped, no dev metrics reported", lines[0]), lines
+    assert "dev_MRR" not in stdout
+    state = _last_state(tmp_path)
+    assert state["best_mrr"] == -1.0 and state["nonfinite"] in lines[0]
