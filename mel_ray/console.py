@@ -84,6 +84,11 @@ def quiet_libraries(verbose: bool) -> None:
     # model download / load / save bars (huggingface_hub, and transformers reads the same switch); one
     # per model load, not per long stage; diffusers has no switch and is quieted where its pipelines load
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # MLflow otherwise gives its loggers a handler of their own on stdout ("Creating initial MLflow database
+    # tables..."); without it they propagate here, to the log file
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    # Tune's new output engine prints its experiment box even at verbose=0; the legacy reporter honours 0
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # MLflow's artifact upload/download bars (the demo downloads the best model once per sweep)
     if not interactive():
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -240,8 +240,12 @@ def _mine_ray(ix: Index, blocks: list[tuple[int, int]], seed: int, num_workers: 
         fn_constructor_kwargs={"index_refs": [index_ref], "seed": seed, "blocks": blocks},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        # no more actors than blocks (Ray Data warns that the extra ones could never get work)
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(num_workers, len(blocks)))),
         num_cpus=1,
+        # the index is an object-store argument of the actors' constructor, which a restarted actor may no
+        # longer find (ray#53727, logged per actor): a lost miner fails the stage, and a rerun mines again
+        max_restarts=0,
     )
     tables = [t for t in ray.get(out.to_arrow_refs()) if t.num_rows]
     table = pa.concat_tables(tables) if tables else None

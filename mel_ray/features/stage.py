@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import logging
 import math
 import sys
 import time
@@ -34,8 +35,15 @@ from mel_ray.models import DEFAULT_CACHE, pin_model
 
 
 def _log(quiet: bool, msg: str) -> None:
-    if not quiet:
+    """Progress: on the terminal when a person watches it (or no log file is set up), else in the log file."""
+    from mel_ray import console
+
+    if quiet:
+        return
+    if console.log_file() is None or console.interactive():
         print(f"extract-features: {msg}", file=sys.stderr, flush=True)
+    else:
+        logging.getLogger("mel_ray.features").info("extract-features: %s", msg)
 
 
 class Collector:
