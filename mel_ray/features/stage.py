@@ -31,6 +31,17 @@ from mel_ray.features.encoder import Encoder
 from mel_ray.features.inputs import prepare_batch
 from mel_ray.features.plan import DEFAULT_MICRO_BATCH, DEFAULT_SHARD_ROWS, Plan, make_plan, make_units
 from mel_ray.models import DEFAULT_CACHE, pin_model
+from mel_ray.verify import require_dataset
+
+
+def _stored(uri: str) -> object:
+    """The JSON at `uri`, or None when it does not parse (then it is written again)."""
+    from mel_ray.errors import DataError
+
+    try:
+        return storage.read_json(uri)
+    except DataError:
+        return None
 
 
 def _log(quiet: bool, msg: str) -> None:
@@ -200,6 +211,7 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
         raise UsageError("batch_size and concurrency must be >= 1 and num_gpus >= 0")
     if engine not in ("ray", "local"):
         raise UsageError(f"engine {engine!r}: expected 'ray' or 'local'")
+    require_dataset(str(dataset_uri))      # before any model or actor: a damaged dataset is one line, exit 2
     t0 = time.perf_counter()
     model = pin_model(str(model))         # a hub id: the commit the key names and every encoder loads
     plan = make_plan(str(dataset_uri), model, synthetic_key=synthetic_key, views=views, text_length=text_length,
@@ -225,7 +237,7 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
     if missing:
         raise RuntimeError(f"extract-features: shards missing for {missing} after the run")
     manifest_uri = storage.join(plan.uri, MANIFEST)
-    if not storage.exists(manifest_uri) or storage.read_json(manifest_uri) != manifest:
+    if not storage.exists(manifest_uri) or _stored(manifest_uri) != manifest:
         storage.write_json(manifest_uri, manifest)
     elapsed = time.perf_counter() - t0
     _log(quiet, f"done: {plan.uri} ({pending} shards written, {total - pending} skipped, {elapsed:.1f}s)")
