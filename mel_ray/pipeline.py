@@ -260,7 +260,10 @@ def features_stage(cfg: Config, root: str | os.PathLike = ".", synthetic: str | 
                    with_views: bool = True) -> StageResult:
     """synthetic: the synthetic/<key> to encode; default: the one the config's synthesize settings write.
     with_views=False: entities and mentions only, no synthetic views."""
+    from mel_ray.verify import require_dataset
+
     cfg = resolve_paths(cfg, root)
+    require_dataset(cfg.data.dataset)      # before the synthesis key (which reads the diffusion model's files)
     key = (synthetic or synthetic_key(cfg)) if with_views else None
     return _timed("extract_features", encode_features, cfg, cfg.data.dataset, key)
 

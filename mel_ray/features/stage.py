@@ -200,6 +200,7 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
     """
     from mel_ray.runtime import resolve_num_gpus
 
+    require_dataset(str(dataset_uri))   # before Ray, any model or actor: a damaged dataset is one line, exit 2
     text_length, batch_size, concurrency, num_gpus = cfg.text_length, cfg.batch_size, cfg.concurrency, cfg.num_gpus
     if num_gpus == "auto" and engine == "local":     # without Ray: this machine's GPU
         import torch
@@ -211,7 +212,6 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
         raise UsageError("batch_size and concurrency must be >= 1 and num_gpus >= 0")
     if engine not in ("ray", "local"):
         raise UsageError(f"engine {engine!r}: expected 'ray' or 'local'")
-    require_dataset(str(dataset_uri))      # before any model or actor: a damaged dataset is one line, exit 2
     t0 = time.perf_counter()
     model = pin_model(str(model))         # a hub id: the commit the key names and every encoder loads
     plan = make_plan(str(dataset_uri), model, synthetic_key=synthetic_key, views=views, text_length=text_length,
