@@ -241,10 +241,10 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
 
     t0 = time.perf_counter()
     cache_dir = cache_dir or DEFAULT_CACHE
-    require_dataset(kb)                          # the KB's manifest, footers, schemas, counts: one line, exit 2
     state = load_linker(model, config, tracking_uri)
     cfg = state["config"]
     mentions = read_mentions(mentions_path)
+    require_dataset(kb)                          # the KB's manifest, footers, schemas, counts: one line, exit 2
     clip = pin_model(cfg["models"]["clip"])      # a hub id: the commit the KB's features must have been made with
     features = find_features(kb, model=clip, cache_dir=cache_dir, several="first")
     require_features(features, kb)               # every shard's footer and schema, before any actor reads one

@@ -893,7 +893,12 @@ def check_features_quick(features_uri: str, dataset_uri: str | None = None) -> l
 
 
 def require_dataset(uri: str) -> None:
-    """A dataset's manifest, tables' footers, schemas and row counts are sound, else DataError."""
+    """A dataset's manifest, tables' footers, schemas and row counts are sound, else DataError. The URI and the
+    manifest go through `load_dataset` first (its messages for a malformed URI, an unreachable store or a
+    missing manifest), then the quick check."""
+    from mel_ray.dataset import load_dataset
+
+    load_dataset(str(uri))
     raise_first(check_dataset_quick(uri), str(uri))
 
 

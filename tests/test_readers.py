@@ -90,9 +90,9 @@ DAMAGED = [
      "manifest.json: invalid JSON: line 1 column 14: Expecting property name enclosed in double quotes"),
     ("manifest-not-utf8", _write("manifest.json", '{"name": "caf\u00e9"}'.encode("latin-1")),
      "manifest.json: not UTF-8: byte 0xe9 at offset 13 (line 1)"),
-    ("manifest-empty", _write("manifest.json", b""), "manifest.json: empty file (0 bytes), expected a JSON object"),
+    ("manifest-empty", _write("manifest.json", b""), "manifest.json: empty file (0 bytes), expected JSON"),
     ("missing-manifest", _remove("manifest.json"),
-     "manifest.json: missing (not a mel-ray dataset, or an ingest that did not finish)"),
+     "manifest.json: no manifest.json: not a mel-ray dataset, or an ingest that did not finish"),
     ("missing-column-entities", _drop_column("entities.parquet", "qid"),
      "entities.parquet: field 'qid': column missing (expected string)"),
     ("missing-column-attributes", _drop_column("entities.parquet", "attributes"),
@@ -128,8 +128,6 @@ def _commands(ds: str, tmp: Path, clip: str) -> dict[str, list[str]]:
         "train": ["train", *log, "--dataset", ds, "--set", "train.negatives=in_batch"],
         "tune": ["tune", *log, "--dataset", ds],
         "evaluate": ["evaluate", *log, "--dataset", ds, "--checkpoint", str(tmp / "model.pt")],
-        "link": ["link", *log, "--model", str(tmp / "model.pt"), "--kb", ds, "--mentions", str(tmp / "m.jsonl"),
-                 "--output", str(tmp / "links")],
         "merge": ["merge", ds, "--output", str(tmp / "merged")],
         "show-views": ["show-views", "--dataset", ds, "--mention", "x", "--output", str(tmp / "v.png")],
     }
@@ -154,6 +152,25 @@ def test_damaged_dataset_is_one_line_for_every_command(damaged, small_data, tmp_
     assert ray.is_initialized() == ray_was_up   # checked on the driver before Ray started
     assert sorted(str(p.relative_to(ds)) for p in ds.rglob("*")) == before
     assert not (tmp_path / "merged").exists() and not (tmp_path / "links").exists()
+
+
+@pytest.mark.parametrize("case, line", [(c, line) for c, _, line in DAMAGED], ids=[c for c, _, _ in DAMAGED])
+def test_damaged_kb_is_one_line_for_link(damaged, small_data, tmp_path, capsys, monkeypatch, case, line):
+    """link loads its model first (a tracking server that is down says so first), then reads the mentions, then
+    checks the KB before any actor starts."""
+    import ray
+
+    import mel_ray.link
+
+    monkeypatch.setattr(mel_ray.link, "load_linker", lambda *a, **k: {"config": {}, "dims": {}})
+    (tmp_path / "m.jsonl").write_text(json.dumps({"text": "A sentence.", "mention": "A"}) + "\n")
+    ds = damaged[case]
+    ray_was_up = ray.is_initialized()
+    code, _, err = run(capsys, "link", "--log-file", str(tmp_path / "log"), "--model", str(tmp_path / "model.pt"),
+                       "--kb", str(ds), "--mentions", "m.jsonl", "--output", "links")
+    line = line.format(train=pq.read_metadata(Path(small_data.dataset) / "mentions/train.parquet").num_rows)
+    assert (code, err) == (2, [f"error: {ds}/{line}"])
+    assert ray.is_initialized() == ray_was_up and not (tmp_path / "links").exists()
 
 
 def test_info_prints_a_sound_dataset(small_data, capsys):
