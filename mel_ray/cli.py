@@ -45,6 +45,19 @@ def _config(args: argparse.Namespace, **flags):
     return cfg
 
 
+def _here(value: str | None) -> str | None:
+    """A path flag as the caller means it: a relative local path is made absolute under the current directory
+    here, on the driver, before it reaches a stage or a Ray worker (whose working directory is another one);
+    URIs (s3://, file://, runs:/...) and absent flags stay as they are."""
+    import re
+
+    from mel_ray.pipeline import under
+
+    if value is None or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value):
+        return value
+    return under(".", value)
+
+
 def _report(result) -> int:
     """A stage's progress line, then its JSON summary (what jobs print too)."""
     print(result.line())
@@ -150,15 +163,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mel_ray import pipeline
 
     cfg = _config(args, **{"data.dataset": args.dataset})
-    return _report(pipeline.train_stage(cfg, root=".", features=args.features, base=args.run_name,
-                                        negatives=args.negatives))
+    return _report(pipeline.train_stage(cfg, root=".", features=_here(args.features), base=args.run_name,
+                                        negatives=_here(args.negatives)))
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from mel_ray import pipeline
 
-    cfg = _config(args, **{"data.dataset": args.dataset})
-    return _report(pipeline.tune_stage(cfg, root=args.root, features=args.features))
+    # flags are the caller's paths (the current directory); --root is where the config's relative paths live
+    cfg = _config(args, **{"data.dataset": _here(args.dataset)})
+    return _report(pipeline.tune_stage(cfg, root=args.root, features=_here(args.features)))
 
 
 def _cmd_link(args: argparse.Namespace) -> int:
@@ -172,10 +186,13 @@ def _cmd_link(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mel_ray.eval.evaluate import evaluate, format_table
     from mel_ray.train.run import find_features
+    from mel_ray.verify import require_dataset, require_features
 
-    features = find_features(args.dataset, args.features)
-    report = evaluate(args.dataset, features, args.checkpoint, args.split, output_uri=args.output,
-                      num_shards=args.shards)
+    dataset, checkpoint, output = _here(args.dataset), _here(args.checkpoint), _here(args.output)
+    require_dataset(dataset)             # on the driver, before any KB shard actor starts
+    features = find_features(dataset, _here(args.features))
+    require_features(features, dataset)
+    report = evaluate(dataset, features, checkpoint, args.split, output_uri=output, num_shards=args.shards)
     print(format_table(report))
     print(f"same-name failures: {report['same_name_failures']['count']} of "
           f"{report['same_name_failures']['of_wrong_top1']} wrong top-1")
@@ -184,7 +201,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from mel_ray.dataset import load_dataset
+    from mel_ray.verify import require_dataset
 
+    require_dataset(args.dataset)        # a damaged dataset is one line and exit 2, never counts as if whole
     ds = load_dataset(args.dataset)
     print(json.dumps(ds.manifest, indent=2))
     return 0

@@ -131,7 +131,7 @@ class Dataset:
         return storage.read_table(self.path(mentions_path(split)), columns=columns)
 
     def report(self) -> dict[str, Any]:
-        return storage.read_json(self.path(REPORT))
+        return storage.read_json_object(self.path(REPORT))
 
     def resolve_uri(self, relative: str | None, *, file: str | None = None, field: str = "image_uri") -> str | None:
         """Image URIs in the tables are relative to the dataset root unless they carry a scheme.
@@ -164,7 +164,7 @@ def load_dataset(uri: str) -> Dataset:
     manifest_uri = storage.join(uri, MANIFEST)
     if not storage.exists(manifest_uri):
         raise DataError(manifest_uri, "no manifest.json: not a mel-ray dataset, or an ingest that did not finish")
-    manifest = storage.read_json(manifest_uri)
+    manifest = storage.read_json_object(manifest_uri)
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise DataError(manifest_uri, f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})",

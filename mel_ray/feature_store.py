@@ -83,7 +83,7 @@ def find_features(dataset_uri: str, features_uri: str | None = None, *, model: s
 
 
 def read_manifest(features_uri: str) -> dict:
-    return storage.read_json(storage.join(features_uri, MANIFEST))
+    return storage.read_json_object(storage.join(features_uri, MANIFEST))
 
 
 def model_dims_from(manifest: dict) -> dict:

@@ -53,46 +53,57 @@ LINKS_SCHEMA = pa.schema([("mention_id", pa.string()), ("mention", pa.string()),
 
 
 def read_mentions(path: str) -> pa.Table:
-    """The mentions file as a table (mention_id, text, mention, image); errors name the file, row and field."""
+    """The mentions file as a table (mention_id, text, mention, image); errors name the file, record and field.
+
+    JSONL is read by ingest's reader (mel_ray.ingest.common.iter_jsonl): UTF-8 (a BOM is tolerated), lines split
+    on "\\n" only (so "\\r\\n" endings, a last line without a newline and U+2028 inside strings are fine), blank
+    lines skipped; records are named by their line number. Parquet records are named by their row (from 0)."""
+    from mel_ray.ingest.common import iter_jsonl, valid_unicode
+
     if path.endswith(".parquet"):
-        rows = storage.read_table(path).to_pylist()
+        records = [(f"row {i}", row) for i, row in enumerate(storage.read_table(path).to_pylist())]
     elif path.endswith((".jsonl", ".json")):
-        rows = []
-        for i, line in enumerate(storage.read_bytes(path).decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(path, f"invalid JSON: {err.msg}", record=f"line {i}") from None
-            if not isinstance(rows[-1], dict):
-                raise DataError(path, "expected a JSON object with 'text' and 'mention'", record=f"line {i}")
+        records = [(f"line {n}", row) for n, row in iter_jsonl(path)]
     else:
         raise UsageError(f"{path}: mentions must be a .parquet or .jsonl file")
     base = path.rsplit("/", 1)[0] if "/" in path else "."
     out: dict[str, list] = {"mention_id": [], "text": [], "mention": [], "image": []}
-    seen: set[str] = set()
-    for i, row in enumerate(rows):
+    seen: dict[str, str] = {}
+    for i, (record, row) in enumerate(records):
+        if not isinstance(row, dict):
+            raise DataError(path, "expected a JSON object with 'text' and 'mention'", record=record)
         for field in ("text", "mention"):
             value = row.get(field)
             if not isinstance(value, str) or not value.strip():
-                raise DataError(path, f"must be a non-empty string (got {value!r})", record=i, field=field)
+                raise DataError(path, f"must be a non-empty string (got {_excerpt(value)})", record=record,
+                                field=field)
+            valid_unicode(value, path, record, field)
         image = row.get("image")
         if image is not None and not isinstance(image, str):
-            raise DataError(path, f"must be a path, a URI or null (got {image!r})", record=i, field="image")
+            raise DataError(path, f"must be a path, a URI or null (got {_excerpt(image)})", record=record,
+                            field="image")
+        if image:
+            valid_unicode(image, path, record, "image")
         if image and "://" not in image and not Path(image).is_absolute():
             image = storage.join(base, image)
         mention_id = row.get("mention_id")
         mention_id = f"row{i}" if mention_id is None else str(mention_id)
+        valid_unicode(mention_id, path, record, "mention_id")
         if mention_id in seen:
-            raise DataError(path, f"{mention_id!r} is not unique", record=i, field="mention_id")
-        seen.add(mention_id)
+            raise DataError(path, f"{_excerpt(mention_id)} is not unique (also {seen[mention_id]})", record=record,
+                            field="mention_id")
+        seen[mention_id] = record
         for name, value in (("mention_id", mention_id), ("text", row["text"]), ("mention", row["mention"]),
                             ("image", image or None)):
             out[name].append(value)
-    if not rows:
+    if not records:
         raise DataError(path, "no mentions")
     return pa.table(out, schema=pa.schema([(k, pa.string()) for k in out]))
+
+
+def _excerpt(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_linker(model: str, config: dict | None = None, tracking_uri: str | None = None) -> dict:
@@ -234,19 +245,22 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     from mel_ray.features.shards import merge_stats
     from mel_ray.models import DEFAULT_CACHE, pin_model
     from mel_ray.runtime import init_ray
+    from mel_ray.verify import require_dataset, require_features
 
     t0 = time.perf_counter()
     cache_dir = cache_dir or DEFAULT_CACHE
     state = load_linker(model, config, tracking_uri)
     cfg = state["config"]
     mentions = read_mentions(mentions_path)
+    require_dataset(kb)                          # the KB's manifest, footers, schemas, counts: one line, exit 2
     clip = pin_model(cfg["models"]["clip"])      # a hub id: the commit the KB's features must have been made with
     features = find_features(kb, model=clip, cache_dir=cache_dir, several="first")
+    require_features(features, kb)               # every shard's footer and schema, before any actor reads one
     key = inputs_key(state, features, mentions, top_k)
     report_uri = storage.join(output, REPORT)
-    if storage.exists(report_uri) and storage.read_json(report_uri).get("inputs_key") == key:
+    if storage.exists(report_uri) and storage.read_json_object(report_uri).get("inputs_key") == key:
         print(f"[link] already linked: {storage.join(output, LINKS)}")
-        return {**storage.read_json(report_uri), "skipped": True}
+        return {**storage.read_json_object(report_uri), "skipped": True}
 
     manifest = read_manifest(features)
     views = int(state["dims"].get("views") or cfg["synthesize"]["views"])

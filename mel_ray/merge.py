@@ -33,6 +33,7 @@ from mel_ray.dataset import (
     write_dataset,
 )
 from mel_ray.errors import DataError, UsageError
+from mel_ray.verify import require_dataset
 
 CONFLICT_FIELDS = ("name", "description", "attributes", "image_uris")
 MAX_EXAMPLES = 20
@@ -120,7 +121,9 @@ def merge(inputs: list[str], output: str, name: str | None = None, copy_images: 
         if _overlap(in_real, out_real):
             raise UsageError(f"merge: output {output} and input {uri} overlap (one folder holds the other: "
                              f"{out_real}, {in_real}); write the merge somewhere else")
-    datasets = [load_dataset(uri) for uri in inputs]   # DataError if a manifest is missing
+    for uri in inputs:                                 # manifests, footers, schemas, counts: one line, exit 2
+        require_dataset(uri)
+    datasets = [load_dataset(uri) for uri in inputs]
     by_name: dict[str, list[str]] = {}
     for ds in datasets:
         by_name.setdefault(ds.name, []).append(ds.uri)

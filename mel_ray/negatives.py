@@ -64,6 +64,7 @@ from mel_ray.jaccard import (
     mine_rows,
     new_stats,
 )
+from mel_ray.verify import check_negatives_quick, require_dataset
 
 __all__ = ["OUTPUT_SCHEMA", "brute_force_topk", "mine_negatives", "mine_topk", "output_paths",
            "read_negatives"]
@@ -301,7 +302,8 @@ def mine_negatives(dataset_uri: str, k: int = 16, seed: int = 0, block_size: int
     """
     t_start = time.perf_counter()
     dataset_uri = str(dataset_uri)
-    ds = load_dataset(dataset_uri)                 # DataError without manifest.json
+    require_dataset(dataset_uri)                   # manifest, footers, schemas, counts: one line, exit 2
+    ds = load_dataset(dataset_uri)
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise UsageError(f"{dataset_uri}: --k must be an integer >= 1 (got {k!r})")
     parquet_rel, manifest_rel = output_paths(k)
@@ -314,8 +316,12 @@ def mine_negatives(dataset_uri: str, k: int = 16, seed: int = 0, block_size: int
     key = {"k": int(k), "seed": int(seed), "entities_sha256": fingerprint,
            "algorithm_version": ALGORITHM_VERSION}
     if not force and storage.exists(manifest_uri):
-        old = storage.read_json(manifest_uri)
-        if all(old.get(name) == value for name, value in key.items()) and storage.exists(parquet_uri):
+        try:
+            old = storage.read_json_object(manifest_uri)
+        except DataError:                          # a damaged manifest: the pool is mined again
+            old = {}
+        if (all(old.get(name) == value for name, value in key.items()) and storage.exists(parquet_uri)
+                and not check_negatives_quick(dataset_uri, int(k))):    # and a damaged pool too
             log.info("negatives: %s is complete for k=%d seed=%d, skipping", parquet_uri, k, seed)
             return {**old, "skipped": True}
     try:

@@ -106,15 +106,35 @@ def _timed(stage: str, fn, *args, **kwargs) -> StageResult:
 # ------------------------------------------------------------------------------------------ ingest, merge
 
 
+def _json_object(uri: str) -> dict | None:
+    """The JSON object at `uri`, or None when it is missing or damaged (the skip checks then say "not done")."""
+    from mel_ray.errors import DataError
+
+    if not storage.exists(uri):
+        return None
+    try:
+        return storage.read_json_object(uri)
+    except DataError:
+        return None
+
+
+def _sound(dataset: str) -> bool:
+    """The dataset's quick check passes (manifest, footers, schemas, counts): a damaged one is rebuilt."""
+    from mel_ray.verify import check_dataset_quick
+
+    return not check_dataset_quick(dataset)
+
+
 def ingested_with(output: str, options: IngestConfig, source: str, name: str) -> bool:
-    """True when `output` is a complete dataset ingested from `source` in this format with these options."""
-    if not storage.exists(storage.join(output, MANIFEST)):
+    """True when `output` is a complete, sound dataset ingested from `source` in this format with these options."""
+    manifest = _json_object(storage.join(output, MANIFEST))
+    if manifest is None:
         return False
-    manifest = storage.read_json(storage.join(output, MANIFEST))
-    report = storage.read_json(storage.join(output, REPORT)) if storage.exists(storage.join(output, REPORT)) else {}
+    report = _json_object(storage.join(output, REPORT)) or {}
     return (manifest.get("name") == name and report.get("format") == options.format
             and report.get("input") == str(source)
-            and report.get("options") == options.model_dump(mode="json", exclude={"format", "input"}))
+            and report.get("options") == options.model_dump(mode="json", exclude={"format", "input"})
+            and _sound(output))
 
 
 def ingest_dataset(options: IngestConfig, source: str, output: str, name: str, *, force: bool = False) -> Outcome:
@@ -130,22 +150,24 @@ def ingest_dataset(options: IngestConfig, source: str, output: str, name: str, *
 
 
 def merged_from(output: str, inputs: list[str], name: str) -> bool:
-    """True when `output` is a complete merge of `inputs` (same URIs, in order) whose counts have not changed.
+    """True when `output` is a complete, sound merge of `inputs` (same URIs, in order) whose counts have not
+    changed.
 
     Counts, not content hashes: cheap, and they catch the usual case (an input re-ingested from a new release).
     """
-    if not storage.exists(storage.join(output, MANIFEST)):
+    manifest = _json_object(storage.join(output, MANIFEST))
+    if manifest is None:
         return False
-    manifest = storage.read_json(storage.join(output, MANIFEST))
     recorded = manifest.get("inputs") or []
     if (manifest.get("source_format") != "merge" or manifest.get("name") != name
+            or not isinstance(recorded, list) or not all(isinstance(r, dict) for r in recorded)
             or [r.get("uri") for r in recorded] != [str(u) for u in inputs]):
         return False
     for r in recorded:
-        input_manifest = storage.join(r["uri"], MANIFEST)
-        if not storage.exists(input_manifest) or storage.read_json(input_manifest).get("counts") != r.get("counts"):
+        input_manifest = _json_object(storage.join(r["uri"], MANIFEST))
+        if input_manifest is None or input_manifest.get("counts") != r.get("counts"):
             return False
-    return True
+    return _sound(output)
 
 
 def merge_datasets(inputs: list[str], output: str, name: str) -> Outcome:
@@ -241,7 +263,10 @@ def features_stage(cfg: Config, root: str | os.PathLike = ".", synthetic: str | 
                    with_views: bool = True) -> StageResult:
     """synthetic: the synthetic/<key> to encode; default: the one the config's synthesize settings write.
     with_views=False: entities and mentions only, no synthetic views."""
+    from mel_ray.verify import require_dataset
+
     cfg = resolve_paths(cfg, root)
+    require_dataset(cfg.data.dataset)      # before the synthesis key (which reads the diffusion model's files)
     key = (synthetic or synthetic_key(cfg)) if with_views else None
     return _timed("extract_features", encode_features, cfg, cfg.data.dataset, key)
 
@@ -272,7 +297,7 @@ def train_model(cfg: Config, dataset: str, features: str, root: str | os.PathLik
     name = run_name(cfg, dataset, features, base, negatives)
     marker = storage.join(run_folder(cfg, name), TRAIN_MARKER)
     if storage.exists(marker):
-        result = storage.read_json(marker)
+        result = storage.read_json_object(marker)
         return Outcome(result, False, f"already trained: MLflow run {result['run_id']}", _train_info(result, name))
     result = train(cfg, dataset, features_uri=features, negatives_uri=negatives, storage_path=cfg.tracking.storage,
                    run_name=name, tracking_dir=str(Path(root).absolute()))
@@ -291,8 +316,9 @@ def _train_info(result: dict, name: str) -> dict:
 
 def _find_features(cfg: Config) -> str:
     from mel_ray.feature_store import find_features
+    from mel_ray.verify import require_dataset
 
-    load_dataset(cfg.data.dataset)      # a missing dataset says so, rather than "no feature sets"
+    require_dataset(cfg.data.dataset)   # a missing or damaged dataset says so, rather than "no feature sets"
     return find_features(cfg.data.dataset, None)
 
 
@@ -301,8 +327,9 @@ def train_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None
     """features: the features/<key> URI; default: the only complete set under the dataset. negatives: a
     negatives/k{K}.parquet URI; default: the one negatives.k names."""
     cfg = resolve_paths(cfg, root)
-    return _timed("train", train_model, cfg, cfg.data.dataset, features or _find_features(cfg), root, base,
-                  negatives)
+    features = under(root, features) if features else _find_features(cfg)
+    return _timed("train", train_model, cfg, cfg.data.dataset, features, root, base,
+                  under(root, negatives) if negatives else None)
 
 
 def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name: str, split: str = SPLIT) -> Outcome:
@@ -313,7 +340,7 @@ def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name
     folder = run_folder(cfg, name)
     marker = storage.join(folder, EVAL_MARKER.format(split=split))
     if storage.exists(marker):
-        report = storage.read_json(marker)
+        report = storage.read_json_object(marker)
         note = f"already evaluated on {split}: MRR {report['metrics'].get('MRR', float('nan')):.4f}"
         return Outcome(report, False, note, {"split": split, "metrics": report["metrics"]})
     report = evaluate(dataset, features, trained["checkpoint"], split, output_uri=storage.join(folder, "eval"),
@@ -343,14 +370,18 @@ def log_eval_to_mlflow(trained: dict, report: dict, split: str) -> None:
 def evaluate_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None = None,
                    trained: dict | None = None, base: str = "pipeline", split: str = SPLIT) -> StageResult:
     """trained: train_model's result; default: the marker of the run this config trains."""
+    from mel_ray.verify import require_dataset, require_features
+
     cfg = resolve_paths(cfg, root)
-    features = features or _find_features(cfg)
+    features = under(root, features) if features else _find_features(cfg)
+    require_dataset(cfg.data.dataset)
+    require_features(features, cfg.data.dataset)
     name = run_name(cfg, cfg.data.dataset, features, base)
     if trained is None:
         marker = storage.join(run_folder(cfg, name), TRAIN_MARKER)
         if not storage.exists(marker):
             raise UsageError(f"{marker}: no finished training for this config; run the train job first")
-        trained = storage.read_json(marker)
+        trained = storage.read_json_object(marker)
     return _timed("evaluate", evaluate_model, cfg, cfg.data.dataset, features, trained, name, split)
 
 
@@ -375,7 +406,8 @@ def sweep(cfg: Config, dataset: str, features: str, root: str | os.PathLike) -> 
 def tune_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None = None) -> StageResult:
     """The Tune sweep (cfg.tune) on the dataset's features; skipped when the same sweep finished."""
     cfg = resolve_paths(cfg, root)
-    return _timed("tune", sweep, cfg, cfg.data.dataset, features or _find_features(cfg), root)
+    features = under(root, features) if features else _find_features(cfg)
+    return _timed("tune", sweep, cfg, cfg.data.dataset, features, root)
 
 
 # ------------------------------------------------------------------------------------------------ chain

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mel_ray import redact
-from mel_ray.errors import UsageError
+from mel_ray.errors import DataError, UsageError
 
 # bounded retries with exponential backoff (AWS standard strategy) on transient errors
 S3_MAX_ATTEMPTS = int(os.environ.get("MEL_RAY_S3_MAX_ATTEMPTS", "6"))
@@ -213,7 +213,35 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def read_json(uri: str) -> Any:
-    return json.loads(read_bytes(uri).decode("utf-8"))
+    """The JSON document at `uri`; a file that is not UTF-8 JSON is a DataError naming it (one line, exit 2)."""
+    return parse_json(read_bytes(uri), uri)
+
+
+def parse_json(data: bytes, uri: str) -> Any:
+    """`data` (the bytes of the file `uri`) as JSON; DataError with the file, line and column when it is not."""
+    if not data:
+        raise DataError(uri, "empty file (0 bytes), expected JSON")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(uri, f"not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} (line {line})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(uri, f"invalid JSON: line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise DataError(uri, "invalid JSON: nested too deeply") from None
+
+
+def read_json_object(uri: str, what: str = "") -> dict:
+    """read_json for files that hold one JSON object (manifests, settings, reports)."""
+    obj = read_json(uri)
+    if not isinstance(obj, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+                type(None): "null"}.get(type(obj), type(obj).__name__)
+        raise DataError(uri, f"expected a JSON object{f' ({what})' if what else ''}, got {kind}")
+    return obj
 
 
 def write_json(uri: str, obj: Any) -> None:

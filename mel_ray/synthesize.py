@@ -77,6 +77,7 @@ from mel_ray.models import (
     resolve_model,
 )
 from mel_ray.runtime import check_gpus, cpu_threads_per_worker, init_ray, resolve_num_gpus
+from mel_ray.verify import require_dataset, require_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -552,6 +553,7 @@ def synthesize(dataset_uri: str, model: str, cfg: SynthesizeConfig, *, splits=SP
         raise UsageError("synthesize: views, batch_size and concurrency must be at least 1")
     if limit is not None and limit < 0:
         raise UsageError(f"synthesize: limit {limit} must not be negative")
+    require_dataset(dataset_uri)      # manifest, footers, schemas, counts (mel_ray.verify): one line, exit 2
     ds = load_dataset(dataset_uri)
     if isinstance(splits, str):
         splits = (splits,)
@@ -593,7 +595,7 @@ def synthesize(dataset_uri: str, model: str, cfg: SynthesizeConfig, *, splits=SP
         storage.write_json(complete_uri, {
             "key": key, "images": manifest.num_rows, "mentions": counts, "complete_views": complete_views,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds")})
-    marker = storage.read_json(complete_uri)
+    marker = storage.read_json_object(complete_uri)
     seconds = time.perf_counter() - t0
     summary = {"key": key, "uri": out, "manifest": storage.join(out, MANIFEST), "settings": settings,
                "num_gpus": float(cfg.num_gpus),
@@ -633,7 +635,7 @@ def list_keys(dataset_uri: str) -> list[str]:
         key = info.path.rstrip("/").rsplit("/", 1)[-1]
         marker = storage.join(synthetic_uri(dataset_uri, key), COMPLETE)
         if storage.exists(marker):
-            found.append((storage.read_json(marker).get("finished_at", ""), key))
+            found.append((storage.read_json_object(marker).get("finished_at", ""), key))
     return [k for _, k in sorted(found, reverse=True)]
 
 
@@ -647,8 +649,9 @@ def load_synthetic(dataset_uri: str, key: str | None = None) -> SyntheticViews:
     out = synthetic_uri(dataset_uri, key)
     if not storage.exists(storage.join(out, COMPLETE)):
         raise UsageError(f"{out}: no completed synthetic views with this key")
-    return SyntheticViews(uri=out, key=key, settings=storage.read_json(storage.join(out, SETTINGS)),
-                          complete=storage.read_json(storage.join(out, COMPLETE)),
+    require_synthetic(dataset_uri, key)
+    return SyntheticViews(uri=out, key=key, settings=storage.read_json_object(storage.join(out, SETTINGS)),
+                          complete=storage.read_json_object(storage.join(out, COMPLETE)),
                           manifest=storage.read_table(storage.join(out, MANIFEST)))
 
 
@@ -675,6 +678,7 @@ def show_views(dataset_uri: str, key: str | None, mention_ids: list[str], output
     s3://) and returns it."""
     from PIL import Image, ImageDraw
 
+    require_dataset(dataset_uri)
     views = load_synthetic(dataset_uri, key)
     ds = load_dataset(dataset_uri)
     wanted = list(dict.fromkeys(mention_ids))

@@ -886,6 +886,60 @@ def check_features_quick(features_uri: str, dataset_uri: str | None = None) -> l
     return checker.problems
 
 
+# ------------------------------------------------------------------------------- stages' start-up checks
+# What a stage calls on the driver before it reads an artefact or starts actors: the quick check, the first
+# problem raised as a DataError (one line naming the file, exit 2; the rest counted, with a pointer to
+# `mel-ray verify`). A few milliseconds on a local disk (manifests and Parquet footers, no data).
+
+
+def require_dataset(uri: str) -> None:
+    """A dataset's manifest, tables' footers, schemas and row counts are sound, else DataError. The URI and the
+    manifest go through `load_dataset` first (its messages for a malformed URI, an unreachable store or a
+    missing manifest), then the quick check."""
+    from mel_ray.dataset import load_dataset
+
+    load_dataset(str(uri))
+    raise_first(check_dataset_quick(uri), str(uri))
+
+
+def require_negatives(dataset_uri: str, k: int, negatives_uri: str | None = None) -> None:
+    """The pool `negatives/k{K}.parquet` of the dataset (or `negatives_uri`, named like one) is sound."""
+    if negatives_uri and storage.join(str(dataset_uri), "negatives", f"k{k}.parquet") != str(negatives_uri):
+        folder, name = _split_uri(str(negatives_uri))
+        parent, leaf = _split_uri(folder)
+        match = re.fullmatch(r"k(\d+)\.parquet", name)
+        if leaf != "negatives" or not match:      # not laid out as a pool: find_negatives' own checks only
+            return
+        checker = _Checker(parent, "quick")
+        ds = _Checker(str(dataset_uri), "quick")
+        ds.dataset_manifest()
+        checker.counts = ds.counts
+        k = int(match.group(1))
+        prel, mrel = f"negatives/k{k}.parquet", f"negatives/k{k}.manifest.json"
+        checker.negatives(k, has_parquet=checker.exists(prel), has_manifest=checker.exists(mrel))
+        raise_first(checker.problems, parent)
+        return
+    raise_first(check_negatives_quick(str(dataset_uri), k), str(dataset_uri))
+
+
+def require_synthetic(dataset_uri: str, key: str) -> None:
+    """`synthetic/<key>` of the dataset is a finished, sound synthesis run, else DataError."""
+    raise_first(check_synthetic_quick(str(dataset_uri), key), str(dataset_uri))
+
+
+def require_features(features_uri: str, dataset_uri: str | None = None) -> None:
+    """A `features/<key>` folder (with `dataset_uri`: against that dataset's counts) is sound, else DataError."""
+    raise_first(check_features_quick(str(features_uri), dataset_uri), str(dataset_uri) if dataset_uri else None)
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    uri = uri.rstrip("/")
+    if storage.is_s3(uri):
+        head, _, tail = uri.rpartition("/")
+        return head, tail
+    return os.path.split(os.path.abspath(uri))
+
+
 def summary_line(uri: str, summary: dict[str, Any]) -> str:
     counts = summary.get("counts", {})
     parts = [f"{counts.get('entities', '?')} entities",

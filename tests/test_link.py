@@ -115,7 +115,7 @@ def test_parquet_input_missing_images_and_bad_fields(linked_setup):
 
     bad = s["root"] / "bad.jsonl"
     bad.write_text(json.dumps({"text": "A sentence.", "mention": ""}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl: record 0: field 'mention'"):
+    with pytest.raises(DataError, match=r"bad.jsonl: record line 1: field 'mention'"):
         link(s["model"], s["ds"], str(bad), str(s["root"] / "out-bad"))
     bad.write_text(json.dumps({"mention": "Paris"}) + "\n")
     with pytest.raises(DataError, match=r"field 'text'"):

@@ -33,6 +33,7 @@ from mel_ray.features.inputs import (
 from mel_ray.features.shards import FORMAT_VERSION
 from mel_ray.keys import settings_key, sha256_hex
 from mel_ray.models import DEFAULT_CACHE, is_hub_id, pretrained_args
+from mel_ray.verify import require_synthetic
 
 DEFAULT_MICRO_BATCH = 32
 DEFAULT_SHARD_ROWS = 1024
@@ -105,6 +106,7 @@ def _load_synthetic(ds, key: str, views: int | None) -> tuple[dict[str, list[tup
     if not storage.exists(storage.join(folder, "complete.json")) or not storage.exists(manifest_uri):
         raise DataError(folder, f"no completed synthetic views for key {key!r} (complete.json and manifest.parquet "
                         "missing): run synthesize first, or check --synthetic")
+    require_synthetic(ds.uri, key)     # settings, complete.json, manifest footer, schema, image count
     table, _ = _read_parquet_bytes(manifest_uri)
     missing = {"mention_id", "view", "uri"} - set(table.column_names)
     if missing:

@@ -32,6 +32,17 @@ from mel_ray.features.encoder import Encoder
 from mel_ray.features.inputs import prepare_batch
 from mel_ray.features.plan import DEFAULT_MICRO_BATCH, DEFAULT_SHARD_ROWS, Plan, make_plan, make_units
 from mel_ray.models import DEFAULT_CACHE, pin_model
+from mel_ray.verify import require_dataset
+
+
+def _stored(uri: str) -> object:
+    """The JSON at `uri`, or None when it does not parse (then it is written again)."""
+    from mel_ray.errors import DataError
+
+    try:
+        return storage.read_json(uri)
+    except DataError:
+        return None
 
 
 def _log(quiet: bool, msg: str) -> None:
@@ -197,6 +208,7 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
     """
     from mel_ray.runtime import resolve_num_gpus
 
+    require_dataset(str(dataset_uri))   # before Ray, any model or actor: a damaged dataset is one line, exit 2
     text_length, batch_size, concurrency, num_gpus = cfg.text_length, cfg.batch_size, cfg.concurrency, cfg.num_gpus
     if num_gpus == "auto" and engine == "local":     # without Ray: this machine's GPU
         import torch
@@ -233,7 +245,7 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
     if missing:
         raise RuntimeError(f"extract-features: shards missing for {missing} after the run")
     manifest_uri = storage.join(plan.uri, MANIFEST)
-    if not storage.exists(manifest_uri) or storage.read_json(manifest_uri) != manifest:
+    if not storage.exists(manifest_uri) or _stored(manifest_uri) != manifest:
         storage.write_json(manifest_uri, manifest)
     elapsed = time.perf_counter() - t0
     _log(quiet, f"done: {plan.uri} ({pending} shards written, {total - pending} skipped, {elapsed:.1f}s)")

@@ -26,6 +26,7 @@ from mel_ray.feature_store import find_features, mention_dataset, mention_tensor
 from mel_ray.keys import sha256_hex
 from mel_ray.runtime import init_ray
 from mel_ray.train.loop import NONFINITE, train_loop_per_worker
+from mel_ray.verify import require_dataset, require_features, require_negatives
 
 log = logging.getLogger(__name__)
 PATCH_MAP_MENTIONS = 4
@@ -45,8 +46,9 @@ def find_negatives(dataset_uri: str, negatives_uri: str | None, k_pool: int, mod
     if not storage.exists(uri) or not storage.exists(manifest_uri):
         raise UsageError(f"{uri}: no mined negatives; run `mel-ray mine-negatives --k {k_pool}` first "
                          f"or train with --set train.negatives=in_batch")
+    require_negatives(dataset_uri, k_pool, uri)     # manifest, footer, schema, one row per entity
     # pools index entities by id: pools mined on another entities table would silently be wrong negatives
-    mined_for = storage.read_json(manifest_uri).get("entities_sha256")
+    mined_for = storage.read_json_object(manifest_uri).get("entities_sha256")
     entities_uri = load_dataset(dataset_uri).path(ENTITIES)
     actual = sha256_hex(storage.read_bytes(entities_uri))
     if mined_for != actual:
@@ -124,7 +126,9 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     from mel_ray import tracking
     from mel_ray.plots import plot_curves
 
+    require_dataset(dataset_uri)        # every input checked here, on the driver, before any worker reads it
     features_uri = find_features(dataset_uri, features_uri)
+    require_features(features_uri, dataset_uri)
     negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
     if cfg.train.k > cfg.negatives.k and cfg.train.negatives != "in_batch":
         raise UsageError(f"train.k = {cfg.train.k} is larger than the mined pool negatives.k = {cfg.negatives.k}")

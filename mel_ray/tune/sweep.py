@@ -141,7 +141,7 @@ def _check_resources(cfg: Config) -> None:
 
 def _sweep_state(experiment_path: str) -> dict:
     uri = storage.join(experiment_path, SWEEP_STATE)
-    return storage.read_json(uri) if storage.exists(uri) else {}
+    return storage.read_json_object(uri) if storage.exists(uri) else {}
 
 
 def _parent_run(cfg: Config, tracking_uri: str, experiment_path: str) -> str:
@@ -228,8 +228,11 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     from mel_ray.feature_store import find_features
     from mel_ray.runtime import init_ray
     from mel_ray.train.run import find_negatives
+    from mel_ray.verify import require_dataset, require_features
 
+    require_dataset(dataset_uri)        # every input checked on the driver before a trial starts
     features_uri = find_features(dataset_uri, features_uri)
+    require_features(features_uri, dataset_uri)
     negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
     _check_inputs(cfg, features_uri)
     storage_path = storage_path or cfg.tracking.storage
