@@ -210,14 +210,9 @@ def train_loop_per_worker(config: dict) -> None:
         state["history"].append(metrics)
         stop = state["bad_evals"] >= cfg["patience"]
         metrics["early_stopped"] = stop
-        with tempfile.TemporaryDirectory() as folder:
-            ckpt = None
-            if rank == 0:
-                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                            "dims": dims.to_dict()}, os.path.join(folder, CHECKPOINT_FILE))
-                ckpt = ray.train.Checkpoint.from_directory(folder)
-            # checkpoints are ranked by dev MRR; epochs without evaluation rank last (the latest is kept anyway)
-            ray.train.report({**metrics, "checkpoint_score": metrics.get("dev_MRR", -1.0)}, checkpoint=ckpt)
+        # checkpoints are ranked by dev MRR; epochs without evaluation rank last (the latest is kept anyway)
+        report_with_checkpoint(core, optimizer, state, dims, rank,
+                               {**metrics, "checkpoint_score": metrics.get("dev_MRR", -1.0)})
         if stop:
             break
 
@@ -226,10 +221,16 @@ def stop_nonfinite(core: MELModel, optimizer, state: dict, dims: ModelDims, rank
     """Every rank's last report: `nonfinite` = line, no dev metric; rank 0 attaches a checkpoint (so the driver
     reads the line from the run's result, and a restored run stops at once). Its weights are the model's as
     they are now (a failed step was not applied); evaluating them is refused by the loaders and the kernel."""
-    import ray.train
 
     state = {**state, NONFINITE: line}
-    metrics = {"epoch": epoch + 1, NONFINITE: line, "checkpoint_score": -1.0}
+    report_with_checkpoint(core, optimizer, state, dims, rank,
+                           {"epoch": epoch + 1, NONFINITE: line, "checkpoint_score": -1.0})
+
+
+def report_with_checkpoint(core: MELModel, optimizer, state: dict, dims: ModelDims, rank: int, metrics: dict) -> None:
+    """Every rank reports `metrics`; rank 0 attaches the checkpoint (model, optimizer, loop state, dims)."""
+    import ray.train
+
     with tempfile.TemporaryDirectory() as folder:
         ckpt = None
         if rank == 0:
