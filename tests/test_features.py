@@ -37,6 +37,7 @@ from mel_ray.features import (
 )
 from mel_ray.ingest import ingest
 from mel_ray.keys import sha256_hex, stable_seed
+from mel_ray.synthesize import MANIFEST_SCHEMA
 
 SYNTH = "synthkey0"
 N_S = 3
@@ -47,8 +48,7 @@ def fc(**changes) -> FeaturesConfig:
     """The features config section of these tests: CPU encoders + `changes`."""
     return FeaturesConfig(**{"num_gpus": 0, **changes})
 
-SYNTH_SCHEMA = pa.schema([("mention_id", pa.string()), ("view", pa.int32()), ("seed", pa.int64()),
-                          ("prompt", pa.string()), ("uri", pa.string()), ("sha256", pa.string())])
+SYNTH_SCHEMA = MANIFEST_SCHEMA          # the synthesize stage's own manifest schema (nsfw stays null here)
 
 
 def _png(seed: int, side: int = 40) -> bytes:
@@ -61,7 +61,7 @@ def _png(seed: int, side: int = 40) -> bytes:
 def make_synthetic(dataset_uri: str, key: str = SYNTH, n_s: int = N_S) -> dict[str, list[dict]]:
     """The synthesize stage's output contract (mel_ray/synthesize.py), written by hand: 0..n_s PNG views per
     mention under DATASET/synthetic/<key>/images/, manifest.parquet (mention_id, view, seed, prompt, uri,
-    sha256), complete.json written last."""
+    sha256), settings.json, complete.json written last."""
     ds = load_dataset(dataset_uri)
     rows: list[dict] = []
     for split in SPLITS:
@@ -73,6 +73,7 @@ def make_synthetic(dataset_uri: str, key: str = SYNTH, n_s: int = N_S) -> dict[s
                 rows.append({"mention_id": mid, "view": view, "seed": stable_seed(mid, view),
                              "prompt": f"An image of {mid}", "uri": rel, "sha256": sha256_hex(data)})
     storage.write_table(ds.path("synthetic", key, "manifest.parquet"), pa.Table.from_pylist(rows, schema=SYNTH_SCHEMA))
+    storage.write_json(ds.path("synthetic", key, "settings.json"), {"key": key, "settings": {"by": "hand"}})
     storage.write_json(ds.path("synthetic", key, "complete.json"), {"key": key, "images": len(rows)})
     by_mention: dict[str, list[dict]] = {}
     for r in rows:
