@@ -154,10 +154,10 @@ def tidy() -> None:
                     and handler not in _state["handlers"]):
                 logger.removeHandler(handler)
                 _state["moved"].append((logger, handler))
-        if not logger.propagate:      # records stop here: give it the file and the (filtered) terminal
-            for handler in _state["handlers"]:
-                if handler not in logger.handlers:
-                    logger.addHandler(handler)
+        # records stop here: the file only (Ray logs a failed task's traceback at ERROR before the driver
+        # raises it; the CLI's one-line error is what the terminal shows)
+        if not logger.propagate and file not in logger.handlers:
+            logger.addHandler(file)
     if "diffusers.utils.logging" in sys.modules:
         sys.modules["diffusers.utils.logging"].disable_progress_bar()
 

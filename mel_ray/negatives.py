@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -236,18 +237,21 @@ def _mine_ray(ix: Index, blocks: list[tuple[int, int]], seed: int, num_workers: 
     _ensure_ray()
     index_ref = ray.put(ix.to_payload())      # once; actors get zero-copy views
     ds = ray.data.from_items([{"block": b} for b in range(len(blocks))], override_num_blocks=len(blocks))
-    out = ds.map_batches(
-        BlockMiner,
-        fn_constructor_kwargs={"index_refs": [index_ref], "seed": seed, "blocks": blocks},
-        batch_size=1,
-        batch_format="numpy",
-        # no more actors than blocks (Ray Data warns that the extra ones could never get work)
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(num_workers, len(blocks)))),
-        num_cpus=1,
-        # the index is an object-store argument of the actors' constructor, which a restarted actor may no
-        # longer find (ray#53727, logged per actor): a lost miner fails the stage, and a rerun mines again
-        max_restarts=0,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_restarts: the deprecated **ray_remote_args is the only way
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        out = ds.map_batches(
+            BlockMiner,
+            fn_constructor_kwargs={"index_refs": [index_ref], "seed": seed, "blocks": blocks},
+            batch_size=1,
+            batch_format="numpy",
+            # no more actors than blocks (Ray Data warns that the extra ones could never get work)
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(num_workers, len(blocks)))),
+            num_cpus=1,
+            # the index is an object-store argument of the actors' constructor, which a restarted actor may no
+            # longer find (ray#53727, logged per actor): a lost miner fails the stage, and a rerun mines again
+            max_restarts=0,
+        )
     tables = [t for t in ray.get(out.to_arrow_refs()) if t.num_rows]
     table = pa.concat_tables(tables) if tables else None
     del index_ref
