@@ -23,13 +23,8 @@ class DataError(Exception):
         return _restore, (type(self), self.args, dict(self.__dict__))
 
     def line(self) -> str:
-        parts = [self.file]
-        if self.record is not None:
-            parts.append(f"record {self.record}")
-        if self.field is not None:
-            parts.append(f"field '{self.field}'")
-        parts.append(self.message)
-        return ": ".join(parts)
+        return one_line(self.file, self.message, where=None if self.record is None else f"record {self.record}",
+                        field=self.field)
 
 
 class UsageError(Exception):
@@ -106,3 +101,14 @@ class _Line(DataError):
 
     def line(self) -> str:
         return self._line
+
+
+def one_line(file: str, message: str, *, where: str | None = None, field: str | None = None) -> str:
+    """`FILE: where: field 'F': message`, the one line every data error and verify problem is printed as."""
+    parts = [file]
+    if where is not None:
+        parts.append(where)
+    if field is not None:
+        parts.append(f"field '{field}'")
+    parts.append(message)
+    return ": ".join(parts)

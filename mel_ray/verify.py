@@ -63,7 +63,7 @@ from mel_ray.dataset import (
     SPLITS,
     mentions_path,
 )
-from mel_ray.errors import DataError
+from mel_ray.errors import DataError, one_line
 
 NEGATIVES_RE = re.compile(r"^negatives/k(\d+)\.(parquet|manifest\.json)$")
 FEATURES_MANIFEST = "manifest.json"
@@ -87,13 +87,8 @@ class Problem:
     field: str | None = None
 
     def line(self) -> str:
-        parts = [self.file]
-        if self.row is not None:
-            parts.append(f"row {self.row}")
-        if self.field is not None:
-            parts.append(f"field '{self.field}'")
-        parts.append(self.message)
-        return ": ".join(parts)
+        return one_line(self.file, self.message, where=None if self.row is None else f"row {self.row}",
+                        field=self.field)
 
     __str__ = line
 
