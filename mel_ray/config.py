@@ -153,8 +153,7 @@ class FeaturesConfig(Section):
 
 
 class ModelConfig(Section):
-    dv: int = Field(96, ge=1)               # projected visual size
-    dt: int = Field(512, ge=1)              # text size (CLIP text projection)
+    hidden: int = Field(96, ge=1)           # h: MIMIC's matcher size (every unit; v_G and V_L are projected to it)
     cvacpt_weight: float = Field(1.0, ge=0.0, le=1.0)   # w in feature + w * (alpha * feature + beta)
     views: int | None = Field(None, ge=0)   # n_s: synthetic views CVaCPT uses (None: all the features hold)
     # A^G / A^L output layers: "random" (PyTorch's default init) or "identity" (zero, so CVaCPT starts as the

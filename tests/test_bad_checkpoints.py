@@ -17,7 +17,7 @@ from mel_ray.checkpoints import export_model, load_checkpoint
 from mel_ray.errors import DataError, NonFiniteError, UsageError, unwrap
 from mel_ray.model import MELModel, ModelDims
 
-DIMS = ModelDims(text_global=8, text_local=8, image_global=8, image_local=8, dt=4, dv=4)
+DIMS = ModelDims(text_global=8, text_local=8, image_global=8, image_local=8, hidden=4)
 EXPECTED = "expected a dict with 'state_dict' (model.pt) or 'model' (state.pt) and 'dims'"
 
 
@@ -49,7 +49,7 @@ CASES = {
     "dims-partial.pt": ({"state_dict": "W", "dims": {"text_global": 8, "colour": 1}},
                         ("not a mel-ray checkpoint: 'dims' does not describe a model (missing image_global, "
                         "image_local, text_local; unknown colour)")),
-    "dims-negative.pt": ({"state_dict": "W", "dims": {**DIMS.to_dict(), "dt": -3}},
+    "dims-negative.pt": ({"state_dict": "W", "dims": {**DIMS.to_dict(), "hidden": -3}},
                          ("not a mel-ray checkpoint: 'dims' does not describe a model (Trying to create tensor with "
                          "negative dimension -3: [-3, 8])")),
     "weights-list.pt": ({"state_dict": [1, 2], "dims": DIMS.to_dict()},
@@ -59,19 +59,19 @@ CASES = {
                           "other values")),
     "config-list.pt": ({"state_dict": "W", "dims": DIMS.to_dict(), "config": ["x"]},
                        "not a mel-ray checkpoint: 'config' should be a dict (the resolved config), got a list"),
-    "wrong-shapes.pt": ({"state_dict": "W", "dims": {**DIMS.to_dict(), "dt": 6}},
-                        ("weights do not match the model its 'dims' describe: text_global_proj.weight has shape "
+    "wrong-shapes.pt": ({"state_dict": "W", "dims": {**DIMS.to_dict(), "hidden": 6}},
+                        ("weights do not match the model its 'dims' describe: w_ic.weight has shape "
                         "[4, 8], expected [6, 8]")),
     "extra-key.pt": ({"state_dict": "W+", "dims": DIMS.to_dict()},
                      "weights do not match the model its 'dims' describe: 1 unexpected (first: extra.weight)"),
     "missing-key.pt": ({"state_dict": "W-", "dims": DIMS.to_dict()},
-                       "weights do not match the model its 'dims' describe: 1 missing (first: tglu.norm.bias)"),
+                       "weights do not match the model its 'dims' describe: 1 missing (first: tglu.ln_t.bias)"),
     "rejected-pickle.pt": ({"state_dict": "W", "dims": DIMS.to_dict(), "x": Foreign},
                            (f"not a mel-ray checkpoint: it holds {Foreign.__module__}.Foreign, which "
                            "torch.load(weights_only=True) refuses to load (only tensors, numbers, strings, lists "
                            "and dicts are read; arbitrary pickles never are)")),
     "nan-weights.pt": ({"state_dict": "NaN", "dims": DIMS.to_dict()},
-                       ("weights are not finite: 1 of 54 tensors hold NaN or inf (first: cmfu.gate.weight); the model "
+                       ("weights are not finite: 1 of 66 tensors hold NaN or inf (first: cmfu.w_g.weight); the model "
                        "cannot be evaluated or used")),
 }
 
@@ -88,10 +88,10 @@ def write_case(folder: Path, name: str) -> Path:
         if kind == "W+":
             w["extra.weight"] = torch.zeros(1)
         elif kind == "W-":
-            w.pop("tglu.norm.bias")
+            w.pop("tglu.ln_t.bias")
         elif kind == "NaN":
-            w["cmfu.gate.weight"] = w["cmfu.gate.weight"].clone()
-            w["cmfu.gate.weight"][0, 0] = float("nan")
+            w["cmfu.w_g.weight"] = w["cmfu.w_g.weight"].clone()
+            w["cmfu.w_g.weight"][0, 0] = float("nan")
         content = {**content, "state_dict": w}
     torch.save(content, path)
     return path

@@ -29,7 +29,7 @@ def test_every_shipped_config_loads(path):
 def test_defaults_follow_the_paper():
     cfg = load_config()
     assert cfg.models.clip == "openai/clip-vit-base-patch32"
-    assert cfg.features.text_length == 40 and cfg.model.dv == 96
+    assert cfg.features.text_length == 40 and cfg.model.hidden == 96
     assert cfg.train.lr == 1e-5 and cfg.train.batch_size == 128
     assert cfg.tracking.mlflow_uri is None
 

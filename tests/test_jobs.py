@@ -201,7 +201,7 @@ def tiny_setup(small_data, tmp_path_factory):
         "negatives": {"k": 4},
         "synthesize": {"views": 1, "steps": 1, "size": 16, "batch_size": 32, "num_gpus": 0},
         "features": {"text_length": 8, "batch_size": 64, "num_gpus": 0},
-        "model": {"dt": 32, "dv": 16},
+        "model": {"hidden": 16},
         # train.k > negatives.k: the first submission fails at the train stage (fixed with --set on resubmit)
         "train": {"num_workers": 1, "cpus_per_worker": 1, "batch_size": 32, "epochs": 1, "lr": 1e-3, "k": 6},
         "tracking": {"experiment": f"jobs-{uuid.uuid4().hex[:8]}", "storage": str(root / "runs")},

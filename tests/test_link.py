@@ -18,7 +18,7 @@ from mel_ray.config import load_config
 from mel_ray.errors import DataError
 
 pytestmark = pytest.mark.slow
-SETTINGS = ["synthesize.views=2", "synthesize.steps=2", "synthesize.size=32", "model.dt=32", "model.dv=16"]
+SETTINGS = ["synthesize.views=2", "synthesize.steps=2", "synthesize.size=32", "model.hidden=16"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def linked_setup(small_data, tmp_path_factory, ray_local):
     features = extract_features(ds, cfg.models.clip, FeaturesConfig(num_gpus=0), synthetic_key=views["key"],
                                 views=2, splits=("test",), micro_batch=1, engine="local", quiet=True)["uri"]
     torch.manual_seed(3)
-    dims = ModelDims(**model_dims_from(read_manifest(features)), dt=32, dv=16)
+    dims = ModelDims(**model_dims_from(read_manifest(features)), hidden=16)
     net = MELModel(dims)                              # a real (untrained) model: its scores are real scores
     model_pt = export_model({"model": net.state_dict(), "dims": dims.to_dict()}, cfg, root / "model.pt")
     report = evaluate(ds, features, str(model_pt), "test", output_uri=str(root / "eval"), cpus_per_shard=0.5)

@@ -10,9 +10,10 @@ from mel_ray.model import MELModel, ModelDims
 from mel_ray.model.cvacpt import CVaCPT
 from mel_ray.model.losses import build_columns, contrastive_loss
 from mel_ray.model.mel_model import slice_side
+from tests import mimic_reference
 
-DIMS = {"text_global": 12, "text_local": 10, "image_global": 12, "image_local": 14, "dt": 16, "dv": 8}
-L, P, S = 6, 5, 3
+DIMS = {"text_global": 12, "text_local": 10, "image_global": 12, "image_local": 14, "hidden": 8}
+L, P, S = 6, 10, 3          # P: CLS + a 3 x 3 patch grid
 
 
 def batch(n: int, seed: int, views: bool = True) -> dict:
@@ -40,13 +41,37 @@ def model(weight: float = 1.0, seed: int = 0) -> MELModel:
 def test_cvacpt_with_w_zero_is_an_exact_identity():
     torch.manual_seed(0)
     module = CVaCPT(dv=8, dt=16, weight=0.0)
-    g, loc = torch.randn(4, 8), torch.randn(4, 5, 8)
+    g, loc = torch.randn(4, 8), torch.randn(4, 10, 8)
     out_g, out_l = module(g, loc, torch.randn(4, 3, 8), torch.tensor([3, 1, 0, 2]), torch.randn(4, 16))
     assert torch.equal(out_g, g) and torch.equal(out_l, loc)
     m = batch(5, 1)
-    plain = model(0.0)._project(m)
+    plain = model(0.0).entity_features(m)           # the same features without CVaCPT
     side = model(0.0).mention_features(m)
     assert torch.equal(side.image_global, plain.image_global) and torch.equal(side.image_local, plain.image_local)
+
+
+def _conv_3x3_on_grid(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 3x3 'same' convolution written out: x [side, side, C_in] -> [side, side, C_out], zero outside the grid."""
+    side = x.shape[0]
+    out = conv.bias.expand(side, side, -1).clone()
+    for i in range(side):
+        for j in range(side):
+            for di in (-1, 0, 1):
+                for dj in (-1, 0, 1):
+                    if 0 <= i + di < side and 0 <= j + dj < side:
+                        out[i, j] = out[i, j] + conv.weight[:, :, di + 1, dj + 1] @ x[i + di, j + dj]
+    return out
+
+
+def _a_local(module: CVaCPT, tokens: torch.Tensor) -> torch.Tensor:
+    """A^L on one mention's [P, C] tokens: convs over the sqrt(P-1)^2 patch grid (row-major, as CLIP numbers
+    patches); CLS alone, so only the kernels' centre taps see it."""
+    first, act, second = module.affine_local
+    side = int(round((tokens.shape[0] - 1) ** 0.5))
+    grid = tokens[1:].reshape(side, side, -1)
+    patches = _conv_3x3_on_grid(second, act(_conv_3x3_on_grid(first, grid))).reshape(side * side, -1)
+    cls = second.weight[:, :, 1, 1] @ act(first.weight[:, :, 1, 1] @ tokens[0] + first.bias) + second.bias
+    return torch.cat([cls[None], patches])
 
 
 def _paper_cvacpt(module: CVaCPT, ve_g, ve_l, ves_g, n_views, te_g, w: float):
@@ -61,7 +86,7 @@ def _paper_cvacpt(module: CVaCPT, ve_g, ve_l, ves_g, n_views, te_g, w: float):
         ctx = vtes.max(dim=0).values                                                   # eq. 12, real views only
         alpha_g, beta_g = module.affine_global(torch.cat([ve_g[j], ctx])).chunk(2)        # eq. 7
         patches = torch.cat([ve_l[j], ctx.expand(ve_l.shape[1], -1)], dim=-1)           # [P, dv + dc]
-        alpha_l, beta_l = module.affine_local(patches.T[None])[0].T.chunk(2, dim=-1)    # eq. 8: convs over patches
+        alpha_l, beta_l = _a_local(module, patches).chunk(2, dim=-1)                    # eq. 8
         out_g[j] = ve_g[j] + w * (alpha_g * ve_g[j] + beta_g)                           # eq. 5
         out_l[j] = ve_l[j] + w * (alpha_l * ve_l[j] + beta_l)                           # eq. 6
     return out_g, out_l
@@ -73,12 +98,18 @@ def test_cvacpt_with_w_positive_is_the_papers_affine_modulation(w):
     m = batch(6, 1)
     m["n_views"] = torch.tensor([0, 1, 2, 3, 3, 1])
     with torch.no_grad():
-        side, plain = net.mention_features(m), net._project(m)
-        views = net.image_global_proj(m["synthetic_global"])        # VEs^G: the projection VE^G goes through
+        plain = net._project(m)
+        side = net._project(m)
+        side.image_global, side.image_local = net.cvacpt(plain.image_global, plain.image_local,
+                                                         net.w_ic(m["synthetic_global"]), m["n_views"],
+                                                         plain.text_global)
+        views = net.w_ic(m["synthetic_global"])                      # VEs^G: the projection VE^G goes through
         want_g, want_l = _paper_cvacpt(net.cvacpt, plain.image_global, plain.image_local, views, m["n_views"],
                                        plain.text_global, w)
+        normed = net.mention_features(m)                              # then the matcher's input LayerNorms
     torch.testing.assert_close(side.image_global, want_g)
     torch.testing.assert_close(side.image_local, want_l)
+    torch.testing.assert_close(normed.image_local, net.norms.it(want_l))
     # a real change (the randomly initialised A^G / A^L predict nonzero scale and shift), only where views are
     moved = (side.image_local - plain.image_local).abs().amax(dim=(1, 2))
     assert (moved[m["n_views"] > 0] > 1e-3).all() and (moved[m["n_views"] == 0] == 0).all()
@@ -88,7 +119,7 @@ def test_cvacpt_with_w_positive_is_the_papers_affine_modulation(w):
 def test_cvacpt_identity_init_starts_as_the_identity_and_still_learns():
     torch.manual_seed(0)
     module = CVaCPT(dv=8, dt=16, weight=1.0, init="identity")
-    g, loc = torch.randn(4, 8), torch.randn(4, 5, 8)
+    g, loc = torch.randn(4, 8), torch.randn(4, 10, 8)
     views, n, text = torch.randn(4, 3, 8), torch.tensor([3, 1, 0, 2]), torch.randn(4, 16)
     out_g, out_l = module(g, loc, views, n, text)
     assert torch.equal(out_g, g) and torch.equal(out_l, loc)
@@ -115,11 +146,10 @@ def test_views_beyond_the_available_count_are_masked_not_zero_padded():
     out = net.mention_features(garbage)
     assert torch.equal(out.image_local, ref.image_local)
     # zero-padding would have been a different (wrong) answer for mentions whose contexts are all negative
-    ctx_all, _ = net.cvacpt.pooled_context(net.image_global_proj(m["synthetic_global"]), torch.full((4,), S),
-                                           net.text_global_proj(m["text_global"]))
-    ctx_1, _ = net.cvacpt.pooled_context(net.image_global_proj(m["synthetic_global"]), torch.ones(4, dtype=torch.long),
-                                         net.text_global_proj(m["text_global"]))
-    per_view = net.cvacpt.context(net.image_global_proj(m["synthetic_global"]), net.text_global_proj(m["text_global"]))
+    views = net.w_ic(m["synthetic_global"])
+    ctx_all, _ = net.cvacpt.pooled_context(views, torch.full((4,), S), m["text_global"])
+    ctx_1, _ = net.cvacpt.pooled_context(views, torch.ones(4, dtype=torch.long), m["text_global"])
+    per_view = net.cvacpt.context(views, m["text_global"])
     assert torch.allclose(ctx_all, per_view.amax(dim=1)) and torch.allclose(ctx_1, per_view[:, 0])
 
 
@@ -144,7 +174,7 @@ def test_mention_without_views_is_left_unchanged():
     net = model(1.0)
     m = batch(3, 3)
     m["n_views"] = torch.tensor([0, 0, 0])
-    assert torch.equal(net.mention_features(m).image_local, net._project(m).image_local)
+    assert torch.equal(net.mention_features(m).image_local, net.norms.it(net._project(m).image_local))
 
 
 def test_forward_equals_precomputed_entity_side_in_chunks():
@@ -162,36 +192,117 @@ def test_forward_equals_precomputed_entity_side_in_chunks():
     assert torch.allclose(full["overall"], (full["text"] + full["image"] + full["cross"]) / 3)
 
 
-def test_tglu_layernorm_decomposition_equals_the_explicit_form_with_gradients():
-    net = model(1.0).double()
-    with torch.no_grad():                      # non-trivial LayerNorm scale and shift
-        net.tglu.norm.weight.normal_()
-        net.tglu.norm.bias.normal_()
-    m = {k: v.double() if v.is_floating_point() else v for k, v in batch(4, 11).items()}
-    e = {k: v.double() if v.is_floating_point() else v for k, v in batch(7, 12, views=False).items()}
-    results = []
-    for form in ("pair_scores_explicit", "pair_scores"):
+def _perturbed_model(seed: int, dtype=torch.float32) -> MELModel:
+    """A model whose LayerNorms have non-trivial scale and shift (at init they are 1 and 0, which would hide a
+    misplaced LayerNorm from the reference comparison)."""
+    net = model(1.0, seed).to(dtype)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.3)
+    return net
+
+
+def _as(batch_: dict, dtype) -> dict:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch_.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_unit_equals_the_papers_equations_pair_by_pair(seed):
+    """Production scoring (entity/mention split, mean moved inside TGLU, one GEMM) against tests/mimic_reference.py,
+    written one (mention, entity) pair at a time from ../shared/papers/mimic-matcher.md: same scores to fp32
+    tolerance and the same ranks, unit by unit and in total."""
+    net = _perturbed_model(seed)
+    m, e = batch(7, 100 + seed), batch(11, 200 + seed, views=False)
+    with torch.no_grad():
+        got = net(m, e)
+    want = mimic_reference.scores(net, m, e)
+    assert set(got) == set(want) == {"text", "image", "cross", "overall"}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-4, msg=name)
+        assert torch.equal(got[name].argsort(dim=1, descending=True, stable=True),
+                           want[name].argsort(dim=1, descending=True, stable=True)), name
+        assert want[name].std() > 0.1, name            # not a degenerate (constant) unit
+
+
+def test_production_gradients_equal_the_references():
+    """Training back-propagates through the production form: its gradients must be the equations' too."""
+    net = _perturbed_model(3, torch.float64)
+    m, e = _as(batch(4, 11), torch.float64), _as(batch(5, 12, views=False), torch.float64)
+    weights = torch.linspace(-1, 1, 20, dtype=torch.float64).view(4, 5)
+    grads = []
+    for scores in (lambda: net(m, e), lambda: mimic_reference.scores.__wrapped__(net, m, e)):
         net.zero_grad()
-        ms = net.tglu.mention_side(net.mention_features(m))
-        es = net.tglu.entity_side(net.entity_features(e))
-        scores = getattr(net.tglu, form)(ms, es)
-        (scores * torch.linspace(-1, 1, scores.numel(), dtype=scores.dtype).view_as(scores)).sum().backward()
-        results.append((scores.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
-    (explicit, grads_explicit), (light, grads_light) = results
-    assert torch.allclose(light, explicit, rtol=1e-9, atol=1e-9)
-    assert grads_light.keys() == grads_explicit.keys() and "tglu.norm.weight" in grads_light
-    for name in grads_light:
-        assert torch.allclose(grads_light[name], grads_explicit[name], rtol=1e-7, atol=1e-9), name
+        out = scores()
+        sum((out[name] * weights).sum() for name in ("text", "image", "cross")).backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    production, reference = grads
+    assert production.keys() == reference.keys()
+    for unit in ("norms.tc", "norms.it", "tglu.ln_t", "vdlu.dual_1.w_f", "vdlu.dual_2.ln_out", "cmfu.ln_f", "cvacpt"):
+        assert any(name.startswith(unit) for name in production), unit
+    for name in production:
+        torch.testing.assert_close(production[name], reference[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
-def test_padded_tokens_do_not_change_scores():
+def test_text_mask_is_not_read_and_padded_positions_count_as_in_mimic():
     net = model(1.0)
     m, e = batch(3, 6), batch(5, 7, views=False)
-    m2, e2 = {k: v.clone() for k, v in m.items()}, {k: v.clone() for k, v in e.items()}
-    m2["text_local"][~m["text_mask"]] = 50.0
-    e2["text_local"][~e["text_mask"]] = -50.0
     with torch.no_grad():
-        assert torch.allclose(net(m, e)["text"], net(m2, e2)["text"], atol=1e-5)
+        base = net(m, e)["text"]
+        unmasked = net({**m, "text_mask": torch.ones_like(m["text_mask"])}, e)["text"]
+        m2 = {k: v.clone() for k, v in m.items()}
+        m2["text_local"][~m["text_mask"]] = 5.0
+        moved = net(m2, e)["text"]
+    assert torch.equal(base, unmasked)
+    assert not torch.allclose(base, moved)
+
+
+def _latent_task(n: int, seed: int) -> tuple[dict, dict]:
+    """Entities and mentions are different random linear maps of one latent vector per entity (plus noise), so a
+    unit links them only by learning the maps; at initialisation every unit is near chance."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 8, generator=g)
+    shapes = {"text_global": (DIMS["text_global"],), "text_local": (L, DIMS["text_local"]),
+              "image_global": (DIMS["image_global"],), "image_local": (P, DIMS["image_local"])}
+
+    def side() -> dict:
+        out = {}
+        for name, shape in shapes.items():
+            tokens = shape[0] if len(shape) == 2 else 1
+            maps = torch.randn(tokens, 8, shape[-1], generator=g)
+            x = torch.einsum("nz,tzd->ntd", z, maps) + 0.3 * torch.randn(n, tokens, shape[-1], generator=g)
+            out[name] = x if len(shape) == 2 else x[:, 0]
+        out["text_mask"] = torch.ones(n, L, dtype=torch.bool)
+        return out
+
+    entities, mentions = side(), side()
+    mentions["synthetic_global"] = torch.randn(n, S, DIMS["image_global"], generator=g)
+    mentions["n_views"] = torch.full((n,), S)
+    return mentions, entities
+
+
+@pytest.mark.parametrize("unit", ["text", "image", "cross"])
+def test_each_unit_alone_learns_well_below_chance(unit):
+    """Trained on its own cross-entropy only, each unit must leave chance far behind (a unit that cannot learn,
+    as the pre-MIMIC VDLU could not, fails here). Chance is log(n) for n in-batch candidates."""
+    n = 32
+    m, e = _latent_task(n, 7)
+    net = model(1.0, seed=1).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    targets, mask = torch.arange(n), torch.ones(n, n, dtype=torch.bool)
+    chance = float(np.log(n))
+    with torch.no_grad():
+        start = float(torch.nn.functional.cross_entropy(net(m, e)[unit], targets))
+    for _ in range(250):
+        loss = torch.nn.functional.cross_entropy(net(m, e)[unit], targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end = float(torch.nn.functional.cross_entropy(net.eval()(m, e)[unit], targets))
+    assert start > 0.5 * chance, (unit, start)        # the task is not solved at initialisation
+    assert end < 0.25 * chance, (unit, start, end)   # measured: text 0.35, image 0.11, cross 0.16
 
 
 def test_entity_order_only_permutes_columns():

@@ -22,7 +22,7 @@ from mel_ray.config import load_config
 from mel_ray.model import MELModel, ModelDims
 from mel_ray.scoring import NonFiniteScores, chunks_of, rank_counts
 
-SMALL = ["model.dt=32", "model.dv=16", "model.cvacpt_weight=0.0"]
+SMALL = ["model.hidden=16", "model.cvacpt_weight=0.0"]
 TRAIN = ["train.negatives=in_batch", "train.epochs=2", "train.batch_size=16", "train.num_workers=2",
          "train.cpus_per_worker=0.5", "train.max_failures=0", "tracking.experiment=nonfinite"]
 
@@ -34,7 +34,7 @@ def _features(n: int, mention: bool = False, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {"text_global": torch.randn(n, 8, generator=g), "text_local": torch.randn(n, 5, 8, generator=g),
            "text_mask": torch.ones(n, 5, dtype=torch.bool), "image_global": torch.randn(n, 8, generator=g),
-           "image_local": torch.randn(n, 3, 8, generator=g)}
+           "image_local": torch.randn(n, 5, 8, generator=g)}
     if mention:
         out["synthetic_global"] = torch.zeros(n, 2, 8)
         out["n_views"] = torch.zeros(n, dtype=torch.long)
@@ -43,7 +43,7 @@ def _features(n: int, mention: bool = False, seed: int = 0) -> dict:
 
 def test_kernel_raises_on_a_nan_row_and_counts_the_rows():
     torch.manual_seed(0)
-    model = MELModel(ModelDims(text_global=8, text_local=8, image_global=8, image_local=8, dt=4, dv=4))
+    model = MELModel(ModelDims(text_global=8, text_local=8, image_global=8, image_local=8, hidden=4))
     mentions, kb = _features(6, mention=True), _features(20, seed=1)
     mentions["gold"] = torch.tensor([0, 1, 2, 3, 4, 5])
     gold = {k: v[mentions["gold"]] for k, v in kb.items()}
@@ -83,7 +83,7 @@ def prepared(small_data, tmp_path_factory, ray_local):
                                 quiet=True)["uri"]
     cfg = load_config(None, [*SMALL, f"models.clip={small_data.models['clip']}"])
     torch.manual_seed(0)
-    dims = ModelDims(**model_dims_from(read_manifest(features)), dt=32, dv=16, cvacpt_weight=0.0)
+    dims = ModelDims(**model_dims_from(read_manifest(features)), hidden=16, cvacpt_weight=0.0)
     weights = MELModel(dims).state_dict()
     models = {}
     for name, scale in (("good", 1.0), ("huge", 1e10)):     # huge: finite weights, scores overflow to inf / NaN
@@ -91,7 +91,7 @@ def prepared(small_data, tmp_path_factory, ray_local):
                  "dims": dims.to_dict()}
         models[name] = str(export_model(state, cfg, root / f"{name}.pt"))
     nan = {k: v.clone() for k, v in weights.items()}
-    nan["tglu.query.weight"][0, 0] = float("nan")
+    nan["tglu.w_q.weight"][0, 0] = float("nan")
     models["nan"] = str(export_model({"model": nan, "dims": dims.to_dict()}, cfg, root / "nan.pt"))
     return {"root": root, "ds": ds, "features": features, "models": models, "clip": small_data.models["clip"]}
 
@@ -119,7 +119,7 @@ def test_evaluate_refuses_non_finite_scores_and_nan_weights(prepared, tmp_path, 
     assert "H@1" not in stdout and not out.exists()
     code, stdout, lines = _cli(tmp_path, capsys, *base, "--checkpoint", p["models"]["nan"], "--split", "dev")
     assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 54 tensors hold NaN "
-                                 "or inf (first: tglu.query.weight); the model cannot be evaluated or used")])
+                                 "or inf (first: tglu.w_q.weight); the model cannot be evaluated or used")])
     assert not out.exists()
 
 
@@ -157,7 +157,7 @@ def test_link_refuses_non_finite_scores(prepared, tmp_path, capsys):
     assert not (tmp_path / "o1" / "links.parquet").exists()
     code, _, lines = _cli(tmp_path, capsys, *base, "--model", p["models"]["nan"], "--output", str(tmp_path / "o2"))
     assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 54 tensors hold NaN "
-                                 "or inf (first: tglu.query.weight); the model cannot be evaluated or used")])
+                                 "or inf (first: tglu.w_q.weight); the model cannot be evaluated or used")])
 
 
 def _train_cli(tmp_path: Path, capsys, monkeypatch, ds: str, features: str, *settings: str):

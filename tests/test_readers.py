@@ -362,7 +362,7 @@ def test_readme_commands_with_relative_paths_from_the_callers_directory(with_fea
     (work / "configs" / "t.yaml").write_text(
         "data:\n  dataset: datasets/small\n"
         "train:\n  negatives: in_batch\n  epochs: 1\n  batch_size: 16\n  num_workers: 2\n  cpus_per_worker: 0.5\n"
-        "model:\n  dt: 32\n  dv: 16\n"
+        "model:\n  hidden: 16\n"
         "tracking:\n  experiment: relative\n  storage: runs\n")
     os.chdir(work)
     code, out, err = run(capsys, "train", "--config", "configs/t.yaml", "--features", f"datasets/small/features/{key}")

@@ -42,7 +42,7 @@ def trained(prepared, s3_server, mlflow_server):
     services.create_bucket(s3_server.url, bucket)
     cfg = load_config(None, ["train.negatives=in_batch", "train.epochs=2", "train.batch_size=16",
                              "train.num_workers=2", "train.cpus_per_worker=0.5", "train.lr=1e-3",
-                             "model.dt=32", "model.dv=16", "tracking.experiment=t",
+                             "model.hidden=16", "tracking.experiment=t",
                              f"tracking.mlflow_uri={mlflow_server}"])
     result = train(cfg, str(root / "ds"), features_uri=features, storage_path=f"s3://{bucket}/runs",
                    run_name="t", tracking_dir=str(root))
@@ -118,7 +118,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(prepared, trained):
     root, features = prepared
     cfg = load_config(None, ["train.negatives=in_batch", "train.epochs=2", "train.batch_size=16",
                              "train.num_workers=2", "train.cpus_per_worker=0.5", "train.lr=1e-3",
-                             "model.dt=32", "model.dv=16", "tracking.experiment=t", "train.max_failures=2"])
+                             "model.hidden=16", "tracking.experiment=t", "train.max_failures=2"])
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=train(
         cfg, str(root / "ds"), features_uri=features, storage_path=str(root / "runs-kill"), run_name="kill",

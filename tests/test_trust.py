@@ -135,7 +135,7 @@ def _ingest_with(capsys, tmp_path, *extra: str) -> tuple[int, str]:
     ("train.batch_size=0", "<defaults>: 'train.batch_size': Input should be greater than or equal to 1 (got 0)"),
     ("tune.k=[-1]", "<defaults>: 'tune.k.0': Input should be greater than or equal to 0 (got -1)"),
     ("train.lr=0", "<defaults>: 'train.lr': Input should be greater than 0 (got 0)"),
-    ("model.dv=0", "<defaults>: 'model.dv': Input should be greater than or equal to 1 (got 0)"),
+    ("model.hidden=0", "<defaults>: 'model.hidden': Input should be greater than or equal to 1 (got 0)"),
     ("train.lr=[1, 2", ("--set train.lr: value '[1, 2' is not valid YAML (expected ',' or ']', but got "
                        "'<stream end>'); quote it, e.g. --set 'tracking.experiment=\"a: b\"'")),
     ("=3", "--set '=3': expected KEY=VALUE with a dotted key, e.g. --set train.lr=1e-4"),

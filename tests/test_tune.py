@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 SWEEP = ["tune.name=t", "tune.k=[2,4]", "tune.views=[2]", "tune.max_concurrent_trials=1",
          "tune.train={epochs: 1, num_workers: 2, cpus_per_worker: 0.45}",
          "train.negatives=jaccard", "train.epochs=5", "train.batch_size=16", "train.lr=1e-3",
-         "model.dt=32", "model.dv=16", "negatives.k=4", "tracking.experiment=tune-test"]
+         "model.hidden=16", "negatives.k=4", "tracking.experiment=tune-test"]
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,28 @@ Symbols follow the paper. For mention j with n_s synthetic views h:
     VTEs_{j,h} = CE([VEs^G_{j,h} ; TE^G_j])                    (11)
     VTEs_j     = max_pool_h VTEs_{j,h}   (over available views) (12, 10)
     a^G, b^G   = A^G([VE^G_j ; VTEs_j])                         (7)
-    a^L, b^L   = A^L([VE^L_j ; VTEs_j])   per patch, 1-D convs  (8)
+    a^L, b^L   = A^L([VE^L_j ; VTEs_j])   per patch             (8)
     ^VE^G_j    = VE^G_j + w (a^G * VE^G_j + b^G)                (5)
     ^VE^L_j    = VE^L_j + w (a^L * VE^L_j + b^L)                (6)
 
 Only the MENTION image is transformed. Views beyond a mention's available count are masked out of the max
 pool (a zero vector would be a fake view); a mention with no view at all is left unchanged.
+
+Where the papers are silent (choices, and why):
+- Where: on VE = the W_ic / W_it projections of CLIP's outputs (h = 96), before the matcher's input LayerNorms:
+  Sec. 4.3 transforms "the information flow from the visual encoder ... before feeding it into the matcher", and
+  Sec. 4.1 puts the fully connected layer in the visual encoding; the LayerNorms are MIMIC's matcher. Synthetic
+  views go through the same W_ic (VEs^G); TE^G is CLIP's text_embeds as the encoder gives it.
+- A^L is "a stack of convolutions" over patches (Fig. 6 shows a 2-D patch map): two 3x3 Conv2d over the
+  sqrt(P-1) x sqrt(P-1) patch grid, not a 1-D conv over the flattened tokens, which would make the last patch of
+  one row a neighbour of the first patch of the next. The CLS token is not on the grid: the same stack is applied
+  to it as a 1x1 map (so only the kernels' centre taps act on it).
+- A^G is a two-layer MLP (a "stack" on a single vector); CE is a two-layer MLP; GELU between layers.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -42,8 +55,8 @@ class CVaCPT(nn.Module):
         self.affine_global = nn.Sequential(nn.Linear(dv + dc, dv), nn.GELU(), nn.Linear(dv, 2 * dv))   # A^G
         pad = kernel_size // 2
         self.affine_local = nn.Sequential(                                                                 # A^L
-            nn.Conv1d(dv + dc, dv, kernel_size, padding=pad), nn.GELU(),
-            nn.Conv1d(dv, 2 * dv, kernel_size, padding=pad),
+            nn.Conv2d(dv + dc, dv, kernel_size, padding=pad), nn.GELU(),
+            nn.Conv2d(dv, 2 * dv, kernel_size, padding=pad),
         )
         if init == "identity":
             # alpha = beta = 0 at the start: eq. 5-6 return the feature unchanged until training moves them
@@ -66,9 +79,20 @@ class CVaCPT(nn.Module):
         """(alpha^G, beta^G, alpha^L, beta^L, has_view): the paper's Fig. 6 plots alpha^L / beta^L."""
         ctx, has_view = self.pooled_context(view_global, n_views, text_global)
         alpha_g, beta_g = self.affine_global(torch.cat([image_global, ctx], dim=-1)).chunk(2, dim=-1)
-        patches = torch.cat([image_local, ctx[:, None, :].expand(-1, image_local.shape[1], -1)], dim=-1)
-        alpha_l, beta_l = self.affine_local(patches.transpose(1, 2)).transpose(1, 2).chunk(2, dim=-1)
+        tokens = torch.cat([image_local, ctx[:, None, :].expand(-1, image_local.shape[1], -1)], dim=-1)
+        alpha_l, beta_l = self.patch_affine(tokens).chunk(2, dim=-1)
         return alpha_g, beta_g, alpha_l, beta_l, has_view
+
+    def patch_affine(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A^L on [B, 1 + side*side, C] tokens (CLS first): 2-D convs over the patch grid, CLS as a 1x1 map."""
+        b, n, c = tokens.shape
+        side = math.isqrt(n - 1)
+        if side * side != n - 1:
+            raise ValueError(f"CVaCPT: image_local has {n} tokens; expected CLS + a square patch grid")
+        grid = tokens[:, 1:].transpose(1, 2).reshape(b, c, side, side)
+        patches = self.affine_local(grid).flatten(2).transpose(1, 2)               # [B, side*side, 2 dv]
+        cls = self.affine_local(tokens[:, :1].transpose(1, 2)[..., None]).flatten(2).transpose(1, 2)
+        return torch.cat([cls, patches], dim=1)
 
     def forward(self, image_global, image_local, view_global, n_views, text_global):
         """image_global [B, dv], image_local [B, P, dv], view_global [B, S, dv], n_views [B], text_global [B, dt]."""

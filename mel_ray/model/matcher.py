@@ -1,16 +1,24 @@
-"""MIMIC's matcher (Luo et al. 2023): three interaction units, each scoring every mention against every entity.
+"""MIMIC's matcher (Luo et al., KDD 2023) as published: ../shared/papers/mimic-matcher.md, "Matcher".
 
-Each unit splits its work into an entity side (computed once per entity and reused for every mention, which is
-what makes full-KB evaluation affordable), a mention side, and the pairwise part:
+Read side by side with that page. Notation kept: m = mention, e = entity, h = 96 (every unit), LN = LayerNorm.
 
-- TGLU, text global-local: entity tokens attend to mention tokens; the entity's global feature reads the
-  attended tokens (G2L, max over tokens) and is compared with the mention's global feature (G2G); averaged.
-- VDLU, vision dual: entity->mention and mention->entity gated units over image patches, averaged.
-- CMFU, cross-modal fusion: each side's text global feature attends to its own image patches; a gate fuses
-  text and visual context; the score is the dot product of the two fused vectors.
+    input LNs  t_G <- LN_tc(t_G), T_L <- LN_tt(T_L), v_G <- LN_ic(v_G), V_L <- LN_it(V_L)     (InputNorms)
+    TGLU       A = softmax(W_q T_L,e (W_k T_L,m)^T / sqrt(h));  c = LN_T(mean_l (A W_v T_L,m))
+               s_T = (<W_c t_G,e, c> + <t_G,m, t_G,e>) / 2
+    DUAL(a,b,U) a' = W_cls a, b' = W_cls b, p = mean_tokens W_tok U, x = W_f LN_add(p + a'),
+               g = tanh(<w_g, x> + b_g), y = LN_out(g x + b'), DUAL = <y, LN_out(a')>
+    VDLU       s_V = (DUAL_1(v_G,e, v_G,m, V_L,m) + DUAL_2(v_G,m, v_G,e, V_L,e)) / 2
+    CMFU       u = W_t t_G, P = W_i V_L, alpha = softmax(P u), f = LN_F(tanh(<w_g,u> + b_g) u + alpha^T P)
+               s_C = <f_m, f_e>
 
-Shapes: N* = number of mentions/entities, L = text tokens, P = image tokens (patches incl. CLS),
-dt / dv = projected text / visual size.
+No padding mask anywhere (MIMIC keeps the 40 padded positions; so do we: `text_mask` is in the features but the
+matcher does not read it). There is no temperature: the input LayerNorms set the scores' scale.
+
+Every unit is split into an entity side (computed once per entity, reused for every mention: what makes exact
+full-KB evaluation affordable), a mention side, and `pair_scores` [Nm, Ne]. The splits are exact algebra, not
+approximations; tests/mimic_reference.py computes the same scores pair by pair, straight from the equations:
+- TGLU: mean_l (A V) = (mean_l A) V, so the [Nm, Ne, Le, h] context tensor is never formed;
+- DUAL: p and a' are per side; only x, g, y are per pair.
 """
 
 from __future__ import annotations
@@ -24,127 +32,127 @@ from torch import nn
 
 @dataclass
 class Side:
-    """Projected features of a set of mentions or entities."""
+    """A set of mentions or entities as the matcher sees them (after the input LayerNorms)."""
 
-    text_global: torch.Tensor    # [N, dt]
-    text_local: torch.Tensor     # [N, L, dt]
-    text_mask: torch.Tensor      # [N, L] bool, True for real tokens
-    image_global: torch.Tensor   # [N, dv]
-    image_local: torch.Tensor    # [N, P, dv]
+    text_global: torch.Tensor    # t_G [N, Dtg]   CLIP text_embeds
+    text_local: torch.Tensor     # T_L [N, L, Dtl] CLIP text last hidden state (padded positions included)
+    image_global: torch.Tensor   # v_G [N, h]     W_ic(image_embeds)
+    image_local: torch.Tensor    # V_L [N, P, h]  W_it(vision last hidden state), CLS + patches
+
+
+class InputNorms(nn.Module):
+    """LN_tc, LN_tt, LN_ic, LN_it: shared by mentions and entities."""
+
+    def __init__(self, text_global: int, text_local: int, h: int):
+        super().__init__()
+        self.tc, self.tt = nn.LayerNorm(text_global), nn.LayerNorm(text_local)
+        self.ic, self.it = nn.LayerNorm(h), nn.LayerNorm(h)
+
+    def forward(self, side: Side) -> Side:
+        return Side(self.tc(side.text_global), self.tt(side.text_local),
+                    self.ic(side.image_global), self.it(side.image_local))
 
 
 class TGLU(nn.Module):
-    def __init__(self, dt: int):
+    """Text global-to-local unit."""
+
+    def __init__(self, text_global: int, text_local: int, h: int):
         super().__init__()
-        self.query = nn.Linear(dt, dt)
-        self.key = nn.Linear(dt, dt)
-        self.value = nn.Linear(dt, dt)
-        self.entity_global = nn.Linear(dt, dt)
-        self.norm = nn.LayerNorm(dt)
-        self.scale = 1.0 / math.sqrt(dt)
+        self.w_q, self.w_k, self.w_v = (nn.Linear(text_local, h) for _ in range(3))
+        self.w_c = nn.Linear(text_global, h)
+        self.ln_t = nn.LayerNorm(h)
+        self.scale = 1.0 / math.sqrt(h)
 
     def entity_side(self, e: Side) -> dict:
-        g = self.entity_global(e.text_global)
-        gamma_g = self.norm.weight * g                        # γ⊙g: LayerNorm's scale folded into g
-        return {"q": self.query(e.text_local) * self.scale, "g": g, "gamma_g": gamma_g,
-                "gamma_g_sum": gamma_g.sum(-1), "beta_g": g @ self.norm.bias, "mask": e.text_mask,
-                "cls": e.text_global}
+        return {"q": self.w_q(e.text_local) * self.scale, "c_query": self.w_c(e.text_global), "t": e.text_global}
 
     def mention_side(self, m: Side) -> dict:
-        v = self.value(m.text_local)
-        return {"k": self.key(m.text_local), "v": v, "v_mean": v.mean(-1),
-                "v_gram": v @ v.transpose(1, 2), "mask": m.text_mask, "cls": m.text_global}
-
-    def _attention(self, ms: dict, es: dict) -> torch.Tensor:
-        att = torch.einsum("eld,mkd->melk", es["q"], ms["k"])                           # [Nm, Ne, Le, Lm]
-        return att.masked_fill(~ms["mask"][:, None, None, :], float("-inf")).softmax(dim=-1)
-
-    def _g2l_and_g2g(self, g2l: torch.Tensor, ms: dict, es: dict) -> torch.Tensor:
-        g2l = g2l.masked_fill(~es["mask"][None, :, :], float("-inf")).amax(dim=-1)       # [Nm, Ne]
-        g2g = ms["cls"] @ es["cls"].T
-        return (g2l + g2g) / 2
-
-    def pair_scores_explicit(self, ms: dict, es: dict) -> torch.Tensor:
-        """The unit as written: LayerNorm of every attended token, for every (mention, entity) pair.
-        Holds an [Nm, Ne, Le, dt] tensor; kept as the reference that pair_scores is tested against."""
-        ctx = self.norm(torch.einsum("melk,mkd->meld", self._attention(ms, es), ms["v"]))
-        return self._g2l_and_g2g(torch.einsum("meld,ed->mel", ctx, es["g"]), ms, es)
+        return {"k": self.w_k(m.text_local), "v": self.w_v(m.text_local), "t": m.text_global}
 
     def pair_scores(self, ms: dict, es: dict) -> torch.Tensor:
-        """Same scores without the [Nm, Ne, Le, dt] context tensor (LayerNorm decomposition).
+        q, k = es["q"], ms["k"]                                           # [Ne, Le, h], [Nm, Lm, h]
+        n_e, l_e, h = q.shape
+        n_m, l_m, _ = k.shape
+        # one GEMM for every (entity token, mention token) pair; laid out [Ne, Le, Nm, Lm] so that the softmax
+        # (over mention tokens) runs on the last axis and no permuted copy of the big tensor is made
+        logits = (q.reshape(n_e * l_e, h) @ k.reshape(n_m * l_m, h).T).view(n_e, l_e, n_m, l_m)
+        mean_attention = logits.softmax(dim=-1).mean(dim=1).transpose(0, 1)    # mean_l A: [Nm, Ne, Lm]
+        c = self.ln_t(torch.bmm(mean_attention, ms["v"]))                      # LN_T((mean_l A) V): [Nm, Ne, h]
+        g2l = (c * es["c_query"][None]).sum(-1)
+        g2g = ms["t"] @ es["t"].T
+        return (g2l + g2g) / 2
 
-        With x = sum_k a_k v_k (a = attention row, v = mention value tokens), LN(x) = γ⊙(x - μ)/σ + β and
-            <LN(x), g> = (<x, γ⊙g> - μ·Σ(γ⊙g)) / σ + <β, g>
-            <x, γ⊙g>   = sum_k a_k <v_k, γ⊙g>            (per mention token, not per pair token)
-            μ          = sum_k a_k mean(v_k)
-            E[x²]      = a^T (V V^T) a / dt,  σ = sqrt(E[x²] - μ² + eps)
-        so each pair needs only Lm-sized vectors; the dt-sized work is per mention or per entity.
-        """
-        att = self._attention(ms, es)                                                   # [Nm, Ne, Le, Lm]
-        v_gamma_g = torch.einsum("mkd,ed->mek", ms["v"], es["gamma_g"])                 # [Nm, Ne, Lm]
-        x_gamma_g = torch.einsum("melk,mek->mel", att, v_gamma_g)
-        mean = torch.einsum("melk,mk->mel", att, ms["v_mean"])
-        second = torch.einsum("melk,mkj,melj->mel", att, ms["v_gram"], att) / ms["v"].shape[-1]
-        inv_std = torch.rsqrt((second - mean * mean).clamp_min(0) + self.norm.eps)
-        g2l = (x_gamma_g - mean * es["gamma_g_sum"][None, :, None]) * inv_std + es["beta_g"][None, :, None]
-        return self._g2l_and_g2g(g2l, ms, es)
+
+class DUAL(nn.Module):
+    """One gated dual unit: query CLS a, key CLS b, key tokens U (all h wide)."""
+
+    def __init__(self, h: int):
+        super().__init__()
+        self.w_cls, self.w_tok, self.w_f = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
+        self.ln_add, self.ln_out = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.w_g = nn.Linear(h, 1)                                         # <w_g, x> + b_g
+
+    def query_side(self, a: torch.Tensor) -> dict:
+        a1 = self.w_cls(a)
+        return {"a1": a1, "a_out": self.ln_out(a1)}
+
+    def key_side(self, b: torch.Tensor, tokens: torch.Tensor) -> dict:
+        return {"b1": self.w_cls(b), "p": self.w_tok(tokens).mean(dim=1)}
+
+    def pair_scores(self, query: dict, key: dict) -> torch.Tensor:
+        """[N_query, N_key]."""
+        x = self.w_f(self.ln_add(key["p"][None, :, :] + query["a1"][:, None, :]))
+        g = torch.tanh(self.w_g(x))                                        # a scalar per pair
+        y = self.ln_out(g * x + key["b1"][None, :, :])
+        return (y * query["a_out"][:, None, :]).sum(-1)
 
 
 class VDLU(nn.Module):
-    def __init__(self, dv: int):
-        super().__init__()
-        self.scale = 1.0 / math.sqrt(dv)
-        # entity -> mention direction
-        self.e_query, self.m_key = nn.Linear(dv, dv), nn.Linear(dv, dv)
-        self.e2m_gate_ctx, self.e2m_gate_cls = nn.Linear(dv, dv), nn.Linear(dv, dv, bias=False)
-        # mention -> entity direction
-        self.m_query, self.e_key = nn.Linear(dv, dv), nn.Linear(dv, dv)
-        self.m2e_gate_ctx, self.m2e_gate_cls = nn.Linear(dv, dv), nn.Linear(dv, dv, bias=False)
+    """Visual dual unit: entity-to-mention (DUAL_1) and mention-to-entity (DUAL_2), separate weights."""
 
+    def __init__(self, h: int):
+        super().__init__()
+        self.dual_1, self.dual_2 = DUAL(h), DUAL(h)
+
+    # sides are flat {name: tensor} dicts (the scoring code slices and concatenates them row-wise)
     def entity_side(self, e: Side) -> dict:
-        return {"q": self.e_query(e.image_global) * self.scale, "k": self.e_key(e.image_local),
-                "tok": e.image_local, "cls": e.image_global, "gate_cls": self.m2e_gate_cls(e.image_global)}
+        return {**_prefixed("q1_", self.dual_1.query_side(e.image_global)),
+                **_prefixed("k2_", self.dual_2.key_side(e.image_global, e.image_local))}
 
     def mention_side(self, m: Side) -> dict:
-        return {"q": self.m_query(m.image_global) * self.scale, "k": self.m_key(m.image_local),
-                "tok": m.image_local, "cls": m.image_global, "gate_cls": self.e2m_gate_cls(m.image_global)}
-
-    @staticmethod
-    def _gated(ctx: torch.Tensor, gate: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        return gate * ctx + (1 - gate) * cls
+        return {**_prefixed("k1_", self.dual_1.key_side(m.image_global, m.image_local)),
+                **_prefixed("q2_", self.dual_2.query_side(m.image_global))}
 
     def pair_scores(self, ms: dict, es: dict) -> torch.Tensor:
-        # entity global feature reads the mention's patches; gate mixes that context with the mention global
-        a = torch.einsum("ed,mpd->mep", es["q"], ms["k"]).softmax(dim=-1)
-        ctx = torch.einsum("mep,mpd->med", a, ms["tok"])
-        gate = torch.sigmoid(self.e2m_gate_ctx(ctx) + ms["gate_cls"][:, None, :])
-        e2m = (self._gated(ctx, gate, ms["cls"][:, None, :]) * es["cls"][None]).sum(-1)
-        # and the other way round
-        a = torch.einsum("md,epd->mep", ms["q"], es["k"]).softmax(dim=-1)
-        ctx = torch.einsum("mep,epd->med", a, es["tok"])
-        gate = torch.sigmoid(self.m2e_gate_ctx(ctx) + es["gate_cls"][None, :, :])
-        m2e = (self._gated(ctx, gate, es["cls"][None, :, :]) * ms["cls"][:, None, :]).sum(-1)
-        return (e2m + m2e) / 2
+        e_to_m = self.dual_1.pair_scores(_unprefixed("q1_", es), _unprefixed("k1_", ms)).T   # [Ne, Nm] -> [Nm, Ne]
+        m_to_e = self.dual_2.pair_scores(_unprefixed("q2_", ms), _unprefixed("k2_", es))
+        return (e_to_m + m_to_e) / 2
+
+
+def _prefixed(prefix: str, d: dict) -> dict:
+    return {prefix + k: v for k, v in d.items()}
+
+
+def _unprefixed(prefix: str, d: dict) -> dict:
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
 
 
 class CMFU(nn.Module):
-    def __init__(self, dt: int, dv: int):
+    """Cross-modal fusion unit: each side is fused on its own; the pair is one dot product."""
+
+    def __init__(self, text_global: int, h: int):
         super().__init__()
-        self.scale = 1.0 / math.sqrt(dv)
-        self.text_query = nn.Linear(dt, dv)
-        self.image_key = nn.Linear(dv, dv)
-        self.text_to_visual = nn.Linear(dt, dv)
-        self.gate = nn.Linear(2 * dv, dv)
-        self.norm = nn.LayerNorm(dv)
+        self.w_t, self.w_i = nn.Linear(text_global, h), nn.Linear(h, h)
+        self.w_g = nn.Linear(h, 1)
+        self.ln_f = nn.LayerNorm(h)
 
     def fuse(self, s: Side) -> torch.Tensor:
-        """Per side (no pairing needed): text global attends to its own image patches, gated fusion."""
-        q = self.text_query(s.text_global) * self.scale
-        a = torch.einsum("nd,npd->np", q, self.image_key(s.image_local)).softmax(dim=-1)
-        ctx = torch.einsum("np,npd->nd", a, s.image_local)
-        text = self.text_to_visual(s.text_global)
-        gate = torch.sigmoid(self.gate(torch.cat([text, ctx], dim=-1)))
-        return self.norm(gate * text + (1 - gate) * ctx)
+        u = self.w_t(s.text_global)                                        # [N, h]
+        p = self.w_i(s.image_local)                                        # [N, P, h]
+        alpha = torch.einsum("npd,nd->np", p, u).softmax(dim=-1)          # no scaling, as published
+        ctx = torch.einsum("np,npd->nd", alpha, p)
+        g = torch.tanh(self.w_g(u))                                        # [N, 1]
+        return self.ln_f(g * u + ctx)
 
     def entity_side(self, e: Side) -> dict:
         return {"f": self.fuse(e)}

@@ -1,9 +1,11 @@
-"""MELModel = feature projections + CVaCPT (mention image only) + MIMIC matcher.
+"""MELModel = W_ic / W_it projections + CVaCPT (mention image only) + MIMIC's matcher (input LayerNorms, TGLU,
+VDLU, CMFU); ../shared/papers/mimic-matcher.md and the paper's Sec. 4.
 
 Inputs are cached CLIP features (mel_ray/features/): a batch is a dict of tensors with keys
-text_global [N, Dtg], text_local [N, L, Dtl], text_mask [N, L], image_global [N, Dig], image_local [N, P, Dil],
-and for mentions also synthetic_global [N, S, Dig] and n_views [N]. The encoder that produced them is frozen
-in this mode; `encoder` is kept as a module slot so an end-to-end mode can put CLIP there later.
+text_global [N, Dtg] (text_embeds), text_local [N, L, Dtl] (text last hidden state), text_mask [N, L] (not read:
+MIMIC does not mask padding), image_global [N, Dig] (image_embeds), image_local [N, P, Dil] (vision last hidden
+state, CLS + patches), and for mentions also synthetic_global [N, S, Dig] and n_views [N]. The encoder that
+produced them is frozen in this mode; `encoder` is kept as a module slot so an end-to-end mode can put CLIP there.
 """
 
 from __future__ import annotations
@@ -14,19 +16,18 @@ import torch
 from torch import nn
 
 from mel_ray.model.cvacpt import CVaCPT
-from mel_ray.model.matcher import CMFU, TGLU, VDLU, Side
+from mel_ray.model.matcher import CMFU, TGLU, VDLU, InputNorms, Side
 
 UNITS = ("text", "image", "cross")   # TGLU, VDLU, CMFU logits; "overall" is their mean
 
 
 @dataclass
 class ModelDims:
-    text_global: int          # CLIP projection size (512 for ViT-B/32)
-    text_local: int           # CLIP text hidden size (512)
-    image_global: int         # CLIP projection size (512)
-    image_local: int          # CLIP vision hidden size (768)
-    dt: int = 512             # matcher text size (paper: text stays 512)
-    dv: int = 96              # matcher visual size (MIMIC: 96)
+    text_global: int          # CLIP projection size (512 for ViT-B/32): t_G
+    text_local: int           # CLIP text hidden size (512): T_L
+    image_global: int         # CLIP projection size (512): image_embeds, W_ic's input
+    image_local: int          # CLIP vision hidden size (768): W_it's input
+    hidden: int = 96          # h: MIMIC's size for every unit and for v_G / V_L
     cvacpt_weight: float = 1.0
     views: int | None = None  # n_s: use at most this many synthetic views per mention (None: all available)
     cvacpt_init: str = "random"   # "identity": A^G / A^L output layers start at zero (see CVaCPT)
@@ -39,36 +40,31 @@ class MELModel(nn.Module):
     def __init__(self, dims: ModelDims):
         super().__init__()
         self.dims = dims
+        h = dims.hidden
         self.encoder = nn.Identity()   # frozen CLIP features are the inputs in this mode
-        self.text_global_proj = nn.Linear(dims.text_global, dims.dt)
-        self.text_local_proj = nn.Linear(dims.text_local, dims.dt)
-        self.image_global_proj = nn.Linear(dims.image_global, dims.dv)     # MIMIC: 512 -> 96
-        self.image_local_proj = nn.Linear(dims.image_local, dims.dv)       # MIMIC: 768 -> 96
-        self.cvacpt = CVaCPT(dims.dv, dims.dt, weight=dims.cvacpt_weight, init=dims.cvacpt_init)
-        self.tglu = TGLU(dims.dt)
-        self.vdlu = VDLU(dims.dv)
-        self.cmfu = CMFU(dims.dt, dims.dv)
+        self.w_ic = nn.Linear(dims.image_global, h)      # v_G = W_ic(image_embeds)      512 -> 96
+        self.w_it = nn.Linear(dims.image_local, h)       # V_L = W_it(vision hidden)     768 -> 96
+        self.cvacpt = CVaCPT(h, dims.text_global, weight=dims.cvacpt_weight, init=dims.cvacpt_init)
+        self.norms = InputNorms(dims.text_global, dims.text_local, h)
+        self.tglu = TGLU(dims.text_global, dims.text_local, h)
+        self.vdlu = VDLU(h)
+        self.cmfu = CMFU(dims.text_global, h)
 
     def _project(self, batch: dict) -> Side:
-        return Side(
-            text_global=self.text_global_proj(batch["text_global"]),
-            text_local=self.text_local_proj(batch["text_local"]),
-            text_mask=batch["text_mask"].bool(),
-            image_global=self.image_global_proj(batch["image_global"]),
-            image_local=self.image_local_proj(batch["image_local"]),
-        )
+        """CLIP features -> the matcher's inputs before its LayerNorms (CVaCPT works here)."""
+        return Side(text_global=batch["text_global"], text_local=batch["text_local"],
+                    image_global=self.w_ic(batch["image_global"]), image_local=self.w_it(batch["image_local"]))
 
     def entity_features(self, batch: dict) -> Side:
-        return self._project(self.encoder(batch))
+        return self.norms(self._project(self.encoder(batch)))
 
     def mention_features(self, batch: dict) -> Side:
         side = self._project(self.encoder(batch))
-        if "synthetic_global" not in batch:          # features extracted without synthetic views: no CVaCPT
-            return side
-        views = self.image_global_proj(batch["synthetic_global"])           # VEs^G, same projection as VE^G
-        side.image_global, side.image_local = self.cvacpt(
-            side.image_global, side.image_local, views, self.n_views(batch), side.text_global)
-        return side
+        if "synthetic_global" in batch:              # features extracted without synthetic views: no CVaCPT
+            views = self.w_ic(batch["synthetic_global"])                   # VEs^G, same projection as VE^G
+            side.image_global, side.image_local = self.cvacpt(
+                side.image_global, side.image_local, views, self.n_views(batch), side.text_global)
+        return self.norms(side)
 
     def n_views(self, batch: dict) -> torch.Tensor:
         """Views each mention may use: what it has, capped at n_s (one feature set serves every n_s)."""
@@ -78,7 +74,7 @@ class MELModel(nn.Module):
     def cvacpt_maps(self, batch: dict) -> dict:
         """alpha/beta of the mention patches (paper Fig. 6), for plots."""
         side = self._project(batch)
-        views = self.image_global_proj(batch["synthetic_global"])
+        views = self.w_ic(batch["synthetic_global"])
         _, _, alpha_l, beta_l, has_view = self.cvacpt.affine(side.image_global, side.image_local, views,
                                                             self.n_views(batch), side.text_global)
         return {"alpha": alpha_l, "beta": beta_l, "has_view": has_view}

@@ -66,7 +66,7 @@ def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri:
     t = cfg.train
     loop_config = {
         "train": t.model_dump(),
-        "dims": {"dt": cfg.model.dt, "dv": cfg.model.dv, "cvacpt_weight": cfg.model.cvacpt_weight,
+        "dims": {"hidden": cfg.model.hidden, "cvacpt_weight": cfg.model.cvacpt_weight,
                  "cvacpt_init": cfg.model.cvacpt_init,
                  "views": cfg.model.views},
         "dataset_uri": dataset_uri, "features_uri": features_uri, "negatives_uri": negatives_uri,
