@@ -72,7 +72,14 @@ ARMS = {
     "proc_ns2": (("proc", 2), []),
     "sd_identity": (("sd", 3), ["model.cvacpt_init=identity"]),
     "proc_identity": (("proc", 3), ["model.cvacpt_init=identity"]),
+    # issue 14 (MIMIC's matcher as published): every comparison on procedural views, so CVaCPT has information
+    "proc_in_batch": (("proc", 3), ["train.negatives=in_batch"]),
+    "proc_both": (("proc", 3), ["train.negatives=both"]),
+    "proc_w0": (("proc", 3), ["model.cvacpt_weight=0.0"]),
+    "proc_k2": (("proc", 3), ["train.k=2"]),
+    "proc_k6": (("proc", 3), ["train.k=6"]),
 }
+MATCHER_ARMS = ["proc", "proc_in_batch", "proc_both", "proc_w0", "proc_k2", "proc_k6"]
 BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/experiments.py) -->", "<!-- END GENERATED -->"
 
 
@@ -111,11 +118,9 @@ def build_inputs(out: Path, args) -> dict:
     mined = mine_negatives(dataset, k=POOL_K, seed=0)
     log(f"data ready ({time.perf_counter() - t0:.0f}s): {stats['entities']} entities, mentions {stats['mentions']}, "
         f"name collisions {stats['name_collision_rate']}; negatives: n_short {mined.get('n_short')}")
-    views = {src: synthesize_views(dataset, models, src) for src in SOURCES}
-    features = {}
-    for src, key in views.items():
-        for n_s in range(1, VIEWS + 1):
-            features[(src, n_s)] = extract(dataset, models["clip"], key, n_s)
+    needed = sorted({ARMS[a][0] for a in args.arms})          # only the view sets and n_s the chosen arms use
+    views = {src: synthesize_views(dataset, models, src) for src in sorted({src for src, _ in needed})}
+    features = {(src, n_s): extract(dataset, models["clip"], views[src], n_s) for src, n_s in needed}
     return {"dataset": dataset, "models": models, "data_stats": stats, "views": views, "features": features,
             "negatives": {k: mined.get(k) for k in ("n_entities", "n_short", "n_without_attributes")},
             "seconds": time.perf_counter() - t0}
@@ -156,7 +161,7 @@ def arm_config(arm: str, seed: int, args):
     common = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=32", f"train.epochs={args.epochs}",
               "train.lr=1e-3", "train.k=4", "train.negatives=jaccard", f"train.patience={args.epochs}",
               f"train.seed={seed}", f"negatives.k={POOL_K}", "model.cvacpt_weight=1.0",
-              f"model.dt={args.dt}", f"model.dv={args.dv}", "tracking.experiment=mel-ray-experiments"]
+              f"model.hidden={args.hidden}", "tracking.experiment=mel-ray-experiments"]
     return load_config(ROOT / "configs" / "demo.yaml", common + ARMS[arm][1])
 
 
@@ -179,6 +184,7 @@ def run_arm(arm: str, seed: int, inputs: dict, out: Path, args) -> dict:
               "test": report["metrics"], "dev": {k[4:]: v for k, v in result["best"].items() if k.startswith("dev_")},
               "best_epoch": result["best"]["epoch"], "epochs": len(result["history"]),
               "train_loss_last": {k: v for k, v in result["history"][-1].items() if k.startswith("loss")},
+              "train_loss_first": {k: v for k, v in result["history"][0].items() if k.startswith("loss")},
               "same_name_failures": report["same_name_failures"].get("count"),
               "checkpoint": result["checkpoint"], "train_seconds": t_train,
               "eval_seconds": report["seconds"]}
@@ -186,7 +192,7 @@ def run_arm(arm: str, seed: int, inputs: dict, out: Path, args) -> dict:
     return record
 
 
-PRIORITY = (("base", "in_batch", "w0", "proc"), ("k2", "k6", "both"), ("proc_ns1", "proc_ns2", "sd_ns1", "sd_ns2"))
+PRIORITY = (("proc", "proc_in_batch", "proc_both", "proc_w0"), ("proc_k2", "proc_k6"), ("base", "in_batch", "w0", "proc"), ("k2", "k6", "both"), ("proc_ns1", "proc_ns2", "sd_ns1", "sd_ns2"))
 
 
 def run_order(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
@@ -245,7 +251,9 @@ def view_information(inputs: dict) -> dict:
     from mel_ray.feature_store import EntityStore, mention_tensors
 
     out = {}
-    for src in SOURCES:
+    for src in inputs["views"]:
+        if (src, VIEWS) not in inputs["features"]:
+            continue
         uri = inputs["features"][(src, VIEWS)]
         store = EntityStore(uri)
         ents = store.gather(np.arange(store.num_entities))
@@ -276,6 +284,8 @@ def procedural_look_agreement(inputs: dict) -> dict:
 
     ds = load_dataset(inputs["dataset"])
     test = ds.mentions("test", columns=["mention_id", "qid"]).to_pylist()
+    if "proc" not in inputs["views"]:
+        return {}
     views = load_synthetic(inputs["dataset"], inputs["views"]["proc"]).manifest.to_pylist()
     by_mention: dict[str, list[dict]] = {}
     for v in views:
@@ -332,7 +342,7 @@ def negative_confusability(inputs: dict, records: list[dict], out: Path) -> dict
               "entities_with_namesake": len(has_namesake),
               "namesake_in_top8_pool": float(np.mean(namesake_in_pool)) if namesake_in_pool else None,
               "errors": {}}
-    for arm in ("in_batch", "base"):
+    for arm in [a for a in ("in_batch", "base", "proc_in_batch", "proc") if any(r["arm"] == a for r in records)]:
         wrong = in_pool = named = 0
         for rec in (r for r in records if r["arm"] == arm):
             table = pq.read_table(out / "eval" / f"{arm}-s{rec['seed']}" / "predictions_test.parquet").to_pylist()
@@ -419,17 +429,22 @@ def summary_rows(records: list[dict]) -> list[dict]:
 
 
 def comparisons(records: list[dict]) -> list[str]:
-    """Per-seed paired differences (same seed, same data) for the four questions."""
+    """Per-seed paired differences (same seed, same data), with the paired t-test the paper reports."""
+    from scipy.stats import ttest_rel
+
     by = {(r["arm"], r["seed"]): r for r in records}
-    pairs = [("(a) jaccard − in_batch", "base", "in_batch"), ("(a) both − in_batch", "both", "in_batch"),
+    pairs = [("(a) jaccard − in_batch", "proc", "proc_in_batch"), ("(a) both − in_batch", "proc_both", "proc_in_batch"),
+             ("(a) both − jaccard", "proc_both", "proc"), ("(b) procedural views: w=1 − w=0", "proc", "proc_w0"),
+             ("(c) k=4 − k=2", "proc", "proc_k2"), ("(c) k=6 − k=4", "proc_k6", "proc"),
+             ("(a, SD) jaccard − in_batch", "base", "in_batch"), ("(a, SD) both − in_batch", "both", "in_batch"),
              ("(b) SD views: w=1 − w=0", "base", "w0"),
-             ("(b) procedural views: w=1 − w=0", "proc", "w0"), ("(c) k=4 − k=2", "base", "k2"),
-             ("(c) k=6 − k=4", "k6", "base"), ("(d) SD n_s=3 − n_s=1", "base", "sd_ns1"),
+             ("(c, SD) k=4 − k=2", "base", "k2"),
+             ("(c, SD) k=6 − k=4", "k6", "base"), ("(d) SD n_s=3 − n_s=1", "base", "sd_ns1"),
              ("(d) SD n_s=2 − n_s=1", "sd_ns2", "sd_ns1"), ("(d) procedural n_s=3 − n_s=1", "proc", "proc_ns1"),
              ("(d) procedural n_s=2 − n_s=1", "proc_ns2", "proc_ns1"),
              ("procedural − SD views (n_s=3)", "proc", "base")]
-    lines = ["| comparison | seeds | Δ test H@1 (mean ± std) | Δ test MRR (mean ± std) | seeds where better (MRR) |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| comparison | seeds | Δ test H@1 (mean ± std) | Δ test MRR (mean ± std) | seeds where better (MRR) | "
+             "paired t-test p (MRR) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     seeds = sorted({r["seed"] for r in records})
     for label, a, b in pairs:
         both = [s for s in seeds if (a, s) in by and (b, s) in by]
@@ -438,7 +453,28 @@ def comparisons(records: list[dict]) -> list[str]:
         dh = [by[(a, s)]["test"]["H@1"] - by[(b, s)]["test"]["H@1"] for s in both]
         dm = [by[(a, s)]["test"]["MRR"] - by[(b, s)]["test"]["MRR"] for s in both]
         wins = sum(d > 0 for d in dm)
-        lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {wins}/{len(both)} |")
+        if len(both) < 2 or statistics.pstdev(dm) == 0:
+            p = "n/a"
+        else:
+            p = f"{ttest_rel([by[(a, s)]['test']['MRR'] for s in both], [by[(b, s)]['test']['MRR'] for s in both]).pvalue:.3f}"
+        lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {wins}/{len(both)} | {p} |")
+    return lines
+
+
+def unit_losses(records: list[dict]) -> list[str]:
+    """Per-unit training losses (first and last epoch, mean over seeds) next to chance for the arm's softmax."""
+    lines = ["| arm | seeds | overall first → last | text (TGLU) | image (VDLU) | cross (CMFU) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for arm in ARMS:
+        recs = [r for r in records if r["arm"] == arm and "train_loss_first" in r]
+        if not recs:
+            continue
+        cells = []
+        for unit in ("overall", "text", "image", "cross"):
+            first = statistics.mean(r["train_loss_first"][f"loss_{unit}"] for r in recs)
+            last = statistics.mean(r["train_loss_last"][f"loss_{unit}"] for r in recs)
+            cells.append(f"{first:.3f} → {last:.3f}")
+        lines.append(f"| {arm} | {len(recs)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -454,6 +490,8 @@ def render(records: list[dict], inputs: dict, meta: dict, diag: dict) -> str:
                      f"{r['test_H@1']} | {r['test_MRR']} | {r['dev_H@1']} | {r['dev_MRR']} | {r['train_s']:.0f} |")
     lines += ["", "Paired per seed (same data, same training seed; positive = the first arm is better):", ""]
     lines += comparisons(records)
+    lines += ["", "Per-unit training losses, mean over seeds (epoch 1 → last epoch):", ""]
+    lines += unit_losses(records)
     lines += ["", "Per run (test H@1 / MRR, best dev epoch of the epochs trained):", ""]
     for arm in ARMS:
         recs = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["seed"])
@@ -490,10 +528,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=4)
     # the tiny CLIP's features are 32-wide: the paper's 512 / 96 matcher sizes only cost time here
-    p.add_argument("--dt", type=int, default=64, help="model.dt (matcher text size)")
-    p.add_argument("--dv", type=int, default=32, help="model.dv (matcher visual size)")
+    p.add_argument("--hidden", type=int, default=32, help="model.hidden (MIMIC's h; the paper's 96 only costs time)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=MATCHER_ARMS, choices=list(ARMS))
     p.add_argument("--until", choices=["features", "arms", "all"], default="all")
     p.add_argument("--report-only", action="store_true",
                    help="run no arm: diagnostics and the doc from the result JSONs already written")
@@ -530,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
         "negatives": f"pool k={POOL_K}: {inputs['negatives']}",
         "views": f"{VIEWS} per mention from each of: " + "; ".join(SOURCES.values()),
         "training": (f"train() with configs/demo.yaml + 2 workers x 0.5 CPU, batch 32, lr 1e-3, {args.epochs} epochs, "
-                     f"model.dt={args.dt}, model.dv={args.dv} "
+                     f"model.hidden={args.hidden} "
                      "(no early stop), best dev-MRR checkpoint evaluated on test with evaluate() over the full KB"),
         "seeds": f"train.seed in {args.seeds}; data, mining and synthesis seeds fixed at 0",
         "wall time of this invocation": f"{(time.perf_counter() - t0) / 60:.1f} min (arms already done were skipped)",
