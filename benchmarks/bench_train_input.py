@@ -14,8 +14,8 @@ they share the worker process, the model, the entity store and the machine's sta
 
 Both call the real `train_step` (gather of positives + mined negatives from the memory-mapped entity store,
 forward, loss, backward, AdamW). Features have the paper's shapes (CLIP text 512, vision 768 with 50 tokens,
-projection 512; 40 text tokens), from a 1-layer random CLIP so extraction is quick; the matcher uses dt 512,
-dv 96. Step time = time from the end of one step to the end of the next (so it includes waiting for data).
+projection 512; 40 text tokens), from a 1-layer random CLIP so extraction is quick; the matcher uses MIMIC's
+h 96. Step time = time from the end of one step to the end of the next (so it includes waiting for data).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def main() -> int:
          f"torch {torch.__version__}, no GPU; load average at the end {os.getloadavg()[0]:.1f}"),
         f"- command: `{cmd}`",
         (f"- work: {rows} train mentions, batch size {args.batch_size}, jaccard negatives k 4 (pool 8), "
-         f"{args.views} synthetic views; features at the paper's shapes, matcher dt 512 dv 96; 1 Ray Train "
+         f"{args.views} synthetic views; features at the paper's shapes, matcher h 96; 1 Ray Train "
          f"worker, {args.threads} torch thread(s); {args.reps} epochs per feed, alternating"),
         "",
         "| feed | median step (s) | median epoch (s) |",

@@ -6,7 +6,7 @@ calling the stage code directly:
 
 1. evaluation kernel: `rank_counts` with the model on the GPU and its inputs on the CPU (what the dev
    evaluation inside a GPU training worker does) against the same kernel on the CPU: rank agreement on a
-   small KB, then pairs/s at the paper's sizes (40 text tokens, 50 patches, dt 512, dv 96, 110K entities);
+   small KB, then pairs/s at the paper's sizes (40 text tokens, 50 patches, h 96, 110K entities);
 2. training step: `train_step` with bf16 autocast and JD-CCL columns at the paper's shapes: median step time,
    finite loss parts;
 3. Stable Diffusion (needs diffusers and pydantic carried as wheels; skipped, and said so, without them): a
