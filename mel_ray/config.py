@@ -171,8 +171,10 @@ class TrainConfig(Section):
     eval_every: int = Field(1, ge=1)
     patience: int = Field(5, ge=1)
     sample_top: int | None = Field(None, ge=1)   # None: the pool's top-k; else k at random from its top-N
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0)      # AdamW; never on biases or normalisation layers (loop.decay_groups)
+    adam_betas: tuple[float, float] = (0.9, 0.999)                   # AdamW betas, each in [0, 1)
+    adam_eps: float = Field(1e-8, gt=0, allow_inf_nan=False)         # AdamW eps (PyTorch's; MIMIC: 1e-4)
+    grad_clip: float | None = Field(1.0, gt=0, allow_inf_nan=False)  # max gradient norm; null: no clipping
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)   # leave CPUs to Ray Data's readers: they feed the workers
@@ -183,6 +185,13 @@ class TrainConfig(Section):
     shuffle_buffer: int = Field(1024, ge=1)
     torch_threads: int = Field(1, ge=1)          # per CPU worker; more threads than cores only slows DDP down
     seed: int = Field(0, ge=0)
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError("AdamW betas must both be in [0, 1), e.g. [0.9, 0.999]")
+        return betas
 
 
 class SweepConfig(Section):

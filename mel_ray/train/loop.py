@@ -30,14 +30,40 @@ from mel_ray.scoring import HITS_AT, NonFiniteScores, chunks_of, rank_counts
 NONFINITE = "nonfinite"     # the metric (and state key) that carries a non-finite failure's line
 
 
+# every parameter of these modules (scale and shift) is exempt from weight decay, whatever the module's name
+NORM_MODULES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, torch.nn.LocalResponseNorm,
+                torch.nn.modules.batchnorm._NormBase)
+
+
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """MIMIC's AdamW groups: no weight decay on biases and LayerNorm weights."""
+    """MIMIC's AdamW groups: no weight decay on biases (of any module: Linear, Conv, ...) and on the parameters of
+    normalisation layers (every nn.LayerNorm, found by module type, not by name); decay on everything else."""
+    exempt: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, NORM_MODULES) or name == "bias":
+                exempt.add(id(param))
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if id(param) in exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
+    """AdamW over every trainable parameter with train.lr, adam_betas, adam_eps and weight_decay (decay_groups)."""
+    return torch.optim.AdamW(decay_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
+                             betas=tuple(cfg["adam_betas"]), eps=cfg["adam_eps"])
+
+
+def clip_gradients(parameters, max_norm: float | None) -> torch.Tensor:
+    """The global L2 norm of the gradients (before any clipping); with max_norm they are scaled down to at most
+    max_norm, with None they are left exactly as they are (MIMIC: no clipping). The norm feeds the step's
+    non-finite check either way."""
+    params = [p for p in parameters if p.grad is not None]
+    if max_norm is None:
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def dev_statistics(model: MELModel, store: EntityStore, dev: dict, rows: np.ndarray, cfg: dict) -> torch.Tensor:
@@ -97,7 +123,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mention
                                    cols.mask.to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    norm = clip_gradients(model.parameters(), cfg["grad_clip"])
     finite = bool(torch.isfinite(torch.stack([loss.detach(), norm.detach().to(loss.device)])).all())
     bad, _ = _world_any(not finite, device)
     if bad:
@@ -135,7 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
     dev = mention_tensors(config["features_uri"], config["dataset_uri"], "dev")
     dims = ModelDims(**model_dims_from(store.manifest), **config["dims"])
     model = MELModel(dims)
-    optimizer = torch.optim.AdamW(decay_groups(model, cfg["weight_decay"]), lr=cfg["lr"])
+    optimizer = make_optimizer(model, cfg)
     state = {"epoch": 0, "best_mrr": -1.0, "bad_evals": 0, "history": []}
 
     checkpoint = ray.train.get_checkpoint()
