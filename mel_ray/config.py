@@ -164,7 +164,7 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     lr: float = Field(1e-5, gt=0)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1)     # the global batch: each of num_workers workers takes an equal share
     epochs: int = Field(20, ge=1)
     k: int = Field(6, ge=0)                 # hard negatives per positive, sampled from the mined pool
     negatives: Literal["jaccard", "in_batch", "both"] = "both"
@@ -192,6 +192,14 @@ class TrainConfig(Section):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError("AdamW betas must both be in [0, 1), e.g. [0.9, 0.999]")
         return betas
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} is the global batch and must split evenly over "
+                             f"num_workers {self.num_workers} (e.g. batch_size "
+                             f"{self.batch_size // self.num_workers * self.num_workers or self.num_workers})")
+        return self
 
 
 class SweepConfig(Section):

@@ -56,6 +56,15 @@ def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
                              betas=tuple(cfg["adam_betas"]), eps=cfg["adam_eps"])
 
 
+def worker_batch_size(global_batch: int, world: int) -> int:
+    """train.batch_size is the global batch (MIMIC: 128 on one GPU): each of the `world` workers takes an equal
+    share, and DDP's gradient average over the ranks is the mean over the global batch."""
+    if global_batch % world:
+        raise ValueError(f"train.batch_size {global_batch} (the global batch) does not split evenly over "
+                         f"{world} workers")
+    return global_batch // world
+
+
 def clip_gradients(parameters, max_norm: float | None) -> torch.Tensor:
     """The global L2 norm of the gradients (before any clipping); with max_norm they are scaled down to at most
     max_norm, with None they are left exactly as they are (MIMIC: no clipping). The norm feeds the step's
@@ -185,6 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     shapes = store.shapes
+    worker_batch = worker_batch_size(cfg["batch_size"], world)
 
     for epoch in range(state["epoch"], cfg["epochs"]):
         model.train()
@@ -192,7 +202,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, float] = {}
         steps, fallbacks, t0 = 0, 0, time.perf_counter()
         failure = None
-        for batch in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow",
+        for batch in shard.iter_batches(batch_size=worker_batch, batch_format="pyarrow",
                                         local_shuffle_buffer_size=cfg["shuffle_buffer"],
                                         local_shuffle_seed=cfg["seed"] * 1000 + epoch):
             try:
