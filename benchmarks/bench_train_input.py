@@ -91,7 +91,7 @@ def bench_loop(config: dict) -> None:
         model_dims_from,
     )
     from mel_ray.model import MELModel, ModelDims
-    from mel_ray.train.loop import decay_groups, train_step
+    from mel_ray.train.loop import make_optimizer, train_step
 
     cfg = config["train"]
     torch.set_num_threads(cfg["torch_threads"])
@@ -103,7 +103,7 @@ def bench_loop(config: dict) -> None:
     n = len(memory["gold"])
     torch.manual_seed(0)
     model = MELModel(ModelDims(**model_dims_from(store.manifest)))
-    optimizer = torch.optim.AdamW(decay_groups(model, cfg["weight_decay"]), lr=cfg["lr"])
+    optimizer = make_optimizer(model, cfg)
     shard = ray.train.get_dataset_shard("train")
     bs = cfg["batch_size"]
     times: dict[str, list[list[float]]] = {"ray": [], "memory": []}

@@ -158,9 +158,10 @@ def extract(dataset: str, clip: str, key: str, n_s: int) -> str:
 def arm_config(arm: str, seed: int, args):
     from mel_ray.config import load_config
 
-    common = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=32", f"train.epochs={args.epochs}",
-              "train.lr=1e-3", "train.k=4", "train.negatives=jaccard", f"train.patience={args.epochs}",
-              f"train.seed={seed}", f"negatives.k={POOL_K}", "model.cvacpt_weight=1.0",
+    # batch_size is the global batch: 2 workers x 32, as in the runs docs/experiments.md records
+    common = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=64",
+              f"train.epochs={args.epochs}", "train.lr=1e-3", "train.k=4", "train.negatives=jaccard",
+              f"train.patience={args.epochs}", f"train.seed={seed}", f"negatives.k={POOL_K}", "model.cvacpt_weight=1.0",
               f"model.hidden={args.hidden}", "tracking.experiment=mel-ray-experiments"]
     return load_config(ROOT / "configs" / "demo.yaml", common + ARMS[arm][1])
 

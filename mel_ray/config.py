@@ -163,15 +163,17 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     lr: float = Field(1e-5, gt=0)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1)     # the global batch: each of num_workers workers takes an equal share
     epochs: int = Field(20, ge=1)
     k: int = Field(6, ge=0)                 # hard negatives per positive, sampled from the mined pool
     negatives: Literal["jaccard", "in_batch", "both"] = "both"
     eval_every: int = Field(1, ge=1)
     patience: int = Field(5, ge=1)
     sample_top: int | None = Field(None, ge=1)   # None: the pool's top-k; else k at random from its top-N
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0)      # AdamW; never on biases or normalisation layers (loop.decay_groups)
+    adam_betas: tuple[float, float] = (0.9, 0.999)                   # AdamW betas, each in [0, 1)
+    adam_eps: float = Field(1e-8, gt=0, allow_inf_nan=False)         # AdamW eps (PyTorch's; MIMIC: 1e-4)
+    grad_clip: float | None = Field(1.0, gt=0, allow_inf_nan=False)  # max gradient norm; null: no clipping
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)   # leave CPUs to Ray Data's readers: they feed the workers
@@ -182,6 +184,21 @@ class TrainConfig(Section):
     shuffle_buffer: int = Field(1024, ge=1)
     torch_threads: int = Field(1, ge=1)          # per CPU worker; more threads than cores only slows DDP down
     seed: int = Field(0, ge=0)
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError("AdamW betas must both be in [0, 1), e.g. [0.9, 0.999]")
+        return betas
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} is the global batch and must split evenly over "
+                             f"num_workers {self.num_workers} (e.g. batch_size "
+                             f"{self.batch_size // self.num_workers * self.num_workers or self.num_workers})")
+        return self
 
 
 class SweepConfig(Section):

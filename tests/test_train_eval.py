@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 
@@ -16,6 +17,12 @@ from mel_ray.eval.evaluate import evaluate
 from mel_ray.feature_store import EntityStore, mention_tensors
 
 pytestmark = pytest.mark.slow
+
+# MIMIC's optimizer (AdamW betas / eps / weight decay, no clipping) as the paper configs set it; a global batch
+# of 16 over 2 workers
+TRAIN = ["train.negatives=in_batch", "train.epochs=2", "train.batch_size=16", "train.num_workers=2",
+         "train.cpus_per_worker=0.5", "train.lr=1e-3", "train.adam_betas=[0.9, 0.999]", "train.adam_eps=1e-4",
+         "train.weight_decay=1e-4", "train.grad_clip=null", "model.hidden=16", "tracking.experiment=t"]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +47,7 @@ def trained(prepared, s3_server, mlflow_server):
     root, features = prepared
     bucket = f"train-{uuid.uuid4().hex[:12]}"
     services.create_bucket(s3_server.url, bucket)
-    cfg = load_config(None, ["train.negatives=in_batch", "train.epochs=2", "train.batch_size=16",
-                             "train.num_workers=2", "train.cpus_per_worker=0.5", "train.lr=1e-3",
-                             "model.hidden=16", "tracking.experiment=t",
-                             f"tracking.mlflow_uri={mlflow_server}"])
+    cfg = load_config(None, [*TRAIN, f"tracking.mlflow_uri={mlflow_server}"])
     result = train(cfg, str(root / "ds"), features_uri=features, storage_path=f"s3://{bucket}/runs",
                    run_name="t", tracking_dir=str(root))
     return root, features, result, bucket
@@ -59,10 +63,16 @@ def test_training_reports_every_epoch_and_logs_to_mlflow(trained, s3_client):
     assert any(k.endswith("/state.pt") for k in keys), keys[:20]
     assert result["tracking_uri"].startswith("http://127.0.0.1:")
     assert [h["epoch"] for h in result["history"]] == [1, 2]
+    # train.batch_size is the global batch: each of the 2 workers steps through its equal half 8 mentions at a time
+    n_train = len(mention_tensors(trained[1], str(root / "ds"), "train")["gold"])
+    assert result["history"][0]["steps"] == math.ceil(n_train // 2 / 8), n_train
     assert all(np.isfinite(h["loss_overall"]) and "dev_MRR" in h for h in result["history"])
     client = mlflow.tracking.MlflowClient(result["tracking_uri"])
     run = client.get_run(result["run_id"])
     assert run.data.params["train.epochs"] == "2" and "dev_H_at_1" in run.data.metrics
+    params = run.data.params
+    assert (params["train.adam_eps"], params["train.adam_betas"], params["train.grad_clip"]) == \
+        ("0.0001", "[0.9, 0.999]", "None")
     assert len(client.get_metric_history(result["run_id"], "loss_overall")) == 2
     names = {a.path for a in client.list_artifacts(result["run_id"])}
     assert {"config.yaml", "model.pt", "eval_report.json", "curves.png"} <= names
@@ -116,9 +126,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(prepared, trained):
     from mel_ray.train.run import train
 
     root, features = prepared
-    cfg = load_config(None, ["train.negatives=in_batch", "train.epochs=2", "train.batch_size=16",
-                             "train.num_workers=2", "train.cpus_per_worker=0.5", "train.lr=1e-3",
-                             "model.hidden=16", "tracking.experiment=t", "train.max_failures=2"])
+    cfg = load_config(None, [*TRAIN, "train.max_failures=2"])
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=train(
         cfg, str(root / "ds"), features_uri=features, storage_path=str(root / "runs-kill"), run_name="kill",

@@ -30,14 +30,50 @@ from mel_ray.scoring import HITS_AT, NonFiniteScores, chunks_of, rank_counts
 NONFINITE = "nonfinite"     # the metric (and state key) that carries a non-finite failure's line
 
 
+# every parameter of these modules (scale and shift) is exempt from weight decay, whatever the module's name
+NORM_MODULES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, torch.nn.LocalResponseNorm,
+                torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+                torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
+
+
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """MIMIC's AdamW groups: no weight decay on biases and LayerNorm weights."""
+    """MIMIC's AdamW groups: no weight decay on biases (of any module: Linear, Conv, ...) and on the parameters of
+    normalisation layers (every nn.LayerNorm, found by module type, not by name); decay on everything else."""
+    exempt: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, NORM_MODULES) or name == "bias":
+                exempt.add(id(param))
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if id(param) in exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
+    """AdamW over every trainable parameter with train.lr, adam_betas, adam_eps and weight_decay (decay_groups)."""
+    return torch.optim.AdamW(decay_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
+                             betas=tuple(cfg["adam_betas"]), eps=cfg["adam_eps"])
+
+
+def worker_batch_size(global_batch: int, world: int) -> int:
+    """train.batch_size is the global batch (MIMIC: 128 on one GPU): each of the `world` workers takes an equal
+    share, and DDP's gradient average over the ranks is the mean over the global batch."""
+    if global_batch % world:
+        raise ValueError(f"train.batch_size {global_batch} (the global batch) does not split evenly over "
+                         f"{world} workers")
+    return global_batch // world
+
+
+def clip_gradients(parameters, max_norm: float | None) -> torch.Tensor:
+    """The global L2 norm of the gradients (before any clipping); with max_norm they are scaled down to at most
+    max_norm, with None they are left exactly as they are (MIMIC: no clipping). The norm feeds the step's
+    non-finite check either way."""
+    params = [p for p in parameters if p.grad is not None]
+    if max_norm is None:
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def dev_statistics(model: MELModel, store: EntityStore, dev: dict, rows: np.ndarray, cfg: dict) -> torch.Tensor:
@@ -97,7 +133,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mention
                                    cols.mask.to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    norm = clip_gradients(model.parameters(), cfg["grad_clip"])
     finite = bool(torch.isfinite(torch.stack([loss.detach(), norm.detach().to(loss.device)])).all())
     bad, _ = _world_any(not finite, device)
     if bad:
@@ -135,7 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
     dev = mention_tensors(config["features_uri"], config["dataset_uri"], "dev")
     dims = ModelDims(**model_dims_from(store.manifest), **config["dims"])
     model = MELModel(dims)
-    optimizer = torch.optim.AdamW(decay_groups(model, cfg["weight_decay"]), lr=cfg["lr"])
+    optimizer = make_optimizer(model, cfg)
     state = {"epoch": 0, "best_mrr": -1.0, "bad_evals": 0, "history": []}
 
     checkpoint = ray.train.get_checkpoint()
@@ -159,6 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     shapes = store.shapes
+    worker_batch = worker_batch_size(cfg["batch_size"], world)
 
     for epoch in range(state["epoch"], cfg["epochs"]):
         model.train()
@@ -166,7 +203,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, float] = {}
         steps, fallbacks, t0 = 0, 0, time.perf_counter()
         failure = None
-        for batch in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow",
+        for batch in shard.iter_batches(batch_size=worker_batch, batch_format="pyarrow",
                                         local_shuffle_buffer_size=cfg["shuffle_buffer"],
                                         local_shuffle_seed=cfg["seed"] * 1000 + epoch):
             try:
