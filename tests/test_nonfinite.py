@@ -118,7 +118,7 @@ def test_evaluate_refuses_non_finite_scores_and_nan_weights(prepared, tmp_path, 
                                  "scores (NaN or inf) against the KB; no metrics reported")])
     assert "H@1" not in stdout and not out.exists()
     code, stdout, lines = _cli(tmp_path, capsys, *base, "--checkpoint", p["models"]["nan"], "--split", "dev")
-    assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 54 tensors hold NaN "
+    assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 66 tensors hold NaN "
                                  "or inf (first: tglu.w_q.weight); the model cannot be evaluated or used")])
     assert not out.exists()
 
@@ -156,7 +156,7 @@ def test_link_refuses_non_finite_scores(prepared, tmp_path, capsys):
                                  f"scores (NaN or inf) against the KB {p['ds']}; no links written")])
     assert not (tmp_path / "o1" / "links.parquet").exists()
     code, _, lines = _cli(tmp_path, capsys, *base, "--model", p["models"]["nan"], "--output", str(tmp_path / "o2"))
-    assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 54 tensors hold NaN "
+    assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 66 tensors hold NaN "
                                  "or inf (first: tglu.w_q.weight); the model cannot be evaluated or used")])
 
 

@@ -207,7 +207,7 @@ def test_decay_groups_by_module_type():
 def test_mel_model_optimizer_is_mimics_adamw():
     from mel_ray.model import MELModel, ModelDims
 
-    model = MELModel(ModelDims(text_global=16, text_local=16, image_global=16, image_local=24, dt=16, dv=8))
+    model = MELModel(ModelDims(text_global=16, text_local=16, image_global=16, image_local=24, hidden=8))
     cfg = load_config(ROOT / "configs" / "wikimel.yaml").train.model_dump()
     optimizer = make_optimizer(model, cfg)
     assert isinstance(optimizer, torch.optim.AdamW)
