@@ -248,6 +248,7 @@ def test_a_diverging_tune_trial_is_failed_and_gives_no_number(prepared, tmp_path
         assert f"| 2 | 0 | 1e+30 | {seed} | - | - | - | - | failed |" in result["table"]
         assert f"- {name}: {bad['error']}" in result["table"]
         assert f"[tune] trial {name} failed: {bad['error']}" in stdout
+    assert "## Arms: mean ± std over seeds" in stdout and result["arms_table"] in stdout     # 2 seeds: printed
     best = result["best"]
     assert best["params"]["lr"] == 1e-3
     assert best["metrics"]["best_dev_MRR"] == max(rows[1e-3, s]["dev_MRR"] for s in (1, 2))

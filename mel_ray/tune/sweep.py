@@ -267,7 +267,8 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     state = _sweep_state(experiment_path)
     if state.get("done") and state.get("tracking_uri") == uri:
         print(state["table"])
-        print(state.get("arms_table", ""))
+        if len(cfg.tune.seeds) > 1:
+            print(state.get("arms_table", ""))
         return {**state, "skipped": True, "experiment_path": experiment_path}
     _check_resources(cfg)
     parent = _parent_run(cfg, uri, experiment_path)
@@ -336,7 +337,8 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     failed = [r for r in results if r["status"] == "failed"]
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
     print(table)
-    print(arms_md)
+    if len(cfg.tune.seeds) > 1:     # the arms over seeds (in ablation.md always; one run per arm says little)
+        print(arms_md)
     for r in failed:        # e.g. a trial whose training diverged (NonFiniteError): its line, never its numbers
         print(f"[tune] trial {trial_name(r['params'])} failed: {r['error']}")
     summary = {"parent_run_id": parent, "tracking_uri": uri, "rows": rows, "table": table, "arms": arms,
