@@ -218,6 +218,10 @@ class SweepConfig(Section):
     evaluate_test: bool = True               # exact test evaluation of every trial (the table has dev and test)
     # train.* values for every trial (shorter epochs, the trial's workers and CPUs, ...), over the train section
     train: dict[str, Any] = Field(default_factory=dict)
+    # the arm (a grid point without its seed) every other arm is compared with over tune.seeds (paired t-test in
+    # ablation.md), by its swept values, e.g. {k: 4, views: 3}; an axis with one value may be left out.
+    # None: the grid's first arm
+    baseline: dict[str, int | float] | None = None
 
     @model_validator(mode="after")
     def _non_empty(self) -> SweepConfig:
@@ -226,6 +230,21 @@ class SweepConfig(Section):
         unknown = sorted(set(self.train) - set(TrainConfig.model_fields))
         if unknown:
             raise ValueError(f"tune.train: unknown train keys {unknown} (allowed: {sorted(TrainConfig.model_fields)})")
+        if self.baseline is not None:
+            import itertools
+
+            from mel_ray.tune.stats import arm_label, find_arm
+
+            axes = {"k": self.k, "views": self.views, "lr": self.lr, "cvacpt_weight": self.cvacpt_weight}
+            swept = {name: values for name, values in axes.items() if values}
+            other = sorted(set(self.baseline) - set(swept))
+            if not self.baseline or other:
+                raise ValueError(f"tune.baseline {self.baseline}: name the baseline arm by its swept values, keys "
+                                 f"among {sorted(swept)}{f' (not {other})' if other else ''}, e.g. "
+                                 f"{{k: {self.k[0]}, views: {self.views[0]}}}")
+            arms = [{"arm": arm, "name": arm_label(arm)}
+                    for arm in (dict(zip(swept, point)) for point in itertools.product(*swept.values()))]
+            find_arm(arms, self.baseline)
         return self
 
 

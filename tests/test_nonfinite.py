@@ -214,3 +214,76 @@ def test_a_nan_dev_score_is_never_kept_as_best(prepared, tmp_path, capsys, monke
     assert "dev_MRR" not in stdout
     state = _last_state(tmp_path)
     assert state["best_mrr"] == -1.0 and state["nonfinite"] in lines[0]
+
+
+@pytest.mark.slow
+def test_a_diverging_tune_trial_is_failed_and_gives_no_number(prepared, tmp_path, capsys):
+    """A sweep over lr 1e-3 / 1e30 x seeds 1, 2: the diverging trials are failed with their one line, their rows
+    have no metric, the best trial and the arms' means come from the finite ones only, and the artefacts say so."""
+    from mlflow.tracking import MlflowClient
+
+    from mel_ray.tune.sweep import run_sweep
+
+    p = prepared
+    cfg = load_config(None, [*SMALL, "tune.name=diverge", "tune.k=[2]", "tune.views=[0]", "tune.lr=[1e-3, 1e30]",
+                             "tune.seeds=[1, 2]", "tune.baseline={lr: 1e-3}", "tune.max_concurrent_trials=2",
+                             "tune.train={epochs: 1, num_workers: 1, cpus_per_worker: 0.45, max_failures: 0}",
+                             "train.negatives=in_batch", "train.batch_size=16", "tracking.experiment=nonfinite-tune"])
+    result = run_sweep(cfg, p["ds"], features_uri=p["features"], storage_path=str(tmp_path / "runs"),
+                       tracking_dir=str(tmp_path))
+    stdout = capsys.readouterr().out
+    metrics = ("dev_H@1", "dev_MRR", "test_H@1", "test_MRR")
+    rows = {(r["params"]["lr"], r["params"]["seed"]): r for r in result["rows"]}
+    assert sorted(rows) == [(1e-3, 1), (1e-3, 2), (1e30, 1), (1e30, 2)]
+    for seed in (1, 2):
+        good, bad = rows[1e-3, seed], rows[1e30, seed]
+        assert good["status"] == "done" and good["error"] is None and all(np.isfinite(good[m]) for m in metrics)
+        name = f"k2_ns0_lr1e+30_seed{seed}"
+        assert bad["status"] == "failed" and all(np.isnan(bad[m]) for m in metrics), bad
+        assert re.fullmatch(rf"train run '{re.escape(name)}': epoch 1, (step \d+ \(split 'train'\): (the loss is "
+                            r"(nan|inf)|the gradient norm is (nan|inf)) \(\d+ of \d+ mentions of the batch got "
+                            r"non-finite scores\); training stopped|dev evaluation \(split 'dev'\): \d+ of \d+ "
+                            r"mentions got non-finite scores \(NaN or inf\); training stopped, no dev metrics "
+                            r"reported)", bad["error"]), bad["error"]
+        assert f"| 2 | 0 | 1e+30 | {seed} | - | - | - | - | failed |" in result["table"]
+        assert f"- {name}: {bad['error']}" in result["table"]
+        assert f"[tune] trial {name} failed: {bad['error']}" in stdout
+    assert "## Arms: mean ± std over seeds" in stdout and result["arms_table"] in stdout     # 2 seeds: printed
+    best = result["best"]
+    assert best["params"]["lr"] == 1e-3
+    assert best["metrics"]["best_dev_MRR"] == max(rows[1e-3, s]["dev_MRR"] for s in (1, 2))
+
+    client = MlflowClient(result["tracking_uri"])
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["best_trial"] == f"k2_ns0_lr0.001_seed{best['params']['seed']}"
+    assert np.isfinite(parent.data.metrics["best_dev_MRR"])
+    exp = client.get_experiment_by_name("nonfinite-tune")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["k2_ns0_lr0.001_seed1", "k2_ns0_lr0.001_seed2"]
+    folder = tmp_path / "artifacts"
+    table = Path(client.download_artifacts(parent.info.run_id, "ablation.md", str(folder))).read_text()
+    assert "| 2 | 0 | 1e+30 | 1 | - | - | - | - | failed |" in table and "Failed trials (no metrics):" in table
+
+    # the arms (grid points without the seed) over the 2 seeds: the diverged arm has no mean and no p-value
+    arms = Path(client.download_artifacts(parent.info.run_id, "ablation_arms.json", str(folder))).read_text()
+    arms = json.loads(arms)
+    assert arms == result["arms"]
+    assert arms["baseline"] == {"arm": {"k": 2, "views": 0, "lr": 0.001}, "name": "k=2, views=0, lr=0.001",
+                                "source": "tune.baseline"}
+    good, bad = arms["arms"]
+    assert good["baseline"] and good["seeds"] == [1, 2] and bad["seeds"] == [1, 2]
+    for m in metrics:
+        values = [rows[1e-3, s][m] for s in (1, 2)]
+        assert good["values"][m] == values and good["stats"][m]["n"] == 2
+        assert good["stats"][m]["mean"] == pytest.approx(np.mean(values))
+        assert good["stats"][m]["std"] == pytest.approx(np.std(values, ddof=1))
+        assert bad["values"][m] == [None, None] and bad["stats"][m] == {"n": 0, "mean": None, "std": None}
+        assert bad["vs_baseline"][m] == {"n_pairs": 0, "seeds": [], "mean_diff": None, "t": "n/a", "p": "n/a",
+                                         "reason": "0 paired seeds with a finite result in both arms (needs 2)"}
+    assert "## Arms: mean ± std over seeds" in table and "Baseline: **k=2, views=0, lr=0.001** (tune.baseline)" in table
+    assert "| 2 | 0 | 1e+30 | 0 of 2 | - | - | - | - |" in table
+    mrr = good["stats"]["dev_MRR"]
+    assert "| 2 | 0 | 0.001 | 2 of 2 | " in table and f"{mrr['mean']:.4f} ± {mrr['std']:.4f}" in table
+    assert ("| 2 | 0 | 1e+30 | dev_MRR | 0 | - | - | n/a (0 paired seeds with a finite result in both arms "
+            "(needs 2)) |") in table

@@ -102,7 +102,14 @@ def test_killed_sweep_resumes_and_logs_parent_and_children(prepared, ray_local):
     parent = client.get_run(result["parent_run_id"])
     assert parent.info.status == "FINISHED" and "best_test_MRR" in parent.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"ablation.md", "heatmaps", "best"} <= artifacts
+    assert {"ablation.md", "ablation_arms.json", "heatmaps", "best"} <= artifacts
+    # without tune.seeds an arm is one trial (train.seed): its mean, no std, no paired test (the reason says why)
+    table = Path(client.download_artifacts(parent.info.run_id, "ablation.md", str(root / "artifacts"))).read_text()
+    assert "## Arms: mean ± std over seeds" in table and "Baseline: **k=2, views=2** (the grid's first arm" in table
+    arm_rows = [line for line in table.splitlines() if line.startswith(("| 2 | 2 | 1 of 1 | ", "| 4 | 2 | 1 of 1 | "))]
+    assert len(arm_rows) == 2 and not any("±" in line for line in arm_rows), arm_rows
+    assert "| 4 | 2 | dev_MRR | 1 | " in table and "n/a (1 paired seed with a finite result in both arms" in table
+    assert [a["name"] for a in result["arms"]["arms"]] == ["k=2, views=2", "k=4, views=2"]
     assert len(client.list_artifacts(parent.info.run_id, "heatmaps")) == 4
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "best")] == ["best/model.pt"]
 

@@ -9,8 +9,11 @@ One mined pool (negatives.k >= max k) and one feature set (synthetic views >= ma
 k is how many negatives a step samples from the pool, n_s caps the views CVaCPT may use (model.views).
 
 MLflow: a parent run for the sweep and a child run per trial (train() logs it, evaluate's test metrics are
-added); at the end the parent gets the ablation table (markdown, like Table 2), k x n_s heatmaps of dev and
-test H@1 / MRR, and the best trial's model. An interrupted sweep resumes with `Tuner.restore`: finished trials
+added); at the end the parent gets the ablation table (markdown, like Table 2, with the per-arm means ± std over
+`tune.seeds` and paired t-tests against `tune.baseline`: mel_ray.tune.stats; the arms also as
+ablation_arms.json), k x n_s heatmaps of dev and test H@1 / MRR, and the best trial's model. A trial that failed
+(training diverged: NonFiniteError) is listed as failed with its one line and gives no number to the table,
+the arms or "best". An interrupted sweep resumes with `Tuner.restore`: finished trials
 are kept, unfinished ones run again; the parent run id is kept next to the experiment so it is reused.
 """
 
@@ -166,7 +169,8 @@ def _parent_run(cfg: Config, tracking_uri: str, experiment_path: str) -> str:
 
 
 def ablation_rows(results: list[dict], grid: dict[str, list]) -> list[dict]:
-    """One row per trial (grid order), with the table metrics (NaN where a trial has none)."""
+    """One row per trial (grid order), with the table metrics (NaN where a trial has none), its status (done,
+    failed, stopped, missing) and a failed trial's one-line error."""
     rows = []
     by_params = {json.dumps(r["params"], sort_keys=True): r for r in results}
     for values in itertools.product(*grid.values()):
@@ -175,7 +179,7 @@ def ablation_rows(results: list[dict], grid: dict[str, list]) -> list[dict]:
         metrics = found.get("metrics", {})
         rows.append({"params": params, **{m: metrics.get(m if m.startswith("test_") else f"best_{m}", np.nan)
                                          for m in TABLE_METRICS},
-                     "status": found.get("status", "missing")})
+                     "status": found.get("status", "missing"), "error": found.get("error")})
     return rows
 
 
@@ -187,7 +191,26 @@ def ablation_table(rows: list[dict]) -> str:
         cells = [str(r["params"][n]) for n in names] + [f"{r[m]:.4f}" if np.isfinite(r[m]) else "-"
                                                          for m in TABLE_METRICS] + [r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:          # e.g. training diverged (NaN loss / non-finite dev scores): the line, never a number
+        lines += ["", "Failed trials (no metrics):", ""]
+        lines += [f"- {trial_name(r['params'])}: {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def arm_statistics(rows: list[dict], baseline: dict | None) -> tuple[dict, str]:
+    """The arms (grid points without the seed) with mean ± std over seeds and paired t-tests against the
+    baseline arm (tune.baseline, else the grid's first); the JSON object of ablation_arms.json and its markdown."""
+    from mel_ray.tune import stats
+
+    arms = stats.arms_from_rows(rows, TABLE_METRICS)
+    source = "tune.baseline" if baseline else "the grid's first arm; set tune.baseline to choose another"
+    stats.compare_with_baseline(arms, baseline or arms[0]["arm"], TABLE_METRICS)
+    base = next(a for a in arms if a["baseline"])
+    data = {"metrics": list(TABLE_METRICS), "baseline": {"arm": base["arm"], "name": base["name"], "source": source},
+            "test": "paired t-test (scipy.stats.ttest_rel), paired by seed, difference = arm - baseline",
+            "arms": arms}
+    return data, stats.arms_markdown(arms, TABLE_METRICS, source)
 
 
 def heatmaps(rows: list[dict], grid: dict[str, list], folder: Path) -> list[Path]:
@@ -244,6 +267,8 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     state = _sweep_state(experiment_path)
     if state.get("done") and state.get("tracking_uri") == uri:
         print(state["table"])
+        if len(cfg.tune.seeds) > 1:
+            print(state.get("arms_table", ""))
         return {**state, "skipped": True, "experiment_path": experiment_path}
     _check_resources(cfg)
     parent = _parent_run(cfg, uri, experiment_path)
@@ -282,10 +307,11 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     results = []
     for r in grid_results:
         metrics = dict(r.metrics or {}) if (r.metrics or {}).get("trial_done") else {}
-        status = "error" if r.error else ("done" if metrics else "stopped")
+        status = "failed" if r.error else ("done" if metrics else "stopped")
         results.append({"params": {k: r.config[k] for k in grid}, "metrics": metrics, "status": status,
                         "error": trial_error(r.error) if r.error else None})
     rows = ablation_rows(results, grid)
+    arms, arms_md = arm_statistics(rows, cfg.tune.baseline)
     finished = [r for r in results if r["metrics"]]
     best = max(finished, key=lambda r: r["metrics"].get("best_dev_MRR", -1.0), default=None)
 
@@ -293,8 +319,10 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         table = ablation_table(rows)
-        (tmp / "ablation.md").write_text(f"# {cfg.tune.name}: k x n_s (paper Table 2)\n\n{table}")
+        (tmp / "ablation.md").write_text(f"# {cfg.tune.name}: k x n_s (paper Table 2)\n\n{table}\n{arms_md}")
+        (tmp / "ablation_arms.json").write_text(json.dumps(_json_safe(arms), indent=1))
         client.log_artifact(parent, str(tmp / "ablation.md"))
+        client.log_artifact(parent, str(tmp / "ablation_arms.json"))
         for path in heatmaps(rows, grid, tmp):
             client.log_artifact(parent, str(path), "heatmaps")
         if best:
@@ -306,12 +334,15 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
                 if key.startswith(("best_dev_", "test_")) and isinstance(value, (int, float)):
                     client.log_metric(parent, f"best_{key}".replace("best_best_", "best_").replace("@", "_at_"),
                                       float(value))
-    failed = [r for r in results if r["status"] == "error"]
+    failed = [r for r in results if r["status"] == "failed"]
     client.set_terminated(parent, "FAILED" if failed else "FINISHED")
     print(table)
+    if len(cfg.tune.seeds) > 1:     # the arms over seeds (in ablation.md always; one run per arm says little)
+        print(arms_md)
     for r in failed:        # e.g. a trial whose training diverged (NonFiniteError): its line, never its numbers
         print(f"[tune] trial {trial_name(r['params'])} failed: {r['error']}")
-    summary = {"parent_run_id": parent, "tracking_uri": uri, "rows": rows, "table": table, "best": best}
+    summary = {"parent_run_id": parent, "tracking_uri": uri, "rows": rows, "table": table, "arms": arms,
+               "arms_table": arms_md, "best": best}
     if not failed:      # a finished sweep is not run again (a failed one resumes its errored trials)
         storage.write_json(storage.join(experiment_path, SWEEP_STATE),
                            _json_safe({**summary, "done": True}))
