@@ -200,7 +200,8 @@ def run_order(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
     """(a)/(b) first, then (c), then (d); every seed of a group before the next group, so a run stopped early
     (or out of time) has whole comparisons at every seed rather than every arm at one seed."""
     groups = [[a for a in g if a in arms] for g in PRIORITY] + [[a for a in arms if not any(a in g for g in PRIORITY)]]
-    return [(a, s) for group in groups for s in seeds for a in group]
+    order = [(a, s) for group in groups for s in seeds for a in group]
+    return list(dict.fromkeys(order))            # an arm listed in two groups runs (and is reported) once
 
 
 def run_arms(inputs: dict, out: Path, args) -> list[dict]:
@@ -566,8 +567,8 @@ def main(argv: list[str] | None = None) -> None:
                  f"{inputs['data_stats']['name_collision_rate']}, "
                  f"no-image rate {inputs['data_stats']['no_image_rate']}"),
         "negatives": f"pool k={POOL_K}: {inputs['negatives']}",
-        "views": f"{VIEWS} per mention from each of: " + "; ".join(SOURCES.values()),
-        "training": (f"train() with configs/demo.yaml + 2 workers x 0.5 CPU, batch 32, lr 1e-3, {args.epochs} epochs, "
+        "views": f"{VIEWS} per mention from each of: " + "; ".join(SOURCES[src] for src in inputs["views"]),
+        "training": (f"train() with configs/demo.yaml + 2 workers x 0.5 CPU, global batch 64 (32 per worker), lr 1e-3 (project optimiser defaults: eps 1e-8, weight decay 0.01, clipping 1.0), {args.epochs} epochs, "
                      f"model.hidden={args.hidden} "
                      "(no early stop), best dev-MRR checkpoint evaluated on test with evaluate() over the full KB"),
         "seeds": f"train.seed in {args.seeds}; data, mining and synthesis seeds fixed at 0",
