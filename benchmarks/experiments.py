@@ -568,7 +568,8 @@ def main(argv: list[str] | None = None) -> None:
                  f"no-image rate {inputs['data_stats']['no_image_rate']}"),
         "negatives": f"pool k={POOL_K}: {inputs['negatives']}",
         "views": f"{VIEWS} per mention from each of: " + "; ".join(SOURCES[src] for src in inputs["views"]),
-        "training": (f"train() with configs/demo.yaml + 2 workers x 0.5 CPU, global batch 64 (32 per worker), lr 1e-3 (project optimiser defaults: eps 1e-8, weight decay 0.01, clipping 1.0), {args.epochs} epochs, "
+        "training": ("train() with configs/demo.yaml + 2 workers x 0.5 CPU, global batch 64 (32 per worker), lr 1e-3 "
+                     f"(project optimiser defaults: eps 1e-8, weight decay 0.01, clipping 1.0), {args.epochs} epochs, "
                      f"model.hidden={args.hidden} "
                      "(no early stop), best dev-MRR checkpoint evaluated on test with evaluate() over the full KB"),
         "seeds": f"train.seed in {args.seeds}; data, mining and synthesis seeds fixed at 0",
