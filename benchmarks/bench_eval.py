@@ -238,7 +238,8 @@ def main() -> int:
         "| way | seconds | pairs/s | peak RSS (GiB) |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for way, title in (("reference", "MIMIC-style reference (its units as written, 6,000-entity chunks, double argsort)"),
+    for way, title in (("reference",
+                        "MIMIC-style reference (its units as written, 6,000-entity chunks, double argsort)"),
                        ("ours", "mel-ray rank_counts (entity side once, mean before V, counts)")):
         r = results[way]
         lines.append(f"| {title} | {r['seconds']:.1f} | {r['pairs_per_s']:,.0f} | {r['peak_gib']:.2f} |")

@@ -193,7 +193,8 @@ def run_arm(arm: str, seed: int, inputs: dict, out: Path, args) -> dict:
     return record
 
 
-PRIORITY = (("proc", "proc_in_batch", "proc_both", "proc_w0"), ("proc_k2", "proc_k6"), ("base", "in_batch", "w0", "proc"), ("k2", "k6", "both"), ("proc_ns1", "proc_ns2", "sd_ns1", "sd_ns2"))
+PRIORITY = (("proc", "proc_in_batch", "proc_both", "proc_w0"), ("proc_k2", "proc_k6"),
+            ("base", "in_batch", "w0", "proc"), ("k2", "k6", "both"), ("proc_ns1", "proc_ns2", "sd_ns1", "sd_ns2"))
 
 
 def run_order(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
@@ -445,8 +446,8 @@ def comparisons(records: list[dict]) -> list[str]:
              ("(d) SD n_s=2 − n_s=1", "sd_ns2", "sd_ns1"), ("(d) procedural n_s=3 − n_s=1", "proc", "proc_ns1"),
              ("(d) procedural n_s=2 − n_s=1", "proc_ns2", "proc_ns1"),
              ("procedural − SD views (n_s=3)", "proc", "base")]
-    lines = ["| comparison | seeds | Δ test H@1 (mean ± std) | Δ test MRR (mean ± std) | seeds where better (MRR) | "
-             "paired t-test p (MRR) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [("| comparison | seeds | Δ test H@1 (mean ± std) | Δ test MRR (mean ± std) | seeds where better (MRR) | "
+              "paired t-test p (MRR) |"), "| --- | ---: | ---: | ---: | ---: | ---: |"]
     seeds = sorted({r["seed"] for r in records})
     for label, a, b in pairs:
         both = [s for s in seeds if (a, s) in by and (b, s) in by]
@@ -458,7 +459,8 @@ def comparisons(records: list[dict]) -> list[str]:
         if len(both) < 2 or statistics.pstdev(dm) == 0:
             p = "n/a"
         else:
-            p = f"{ttest_rel([by[(a, s)]['test']['MRR'] for s in both], [by[(b, s)]['test']['MRR'] for s in both]).pvalue:.3f}"
+            test = ttest_rel([by[(a, s)]["test"]["MRR"] for s in both], [by[(b, s)]["test"]["MRR"] for s in both])
+            p = f"{test.pvalue:.3f}"
         lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {wins}/{len(both)} | {p} |")
     return lines
 

@@ -67,7 +67,7 @@ def _a_local(module: CVaCPT, tokens: torch.Tensor) -> torch.Tensor:
     """A^L on one mention's [P, C] tokens: convs over the sqrt(P-1)^2 patch grid (row-major, as CLIP numbers
     patches); CLS alone, so only the kernels' centre taps see it."""
     first, act, second = module.affine_local
-    side = int(round((tokens.shape[0] - 1) ** 0.5))
+    side = round((tokens.shape[0] - 1) ** 0.5)
     grid = tokens[1:].reshape(side, side, -1)
     patches = _conv_3x3_on_grid(second, act(_conv_3x3_on_grid(first, grid))).reshape(side * side, -1)
     cls = second.weight[:, :, 1, 1] @ act(first.weight[:, :, 1, 1] @ tokens[0] + first.bias) + second.bias
@@ -290,7 +290,7 @@ def test_each_unit_alone_learns_well_below_chance(unit):
     m, e = _latent_task(n, 7)
     net = model(1.0, seed=1).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    targets, mask = torch.arange(n), torch.ones(n, n, dtype=torch.bool)
+    targets = torch.arange(n)
     chance = float(np.log(n))
     with torch.no_grad():
         start = float(torch.nn.functional.cross_entropy(net(m, e)[unit], targets))
