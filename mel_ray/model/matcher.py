@@ -18,7 +18,8 @@ Every unit is split into an entity side (computed once per entity, reused for ev
 full-KB evaluation affordable), a mention side, and `pair_scores` [Nm, Ne]. The splits are exact algebra, not
 approximations; tests/mimic_reference.py computes the same scores pair by pair, straight from the equations:
 - TGLU: mean_l (A V) = (mean_l A) V, so the [Nm, Ne, Le, h] context tensor is never formed;
-- DUAL: p and a' are per side; only x, g, y are per pair.
+- DUAL: x, g and y are linear in per-side vectors with per-pair scalar weights, so the pair part is five
+  matrix products of width h plus scalar arithmetic (DUAL's docstring has the algebra).
 """
 
 from __future__ import annotations
@@ -84,7 +85,20 @@ class TGLU(nn.Module):
 
 
 class DUAL(nn.Module):
-    """One gated dual unit: query CLS a, key CLS b, key tokens U (all h wide)."""
+    """One gated dual unit: query CLS a, key CLS b, key tokens U (all h wide).
+
+    Written per pair, x, g and y are h-vectors for every (query, key) pair, with an h x h Linear each. They are
+    linear in per-side vectors with per-pair scalar weights, so the pair part needs only dot products of per-side
+    vectors (five query x key matrix products of width h) and scalar arithmetic. With c = centred (v - mean v):
+        s = p + a'           LN_add(s) = gamma_a * (c(p) + c(a')) * r + beta_a,  r = 1 / sqrt(|c(p) + c(a')|^2/h + eps)
+        x = r (P + A) + x0   P = W_f(gamma_a * c(p)) (key), A = W_f(gamma_a * c(a')) (query), x0 = W_f beta_a + b_f
+        g = tanh(r (<w_g,P> + <w_g,A>) + <w_g,x0> + b_g)
+        z = g x + b' = g r (P + A) + g x0 + b'
+        DUAL = <LN_out(z), LN_out(a')> = <c(z), rho> / sqrt(|c(z)|^2/h + eps) + <beta_o, LN_out(a')>,
+               rho = gamma_o * LN_out(a'),  c(z) = g r (c(P) + c(A)) + g c(x0) + c(b')
+    and |c(z)|^2 expands into the same per-side norms and cross products. tests/mimic_reference.py computes the
+    unit as written; tests/test_model.py checks the two agree (scores, ranks, gradients).
+    """
 
     def __init__(self, h: int):
         super().__init__()
@@ -92,19 +106,59 @@ class DUAL(nn.Module):
         self.ln_add, self.ln_out = nn.LayerNorm(h), nn.LayerNorm(h)
         self.w_g = nn.Linear(h, 1)                                         # <w_g, x> + b_g
 
+    def _through_fuse(self, centred: torch.Tensor) -> torch.Tensor:
+        """W_f(gamma_a * v) without W_f's bias (the bias is in x0)."""
+        return (self.ln_add.weight * centred) @ self.w_f.weight.T
+
+    def _x0(self) -> torch.Tensor:
+        return self.w_f(self.ln_add.bias)
+
     def query_side(self, a: torch.Tensor) -> dict:
         a1 = self.w_cls(a)
-        return {"a1": a1, "a_out": self.ln_out(a1)}
+        a_out = self.ln_out(a1)
+        a_c = _centred(a1)
+        big_a = self._through_fuse(a_c)
+        big_a_c = _centred(big_a)
+        x0_c = _centred(self._x0())
+        rho = self.ln_out.weight * a_out
+        return {"a_c": a_c, "a_sq": (a_c * a_c).sum(-1), "A_c": big_a_c, "A_sq": (big_a_c * big_a_c).sum(-1),
+                "A_wg": big_a @ self.w_g.weight[0], "A_x0": big_a_c @ x0_c, "A_rho": (big_a_c * rho).sum(-1),
+                "x0_rho": rho @ x0_c, "rho": rho, "beta_out": a_out @ self.ln_out.bias}
 
     def key_side(self, b: torch.Tensor, tokens: torch.Tensor) -> dict:
-        return {"b1": self.w_cls(b), "p": self.w_tok(tokens).mean(dim=1)}
+        b1 = self.w_cls(b)
+        p_c = _centred(self.w_tok(tokens).mean(dim=1))
+        big_p = self._through_fuse(p_c)
+        big_p_c, b1_c, x0_c = _centred(big_p), _centred(b1), _centred(self._x0())
+        return {"p_c": p_c, "p_sq": (p_c * p_c).sum(-1), "P_c": big_p_c, "P_sq": (big_p_c * big_p_c).sum(-1),
+                "P_wg": big_p @ self.w_g.weight[0], "P_x0": big_p_c @ x0_c, "P_b": (big_p_c * b1_c).sum(-1),
+                "b_c": b1_c, "b_sq": (b1_c * b1_c).sum(-1), "b_x0": b1_c @ x0_c}
 
     def pair_scores(self, query: dict, key: dict) -> torch.Tensor:
         """[N_query, N_key]."""
-        x = self.w_f(self.ln_add(key["p"][None, :, :] + query["a1"][:, None, :]))
-        g = torch.tanh(self.w_g(x))                                        # a scalar per pair
-        y = self.ln_out(g * x + key["b1"][None, :, :])
-        return (y * query["a_out"][:, None, :]).sum(-1)
+        q, k = query, key
+        h = q["a_c"].shape[-1]
+        x0 = self._x0()
+        x0_c = _centred(x0)
+        col, row = (lambda t: t[None, :]), (lambda t: t[:, None])       # per key / per query broadcast
+        # the five query x key products
+        pa = q["a_c"] @ k["p_c"].T
+        big_pa = q["A_c"] @ k["P_c"].T
+        p_rho = q["rho"] @ k["P_c"].T
+        b_rho = q["rho"] @ k["b_c"].T
+        a_b = q["A_c"] @ k["b_c"].T
+        r = torch.rsqrt((col(k["p_sq"]) + row(q["a_sq"]) + 2 * pa) / h + self.ln_add.eps)
+        g = torch.tanh(r * (col(k["P_wg"]) + row(q["A_wg"])) + x0 @ self.w_g.weight[0] + self.w_g.bias[0])
+        alpha = g * r
+        z_rho = alpha * (p_rho + row(q["A_rho"])) + g * row(q["x0_rho"]) + b_rho
+        z_sq = (alpha * alpha * (col(k["P_sq"]) + row(q["A_sq"]) + 2 * big_pa) + g * g * (x0_c @ x0_c)
+                + col(k["b_sq"]) + 2 * alpha * g * (col(k["P_x0"]) + row(q["A_x0"]))
+                + 2 * alpha * (col(k["P_b"]) + a_b) + 2 * g * col(k["b_x0"]))
+        return z_rho * torch.rsqrt(z_sq.clamp_min(0) / h + self.ln_out.eps) + row(q["beta_out"])
+
+
+def _centred(v: torch.Tensor) -> torch.Tensor:
+    return v - v.mean(dim=-1, keepdim=True)
 
 
 class VDLU(nn.Module):
