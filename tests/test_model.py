@@ -226,6 +226,21 @@ def test_every_unit_equals_the_papers_equations_pair_by_pair(seed):
         assert want[name].std() > 0.1, name            # not a degenerate (constant) unit
 
 
+@pytest.mark.parametrize("entities_per_block", [1, 4])
+def test_tglu_entity_blocks_give_the_same_scores(monkeypatch, entities_per_block):
+    """TGLU scores entities a cache-sized block at a time; blocks that split the KB chunk change nothing."""
+    from mel_ray.model import matcher
+
+    net = _perturbed_model(5)
+    m, e = batch(7, 300), batch(11, 301, views=False)
+    with torch.no_grad():
+        whole = net(m, e)["text"]
+        monkeypatch.setattr(matcher, "ATTENTION_BLOCK_FLOATS", entities_per_block * L * 7 * L)
+        blocked = net(m, e)["text"]
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(blocked, mimic_reference.scores(net, m, e)["text"], rtol=1e-5, atol=1e-4)
+
+
 def test_production_gradients_equal_the_references():
     """Training back-propagates through the production form: its gradients must be the equations' too."""
     net = _perturbed_model(3, torch.float64)

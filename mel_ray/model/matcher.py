@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+ATTENTION_BLOCK_FLOATS = 2_000_000      # TGLU's logits per entity block (8 MB in fp32)
+
 
 @dataclass
 class Side:
@@ -74,10 +76,18 @@ class TGLU(nn.Module):
         q, k = es["q"], ms["k"]                                           # [Ne, Le, h], [Nm, Lm, h]
         n_e, l_e, h = q.shape
         n_m, l_m, _ = k.shape
-        # one GEMM for every (entity token, mention token) pair; laid out [Ne, Le, Nm, Lm] so that the softmax
-        # (over mention tokens) runs on the last axis and no permuted copy of the big tensor is made
-        logits = (q.reshape(n_e * l_e, h) @ k.reshape(n_m * l_m, h).T).view(n_e, l_e, n_m, l_m)
-        mean_attention = logits.softmax(dim=-1).mean(dim=1).transpose(0, 1)    # mean_l A: [Nm, Ne, Lm]
+        keys = k.reshape(n_m * l_m, h).T
+        # a few entities at a time, so that each block's [entities, Le, Nm, Lm] logits stay in cache: softmax and
+        # mean are memory-bound, and blocks of ~8 MB run them ~2x faster than one tensor of hundreds of MB
+        block = max(1, ATTENTION_BLOCK_FLOATS // (l_e * n_m * l_m))
+        parts = []
+        for a in range(0, n_e, block):
+            q_block = q[a:a + block]
+            # one GEMM for every (entity token, mention token) pair, laid out [e, Le, Nm, Lm]: the softmax (over
+            # the mention's tokens) runs on the last axis and the big tensor is never permuted
+            logits = (q_block.reshape(-1, h) @ keys).view(q_block.shape[0], l_e, n_m, l_m)
+            parts.append(logits.softmax(dim=-1).mean(dim=1))                     # mean_l A: [e, Nm, Lm]
+        mean_attention = torch.cat(parts).transpose(0, 1)                        # [Nm, Ne, Lm]
         c = self.ln_t(torch.bmm(mean_attention, ms["v"]))                      # LN_T((mean_l A) V): [Nm, Ne, h]
         g2l = (c * es["c_query"][None]).sum(-1)
         g2g = ms["t"] @ es["t"].T
