@@ -6,7 +6,8 @@ calling the stage code directly:
 
 1. evaluation kernel: `rank_counts` with the model on the GPU and its inputs on the CPU (what the dev
    evaluation inside a GPU training worker does) against the same kernel on the CPU: rank agreement on a
-   small KB, then pairs/s at the paper's sizes (40 text tokens, 50 patches, h 96, 110K entities);
+   small KB (a mention whose ranks differ must have a competitor within NEAR_TIE of its gold score), then
+   pairs/s at the paper's sizes (40 text tokens, 50 patches, h 96, 110K entities);
 2. training step: `train_step` with bf16 autocast and JD-CCL columns at the paper's shapes: median step time,
    finite loss parts;
 3. Stable Diffusion (needs diffusers and pydantic carried as wheels; skipped, and said so, without them): a
@@ -40,10 +41,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_eval import build, ours
+from bench_eval import build, gold_gaps, ours
 from bench_eval import random_rows as eval_rows
 
 from mel_ray.train.loop import train_step
+
+NEAR_TIE = 1e-3     # scores are O(10) (no temperature); fp32 reductions in another order differ by ~1e-5 to 1e-4
 
 
 def sync(device: str) -> None:
@@ -59,6 +62,11 @@ def check_eval(device: str, args) -> dict:
     dev_ranks = ours(model, mentions, pool, args.check_entities, args.mention_batch, args.entity_chunk)
     same = float((cpu_ranks == dev_ranks).mean())
     worst = int(np.abs(cpu_ranks - dev_ranks).max())
+    # a rank that differs is a near-tie if some entity's score is within fp32 rounding of the gold's (on the CPU)
+    differ = np.flatnonzero(cpu_ranks != dev_ranks)
+    cpu_model, _, _ = build(0, args.check_entities, args.check_mentions, pool=min(args.check_entities, 4096))
+    gaps = gold_gaps(cpu_model, mentions, pool, differ, 512, args.check_entities) if len(differ) else []
+    max_gap = max(gaps, default=0.0)
 
     model, mentions, pool = build(0, args.entities, args.mentions, pool=min(args.entities, 8192))
     model = model.to(device)
@@ -70,10 +78,11 @@ def check_eval(device: str, args) -> dict:
     sync(device)
     seconds = time.perf_counter() - t0
     return {"ranks_identical_fraction": same, "max_rank_difference": worst,
+            "differing_mentions_max_gold_gap": max_gap,
             "check": f"{args.check_mentions} mentions x {args.check_entities} entities",
             "pairs": args.mentions * args.entities, "seconds": round(seconds, 2),
             "pairs_per_second": round(args.mentions * args.entities / seconds),
-            "ok": same >= 0.9 and worst <= 3}
+            "ok": worst <= 3 and max_gap <= NEAR_TIE}
 
 
 def check_train(device: str, args) -> dict:

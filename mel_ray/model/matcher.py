@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ATTENTION_BLOCK_FLOATS = 2_000_000      # TGLU's logits per entity block (8 MB in fp32)
+# TGLU's logits per entity block: 8 MB in fp32 on a CPU (cache-sized); a GPU wants few, large kernels instead
+ATTENTION_BLOCK_FLOATS = 2_000_000
+GPU_ATTENTION_BLOCK_FLOATS = 256_000_000
 
 
 @dataclass
@@ -79,7 +81,8 @@ class TGLU(nn.Module):
         keys = k.reshape(n_m * l_m, h).T
         # a few entities at a time, so that each block's [entities, Le, Nm, Lm] logits stay in cache: softmax and
         # mean are memory-bound, and blocks of ~8 MB run them ~2x faster than one tensor of hundreds of MB
-        block = max(1, ATTENTION_BLOCK_FLOATS // (l_e * n_m * l_m))
+        budget = ATTENTION_BLOCK_FLOATS if q.device.type == "cpu" else GPU_ATTENTION_BLOCK_FLOATS
+        block = max(1, budget // (l_e * n_m * l_m))
         parts = []
         for a in range(0, n_e, block):
             q_block = q[a:a + block]
