@@ -433,7 +433,7 @@ def summary_rows(records: list[dict]) -> list[dict]:
 
 def comparisons(records: list[dict]) -> list[str]:
     """Per-seed paired differences (same seed, same data), with the paired t-test the paper reports."""
-    from scipy.stats import ttest_rel
+    from mel_ray.tune.stats import paired_test
 
     by = {(r["arm"], r["seed"]): r for r in records}
     pairs = [("(a) jaccard − in_batch", "proc", "proc_in_batch"), ("(a) both − in_batch", "proc_both", "proc_in_batch"),
@@ -456,11 +456,8 @@ def comparisons(records: list[dict]) -> list[str]:
         dh = [by[(a, s)]["test"]["H@1"] - by[(b, s)]["test"]["H@1"] for s in both]
         dm = [by[(a, s)]["test"]["MRR"] - by[(b, s)]["test"]["MRR"] for s in both]
         wins = sum(d > 0 for d in dm)
-        if len(both) < 2 or statistics.pstdev(dm) == 0:
-            p = "n/a"
-        else:
-            test = ttest_rel([by[(a, s)]["test"]["MRR"] for s in both], [by[(b, s)]["test"]["MRR"] for s in both])
-            p = f"{test.pvalue:.3f}"
+        test = paired_test({s: by[(b, s)]["test"]["MRR"] for s in both}, {s: by[(a, s)]["test"]["MRR"] for s in both})
+        p = test["p"] if isinstance(test["p"], str) else f"{test['p']:.3f}"
         lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {wins}/{len(both)} | {p} |")
     return lines
 
