@@ -163,12 +163,38 @@ def _check_weights(name: str, weights: dict, dims: Any) -> None:
 
 
 def build_model(state: dict):
-    """The MELModel of a loaded checkpoint, in eval mode."""
+    """The MELModel of a loaded checkpoint, in eval mode, reading CLIP features: a fine-tuned model's encoder is
+    left out (its features come from `extract-features --checkpoint`, which `require_matching_features` checks)."""
     from mel_ray.model import MELModel, ModelDims
 
-    model = MELModel(ModelDims(**state["dims"]))
-    model.load_state_dict(state["model"])
+    dims = {**state["dims"], "encoder": "frozen", "encoder_config": None}
+    model = MELModel(ModelDims(**dims))
+    model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith("encoder.")})
     return model.eval()
+
+
+def encoder_fingerprint_of(state: dict) -> str | None:
+    """The fingerprint of a checkpoint's fine-tuned encoder (mel_ray.model.encoder), None for a frozen-mode one."""
+    from mel_ray.model.encoder import encoder_fingerprint, encoder_state
+
+    if state["dims"].get("encoder", "frozen") != "finetune":
+        return None
+    return encoder_fingerprint(encoder_state(state["model"]))
+
+
+def require_matching_features(state: dict, manifest: dict, features_uri: str, source: str) -> None:
+    """A feature set must come from the checkpoint's own encoder: the base CLIP for a frozen-mode model, its
+    fine-tuned CLIP (same fingerprint) for a finetune one. Anything else is refused with one line."""
+    made_with = manifest.get("settings", {}).get("encoder_checkpoint")
+    want = encoder_fingerprint_of(state)
+    if made_with == want:
+        return
+    if want is None:
+        raise UsageError(f"{features_uri}: made by a fine-tuned encoder, but {source} was trained on frozen CLIP "
+                         "features (model.encoder=frozen); use a feature set extracted without --checkpoint")
+    what = "the base CLIP" if made_with is None else "another fine-tuned encoder"
+    raise UsageError(f"{features_uri}: made by {what}, not by the fine-tuned encoder of {source} "
+                     f"(model.encoder=finetune); run `mel-ray extract-features --checkpoint {source}` and use that set")
 
 
 def export_model(state: dict, config, path: Path) -> Path:

@@ -159,10 +159,14 @@ class ModelConfig(Section):
     # A^G / A^L output layers: "random" (PyTorch's default init) or "identity" (zero, so CVaCPT starts as the
     # identity and learns a residual modulation); the paper does not say (docs/experiments.md compares both)
     cvacpt_init: Literal["random", "identity"] = "random"
+    # the encoding layer: "frozen" reads cached CLIP features (extract-features; fast sweeps), "finetune" trains
+    # CLIP's towers with the matcher on pixels and token ids (paper Sec. 4.1, MIMIC; train.encoder_lr)
+    encoder: Literal["frozen", "finetune"] = "frozen"
 
 
 class TrainConfig(Section):
     lr: float = Field(1e-5, gt=0)
+    encoder_lr: float = Field(1e-5, gt=0)   # model.encoder=finetune: CLIP's own rate (MIMIC 1e-5); lr is the heads'
     batch_size: int = Field(128, ge=1)     # the global batch: each of num_workers workers takes an equal share
     epochs: int = Field(20, ge=1)
     k: int = Field(6, ge=0)                 # hard negatives per positive, sampled from the mined pool

@@ -47,10 +47,11 @@ READ_CPUS = 0.25
 
 
 def find_features(dataset_uri: str, features_uri: str | None = None, *, model: str | None = None,
-                  cache_dir: str | None = None, several: str = "error") -> str:
+                  cache_dir: str | None = None, several: str = "error", encoder: str | None = None) -> str:
     """The feature set to use: `features_uri` when given, else the complete set under DATASET/features/
-    (made with the CLIP `model`, same fingerprint, when given). Several candidates are an error unless
-    several="first" (link: it reads only the KB's entity features; the first key in sorted order is taken)."""
+    (made with the CLIP `model`, same fingerprint, when given; with model, only sets whose fine-tuned encoder
+    fingerprint is `encoder`: None = the base CLIP). Several candidates are an error unless several="first"
+    (link: it reads only the KB's entity features; the first key in sorted order is taken)."""
     if features_uri:
         return features_uri
     if several not in ("error", "first"):
@@ -64,12 +65,15 @@ def find_features(dataset_uri: str, features_uri: str | None = None, *, model: s
         from mel_ray.models import DEFAULT_CACHE
 
         want = model_fingerprint(model, cache_dir or DEFAULT_CACHE)
-        made_with = [k for k in keys
-                     if read_manifest(storage.join(root, k)).get("model", {}).get("fingerprint") == want]
+        manifests = {k: read_manifest(storage.join(root, k)) for k in keys}
+        made_with = [k for k in keys if manifests[k].get("model", {}).get("fingerprint") == want
+                     and manifests[k].get("settings", {}).get("encoder_checkpoint") == encoder]
         other, keys = len(keys) - len(made_with), made_with
     if len(keys) == 1 or (keys and several == "first"):
         return storage.join(root, keys[0])
     made = f" made with {model}" if model is not None else ""
+    if model is not None and encoder is not None:
+        made += f" fine-tuned ({encoder[:12]}...; mel-ray extract-features --checkpoint)"
     if keys:
         raise UsageError(f"{root}: {len(keys)} complete feature sets{made} ({', '.join(keys)}); "
                          "pass the one to use (--features URI)")

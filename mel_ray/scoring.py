@@ -109,14 +109,15 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict | None,
 
     mentions: tensors of N mentions plus `gold` [N]; gold_features: entity tensors of those gold entities
     (row i = gold of mention i), or None for top-k only (new mentions, no gold: counts is then None);
-    entity_chunks yields (first entity id, entity tensors) covering the KB part. Inputs may live on the CPU
+    entity_chunks yields (first entity id, entity tensors) covering the KB part (or (entity ids [C], tensors) for
+    rows that are not consecutive). Inputs may live on the CPU
     (they come from Arrow / memory maps); the work runs where the model's weights are (a GPU during GPU
     training) and the results come back as numpy.
     Raises NonFiniteScores (which mentions) if any score of a mention, its gold's included, is NaN or inf.
     """
     model.eval()
     device = next(model.parameters()).device
-    n = mentions["text_global"].shape[0]
+    n = next(v for v in mentions.values() if isinstance(v, torch.Tensor)).shape[0]
     bounds = list(range(0, n, mention_batch)) + [n]
     spans = list(itertools.pairwise(bounds))
     mention_sides = [model.mention_side(model.mention_features(_on(mentions, device, a, b))) for a, b in spans]
@@ -127,9 +128,11 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict | None,
     tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in spans]
     bad: np.ndarray | None = None            # set at the first non-finite block: from then on only counted
     for first_id, chunk in entity_chunks:
-        n_chunk = chunk["text_global"].shape[0]
+        n_chunk = next(v for v in chunk.values() if isinstance(v, torch.Tensor)).shape[0]
         chunk_side = model.entity_side(model.entity_features(_on(chunk, device)))
-        ids_cpu = torch.arange(first_id, first_id + n_chunk)     # local_topk works in numpy
+        # local_topk works in numpy; a chunk is rows first_id.. of the KB, or the rows of given entity ids
+        ids_cpu = torch.arange(first_id, first_id + n_chunk) if isinstance(first_id, int) else \
+            torch.as_tensor(first_id, dtype=torch.long)
         ids = ids_cpu.to(device)
         for j, (a, b) in enumerate(spans):
             if gold_sides is None:

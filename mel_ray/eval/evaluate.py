@@ -21,10 +21,10 @@ import pyarrow as pa
 import torch
 
 from mel_ray import storage
-from mel_ray.checkpoints import build_model, load_checkpoint
+from mel_ray.checkpoints import build_model, load_checkpoint, require_matching_features
 from mel_ray.dataset import load_dataset
 from mel_ray.errors import NonFiniteError, UsageError
-from mel_ray.feature_store import EntityStore, mention_tensors
+from mel_ray.feature_store import EntityStore, mention_tensors, read_manifest
 from mel_ray.runtime import init_ray
 from mel_ray.scoring import NonFiniteScores, chunks_of, describe_rows, merge_topk, metrics_from_ranks, rank_counts
 
@@ -108,7 +108,9 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
 
     t0 = time.perf_counter()
     state = load_checkpoint(checkpoint_uri)     # validated here, before Ray and any shard starts
+    require_matching_features(state, read_manifest(features_uri), features_uri, checkpoint_uri)
     state.pop("config")                     # the shards need weights and dims only
+    state["model"] = build_model(state).state_dict()      # a fine-tuned encoder's weights stay here
     init_ray()
     ds = load_dataset(dataset_uri)
     n_entities = ds.num_entities

@@ -23,7 +23,9 @@ class Encoder:
     units."""
 
     def __init__(self, model: str, cache_dir: str, dtype: str | None, use_gpu: bool, image_size: tuple[int, int],
-                 text_length: int):
+                 text_length: int, weights=None):
+        """weights: a fine-tuned encoder's CLIP state dict (or a Ray object ref to one), loaded over `model`'s
+        (extract-features --checkpoint); `model` then only gives the architecture and the processor."""
         import torch
 
         from mel_ray.models import load_clip
@@ -40,6 +42,13 @@ class Encoder:
             self.device = "cpu"
             self.name = f"cpu/threads={torch.get_num_threads()}"
         self.model, _ = load_clip(model, self.device, dtype, cache_dir)
+        if weights is not None:
+            import ray
+
+            if isinstance(weights, ray.ObjectRef):
+                weights = ray.get(weights)
+            self.model.load_state_dict(weights)
+            self.name += "/fine-tuned"
         self.dtype = self.model.dtype
         self.image_size = tuple(image_size)
         self.text_length = text_length

@@ -89,6 +89,7 @@ class Plan:
     tables: dict[str, Table]
     inputs: dict
     tokenizer: Any = None
+    weights: Any = None              # a fine-tuned encoder's CLIP weights (extract-features --checkpoint)
 
 
 def _read_parquet_bytes(uri: str) -> tuple[pa.Table, str]:
@@ -134,7 +135,9 @@ def _load_synthetic(ds, key: str, views: int | None) -> tuple[dict[str, list[tup
 
 def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views: int | None, text_length: int,
           dtype: str | None, splits: tuple[str, ...], micro_batch: int, shard_rows: int, features_root: str | None,
-          cache_dir: str) -> Plan:
+          cache_dir: str, encoder_checkpoint: str | None = None) -> Plan:
+    """encoder_checkpoint: the fingerprint of a fine-tuned encoder's weights (mel_ray.model.encoder), part of
+    the key and the manifest's settings; None (the base CLIP) leaves both as they always were."""
     from transformers import CLIPConfig
 
     if text_length < 2:
@@ -184,6 +187,8 @@ def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views:
         "dtype": dtype or "model default", "micro_batch": micro_batch, "shard_rows": shard_rows,
         "synthetic": synthetic_key, "synthetic_views": n_s if synthetic_key else None, "inputs": inputs,
     }
+    if encoder_checkpoint:
+        settings["encoder_checkpoint"] = encoder_checkpoint
     settings = json.loads(json.dumps(settings, default=str))     # plain JSON types, as the manifest stores them
     key = settings_key(settings)
     root = features_root or ds.path("features")

@@ -162,7 +162,8 @@ def _run_ray(plan: Plan, units: list[dict], *, batch_size: int, concurrency: int
                         compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=num_gpus, num_cpus=num_cpus,
                         fn_constructor_kwargs={"model": plan.model, "cache_dir": plan.cache_dir, "dtype": plan.dtype,
                                                "use_gpu": num_gpus > 0, "image_size": list(plan.image_size),
-                                               "text_length": plan.text_length})
+                                               "text_length": plan.text_length,
+                                               "weights": None if plan.weights is None else ray.put(plan.weights)})
     batches = ds.iter_batches(batch_size=None, batch_format="numpy")
     _consume(Collector(plan, units, quiet), (row for batch in batches for row in _rows_of(batch)))
 
@@ -173,7 +174,8 @@ def _run_local(plan: Plan, units: list[dict], *, use_gpu: bool, quiet: bool) -> 
 
     threads = torch.get_num_threads()
     try:
-        encoder = Encoder(plan.model, plan.cache_dir, plan.dtype, use_gpu, plan.image_size, plan.text_length)
+        encoder = Encoder(plan.model, plan.cache_dir, plan.dtype, use_gpu, plan.image_size, plan.text_length,
+                          plan.weights)
 
         def rows():
             for unit in units:
@@ -186,11 +188,29 @@ def _run_local(plan: Plan, units: list[dict], *, use_gpu: bool, quiet: bool) -> 
         torch.set_num_threads(threads)
 
 
+def fine_tuned_encoder(checkpoint: str, model: str, cache_dir: str) -> tuple[dict, str]:
+    """(CLIP weights, their fingerprint) of a finetune checkpoint, refused (one line) when it is a frozen-mode
+    checkpoint or its CLIP architecture is not `model`'s."""
+    from mel_ray.checkpoints import load_checkpoint
+    from mel_ray.model.encoder import clip_config_of, encoder_fingerprint, encoder_state
+
+    state = load_checkpoint(checkpoint)
+    if state["dims"].get("encoder", "frozen") != "finetune":
+        raise UsageError(f"{checkpoint}: trained with model.encoder=frozen, so its encoder is {model} itself; "
+                         "extract features without --checkpoint")
+    if state["dims"].get("encoder_config") != clip_config_of(model, cache_dir):
+        raise UsageError(f"{checkpoint}: its fine-tuned CLIP has another architecture than models.clip={model}; "
+                         "set models.clip to the CLIP it was trained from")
+    weights = encoder_state(state["model"])
+    return weights, encoder_fingerprint(weights)
+
+
 def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synthetic_key: str | None = None,
                      views: int | None = None, dtype: str | None = None, splits: tuple[str, ...] | list[str] = SPLITS,
                      micro_batch: int = DEFAULT_MICRO_BATCH, shard_rows: int = DEFAULT_SHARD_ROWS,
                      num_cpus: float | None = None, decode_num_cpus: float = 0.5, features_root: str | None = None,
-                     cache_dir: str = DEFAULT_CACHE, engine: str = "ray", quiet: bool = False) -> dict:
+                     cache_dir: str = DEFAULT_CACHE, engine: str = "ray", quiet: bool = False,
+                     checkpoint: str | None = None) -> dict:
     """Write CLIP features of the dataset's entities and mentions (and synthetic views) under
     DATASET/features/<key>/ (or features_root/<key>/); returns the manifest plus `uri` and `run`.
 
@@ -205,6 +225,9 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
     num_cpus: the encoder actor pool; num_cpus None = 1 per actor with GPUs, else what fits next to one
     decode task. decode_num_cpus: CPUs per decode task. engine "local" runs everything in this process
     (debugging, the benchmark's baseline; same bytes). quiet: no progress lines on stderr.
+    checkpoint: a model trained with model.encoder=finetune (model.pt, a checkpoint folder or an MLflow run): its
+    fine-tuned CLIP weights encode everything (`model` gives the processor and the architecture); the set's key
+    and manifest carry the encoder's fingerprint, which evaluate and link check against their checkpoint.
     """
     from mel_ray.runtime import resolve_num_gpus
 
@@ -222,9 +245,11 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
         raise UsageError(f"engine {engine!r}: expected 'ray' or 'local'")
     t0 = time.perf_counter()
     model = pin_model(str(model))         # a hub id: the commit the key names and every encoder loads
+    weights, fingerprint = (None, None) if checkpoint is None else fine_tuned_encoder(checkpoint, model, cache_dir)
     plan = make_plan(str(dataset_uri), model, synthetic_key=synthetic_key, views=views, text_length=text_length,
                  dtype=dtype, splits=tuple(splits), micro_batch=micro_batch, shard_rows=shard_rows,
-                 features_root=features_root, cache_dir=cache_dir)
+                 features_root=features_root, cache_dir=cache_dir, encoder_checkpoint=fingerprint)
+    plan.weights = weights
     existing = set(storage.list_files(plan.uri))
     for table in plan.tables.values():
         table.pending = [s for s in range(table.n_shards(shard_rows)) if table.shard_name(s) not in existing]

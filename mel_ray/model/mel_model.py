@@ -4,18 +4,21 @@ VDLU, CMFU); ../shared/papers/mimic-matcher.md and the paper's Sec. 4.
 Inputs are cached CLIP features (mel_ray/features/): a batch is a dict of tensors with keys
 text_global [N, Dtg] (text_embeds), text_local [N, L, Dtl] (text last hidden state), text_mask [N, L] (not read:
 MIMIC does not mask padding), image_global [N, Dig] (image_embeds), image_local [N, P, Dil] (vision last hidden
-state, CLS + patches), and for mentions also synthetic_global [N, S, Dig] and n_views [N]. The encoder that
-produced them is frozen in this mode; `encoder` is kept as a module slot so an end-to-end mode can put CLIP there.
+state, CLS + patches), and for mentions also synthetic_global [N, S, Dig] and n_views [N]. With
+`encoder="frozen"` those are cached CLIP features and `encoder` is the identity; with `encoder="finetune"` it is
+CLIP itself (mel_ray/model/encoder.py), the batch holds token ids and pixels, and CLIP trains with the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from mel_ray.model.cvacpt import CVaCPT
+from mel_ray.model.encoder import ENCODER_MODES, ClipEncoder
 from mel_ray.model.matcher import CMFU, TGLU, VDLU, InputNorms, Side
 
 UNITS = ("text", "image", "cross")   # TGLU, VDLU, CMFU logits; "overall" is their mean
@@ -31,6 +34,8 @@ class ModelDims:
     cvacpt_weight: float = 1.0
     views: int | None = None  # n_s: use at most this many synthetic views per mention (None: all available)
     cvacpt_init: str = "random"   # "identity": A^G / A^L output layers start at zero (see CVaCPT)
+    encoder: str = "frozen"       # "finetune": CLIP is part of the model (encoder_config: its CLIPConfig dict)
+    encoder_config: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,7 +46,14 @@ class MELModel(nn.Module):
         super().__init__()
         self.dims = dims
         h = dims.hidden
-        self.encoder = nn.Identity()   # frozen CLIP features are the inputs in this mode
+        if dims.encoder not in ENCODER_MODES:
+            raise ValueError(f"encoder must be one of {ENCODER_MODES}, got {dims.encoder!r}")
+        if dims.encoder == "finetune":
+            if not dims.encoder_config:
+                raise ValueError("encoder 'finetune' needs encoder_config (the CLIP config)")
+            self.encoder = ClipEncoder(dims.encoder_config)
+        else:
+            self.encoder = nn.Identity()   # frozen CLIP features are the inputs
         self.w_ic = nn.Linear(dims.image_global, h)      # v_G = W_ic(image_embeds)      512 -> 96
         self.w_it = nn.Linear(dims.image_local, h)       # V_L = W_it(vision hidden)     768 -> 96
         self.cvacpt = CVaCPT(h, dims.text_global, weight=dims.cvacpt_weight, init=dims.cvacpt_init)
@@ -59,11 +71,12 @@ class MELModel(nn.Module):
         return self.norms(self._project(self.encoder(batch)))
 
     def mention_features(self, batch: dict) -> Side:
-        side = self._project(self.encoder(batch))
-        if "synthetic_global" in batch:              # features extracted without synthetic views: no CVaCPT
-            views = self.w_ic(batch["synthetic_global"])                   # VEs^G, same projection as VE^G
+        features = self.encoder(batch)
+        side = self._project(features)
+        if "synthetic_global" in features:           # features extracted without synthetic views: no CVaCPT
+            views = self.w_ic(features["synthetic_global"])                # VEs^G, same projection as VE^G
             side.image_global, side.image_local = self.cvacpt(
-                side.image_global, side.image_local, views, self.n_views(batch), side.text_global)
+                side.image_global, side.image_local, views, self.n_views(features), side.text_global)
         return self.norms(side)
 
     def n_views(self, batch: dict) -> torch.Tensor:
@@ -73,11 +86,24 @@ class MELModel(nn.Module):
 
     def cvacpt_maps(self, batch: dict) -> dict:
         """alpha/beta of the mention patches (paper Fig. 6), for plots."""
+        batch = self.encoder(batch)
         side = self._project(batch)
         views = self.w_ic(batch["synthetic_global"])
         _, _, alpha_l, beta_l, has_view = self.cvacpt.affine(side.image_global, side.image_local, views,
                                                             self.n_views(batch), side.text_global)
         return {"alpha": alpha_l, "beta": beta_l, "has_view": has_view}
+
+    @contextlib.contextmanager
+    def on_features(self):
+        """Inside: the model reads CLIP features, as in frozen mode (the encoder is bypassed). A fine-tuned model's
+        evaluation encodes KB chunks and mentions once with `self.encoder`, then scores those features with the
+        evaluation kernel (mel_ray.scoring), which calls entity_features / mention_features."""
+        encoder = self.encoder
+        self.encoder = nn.Identity()
+        try:
+            yield self
+        finally:
+            self.encoder = encoder
 
     def entity_side(self, entities: Side) -> dict:
         """Entity-side work of every unit: computed once per KB shard during evaluation."""

@@ -26,6 +26,9 @@ from mel_ray.feature_store import EntityStore, arrow_to_tensors, load_pools, men
 from mel_ray.model import MELModel, ModelDims
 from mel_ray.model.losses import build_columns, contrastive_loss
 from mel_ray.scoring import HITS_AT, NonFiniteScores, chunks_of, rank_counts
+from mel_ray.train import inputs as finetune_inputs
+from mel_ray.train.finetune import CandidateStore, pools_of
+from mel_ray.train.finetune import dev_statistics as finetune_dev_statistics
 
 NONFINITE = "nonfinite"     # the metric (and state key) that carries a non-finite failure's line
 
@@ -52,9 +55,19 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
-    """AdamW over every trainable parameter with train.lr, adam_betas, adam_eps and weight_decay (decay_groups)."""
-    return torch.optim.AdamW(decay_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
-                             betas=tuple(cfg["adam_betas"]), eps=cfg["adam_eps"])
+    """AdamW over every trainable parameter with train.lr, adam_betas, adam_eps and weight_decay (decay_groups).
+    A fine-tuned encoder (model.encoder, when it has parameters) gets its own rate, train.encoder_lr (MIMIC:
+    1e-5 for CLIP), with the same decay rule."""
+    encoder = getattr(model, "encoder", None)
+    encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    groups = []
+    for group in decay_groups(model, cfg["weight_decay"]):
+        heads = [p for p in group["params"] if id(p) not in encoder_ids]
+        tower = [p for p in group["params"] if id(p) in encoder_ids]
+        groups.append({**group, "params": heads})
+        if tower:
+            groups.append({**group, "params": tower, "lr": cfg.get("encoder_lr") or cfg["lr"]})
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]), eps=cfg["adam_eps"])
 
 
 def worker_batch_size(global_batch: int, world: int) -> int:
@@ -166,15 +179,26 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(cfg["torch_threads"])
     torch.manual_seed(cfg["seed"])
 
-    store = EntityStore(config["features_uri"])
-    pools = load_pools(config.get("negatives_uri"), store.num_entities)
-    dev = mention_tensors(config["features_uri"], config["dataset_uri"], "dev")
-    dims = ModelDims(**model_dims_from(store.manifest), **config["dims"])
+    finetune = config["dims"].get("encoder") == "finetune"
+    if finetune:                                    # pixels and token ids in; CLIP trains with the matcher
+        import ray
+
+        store, pools, dev = None, None, None
+        dims = ModelDims(**config["dims"])
+        tables = ray.get(config["finetune"]["tables"])
+        decode = config["finetune"]["decode"]
+    else:
+        store = EntityStore(config["features_uri"])
+        pools = load_pools(config.get("negatives_uri"), store.num_entities)
+        dev = mention_tensors(config["features_uri"], config["dataset_uri"], "dev")
+        dims = ModelDims(**model_dims_from(store.manifest), **config["dims"])
     model = MELModel(dims)
+    checkpoint = ray.train.get_checkpoint()
+    if finetune and not checkpoint:                 # the pretrained CLIP is where fine-tuning starts
+        model.encoder.load_pretrained(config["finetune"]["clip"], config["finetune"]["cache_dir"])
     optimizer = make_optimizer(model, cfg)
     state = {"epoch": 0, "best_mrr": -1.0, "bad_evals": 0, "history": []}
 
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:                                  # restarted after a failure: continue, never retrain epochs
         with checkpoint.as_directory() as folder:
             saved = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
@@ -188,26 +212,34 @@ def train_loop_per_worker(config: dict) -> None:
             return
 
     # CVaCPT's parameters get no gradient when w = 0 or the features carry no synthetic views
-    uses_cvacpt = dims.cvacpt_weight > 0.0 and "synthetic_global" in store.shapes
+    has_views = decode["n_views"] > 0 if finetune else "synthetic_global" in store.shapes
+    uses_cvacpt = dims.cvacpt_weight > 0.0 and has_views
     ddp_kwargs = {"find_unused_parameters": not uses_cvacpt}
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
     core: MELModel = model.module if hasattr(model, "module") else model
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
-    shapes = store.shapes
+    shapes = None if finetune else store.shapes
     worker_batch = worker_batch_size(cfg["batch_size"], world)
 
     for epoch in range(state["epoch"], cfg["epochs"]):
         model.train()
         rng = np.random.default_rng([cfg["seed"], epoch, rank])
         sums: dict[str, float] = {}
-        steps, fallbacks, t0 = 0, 0, time.perf_counter()
+        steps, fallbacks, blanks, t0 = 0, 0, 0, time.perf_counter()
         failure = None
-        for batch in shard.iter_batches(batch_size=worker_batch, batch_format="pyarrow",
+        for batch in shard.iter_batches(batch_size=worker_batch, batch_format="numpy" if finetune else "pyarrow",
                                         local_shuffle_buffer_size=cfg["shuffle_buffer"],
                                         local_shuffle_seed=cfg["seed"] * 1000 + epoch):
+            if finetune:
+                mentions, candidates = finetune_inputs.to_tensors(batch, decode)
+                blanks += int(np.sum(batch["blank_images"]))
+                step_store = CandidateStore(candidates)
+                step_pools = pools_of(mentions["gold"].numpy(), candidates)
+            else:
+                mentions, step_store, step_pools = arrow_to_tensors(batch, shapes), store, pools
             try:
-                parts, n_fallbacks = train_step(model, optimizer, arrow_to_tensors(batch, shapes), store, pools,
+                parts, n_fallbacks = train_step(model, optimizer, mentions, step_store, step_pools,
                                                 cfg, rng, device, use_gpu)
             except NonFiniteError as err:
                 failure = f"epoch {epoch + 1}, step {steps + 1} (split 'train'): {err.message}; training stopped"
@@ -220,14 +252,21 @@ def train_loop_per_worker(config: dict) -> None:
             stop_nonfinite(core, optimizer, state, dims, rank, epoch, failure)
             return
         metrics = {"epoch": epoch + 1, "steps": steps, "negative_fallbacks": fallbacks,
+                   **({"blank_images": blanks} if finetune else {}),
                    "restarts": state.get("restarts", 0),
                    "epoch_seconds": time.perf_counter() - t0,
                    **{k: v / max(steps, 1) for k, v in sums.items()}}
 
         if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
-            rows = np.arange(rank, len(dev["gold"]), world)
-            stats = dev_statistics(core, store, {k: v for k, v in dev.items()}, rows, cfg)
-            if world > 1:
+            if finetune:                            # the KB re-encoded with the current weights; summed over ranks
+                stats = finetune_dev_statistics(core, tables["dev"], tables["kb"], decode, rank, world, cfg, device,
+                                                4 + len(HITS_AT))
+                n_dev = tables["dev"].num_rows
+            else:
+                rows = np.arange(rank, len(dev["gold"]), world)
+                stats = dev_statistics(core, store, {k: v for k, v in dev.items()}, rows, cfg)
+                n_dev = len(dev["gold"])
+            if world > 1 and not finetune:
                 # NCCL only reduces CUDA tensors (gloo takes CPU ones); device is the worker's own
                 stats = stats.to(device)
                 torch.distributed.all_reduce(stats)
@@ -235,7 +274,7 @@ def train_loop_per_worker(config: dict) -> None:
             if stats[-1] > 0:
                 stop_nonfinite(core, optimizer, state, dims, rank, epoch,
                                f"epoch {epoch + 1}, dev evaluation (split 'dev'): {int(stats[-1])} of "
-                               f"{len(dev['gold'])} mentions got non-finite scores (NaN or inf); training stopped, "
+                               f"{n_dev} mentions got non-finite scores (NaN or inf); training stopped, "
                                "no dev metrics reported")
                 return
             metrics.update(metrics_from_statistics(stats))

@@ -24,7 +24,9 @@ from mel_ray.dataset import ENTITIES, load_dataset
 from mel_ray.errors import NonFiniteError, UsageError, unwrap
 from mel_ray.feature_store import find_features, mention_dataset, mention_tensors
 from mel_ray.keys import sha256_hex
+from mel_ray.model.encoder import clip_config_of, encoder_sizes
 from mel_ray.runtime import init_ray
+from mel_ray.train.inputs import FinetuneInputs, build_inputs, decoded
 from mel_ray.train.loop import NONFINITE, train_loop_per_worker
 from mel_ray.verify import require_dataset, require_features, require_negatives
 
@@ -58,8 +60,11 @@ def find_negatives(dataset_uri: str, negatives_uri: str | None, k_pool: int, mod
     return uri
 
 
-def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri: str | None, storage_path: str,
-                name: str, callbacks: list | None = None):
+def trainer_for(cfg: Config, dataset_uri: str, features_uri: str | None, negatives_uri: str | None,
+                storage_path: str, name: str, callbacks: list | None = None, finetune: FinetuneInputs | None = None):
+    """finetune: the reference tables of end-to-end training (model.encoder = finetune); features_uri is then
+    not read."""
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -71,6 +76,15 @@ def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri:
                  "views": cfg.model.views},
         "dataset_uri": dataset_uri, "features_uri": features_uri, "negatives_uri": negatives_uri,
     }
+    if finetune is not None:
+        clip_config = clip_config_of(cfg.models.clip, cfg.models.cache_dir)
+        loop_config["dims"].update(encoder="finetune", encoder_config=clip_config, **encoder_sizes(clip_config))
+        loop_config["finetune"] = {"tables": ray.put({k: finetune.tables[k] for k in ("dev", "kb")}),
+                                   "decode": finetune.decode_kwargs(), "clip": cfg.models.clip,
+                                   "cache_dir": cfg.models.cache_dir}
+        train_data = decoded(finetune.tables["train"], finetune)
+    else:
+        train_data = mention_dataset(features_uri, dataset_uri, "train")
     fs = None
     path = storage_path
     if storage.is_s3(storage_path):
@@ -91,7 +105,7 @@ def trainer_for(cfg: Config, dataset_uri: str, features_uri: str, negatives_uri:
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        datasets={"train": mention_dataset(features_uri, dataset_uri, "train")},
+        datasets={"train": train_data},
         dataset_config=ray.train.DataConfig(execution_options=ingest_options()),
     )
 
@@ -114,11 +128,17 @@ def load_checkpoint_state(checkpoint) -> dict:
 
 def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, negatives_uri: str | None = None,
           storage_path: str | None = None, run_name: str = "train", tracking_dir: str = ".",
-          parent_run_id: str | None = None, callbacks: list | None = None) -> dict:
+          parent_run_id: str | None = None, callbacks: list | None = None,
+          synthetic_key: str | None = None) -> dict:
     """Train on Ray Train and record one MLflow run; returns run id, history, best dev metrics, checkpoint URI.
 
     parent_run_id: make the MLflow run a child (a Tune trial of a sweep); callbacks: Ray Train callbacks
     (a sweep passes Tune's TuneReportCallback so each epoch's metrics reach Tune).
+
+    model.encoder=finetune: CLIP trains with the matcher on pixels and token ids (mel_ray.train.inputs; the views
+    of DATASET/synthetic/<synthetic_key>, none when it is None); features_uri is not read. Once training is
+    done the best checkpoint's encoder writes a feature set (extract-features --checkpoint, a Ray Data actor
+    pool), returned as `features_uri`, so `evaluate` and `link` work on the fine-tuned model.
 
     A NaN or infinite loss, gradient or dev score stops the run: NonFiniteError naming the run, the epoch and
     step or split and how many mentions were affected; nothing is logged to MLflow and no model exported.
@@ -127,14 +147,18 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     from mel_ray.plots import plot_curves
 
     require_dataset(dataset_uri)        # every input checked here, on the driver, before any worker reads it
-    features_uri = find_features(dataset_uri, features_uri)
-    require_features(features_uri, dataset_uri)
+    finetune = cfg.model.encoder == "finetune"
+    if not finetune:
+        features_uri = find_features(dataset_uri, features_uri)
+        require_features(features_uri, dataset_uri)
     negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
     if cfg.train.k > cfg.negatives.k and cfg.train.negatives != "in_batch":
         raise UsageError(f"train.k = {cfg.train.k} is larger than the mined pool negatives.k = {cfg.negatives.k}")
     storage_path = storage_path or cfg.tracking.storage
     init_ray()
-    trainer = trainer_for(cfg, dataset_uri, features_uri, negatives_uri, storage_path, run_name, callbacks)
+    inputs = finetune_inputs(cfg, dataset_uri, negatives_uri, synthetic_key) if finetune else None
+    trainer = trainer_for(cfg, dataset_uri, None if finetune else features_uri, negatives_uri, storage_path,
+                          run_name, callbacks, finetune=inputs)
     result = trainer.fit()
     if result.error:
         cause = unwrap(result.error)        # a DataError raised in a worker: its own line, not Ray's wrapping
@@ -151,6 +175,8 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     best_metrics = max((h for h in history if "dev_MRR" in h), key=lambda h: h["dev_MRR"], default=history[-1])
     # Ray reports paths inside its storage filesystem; users (and `evaluate`) need a URI
     best_uri = f"s3://{best.path}" if storage.is_s3(storage_path) else best.path
+    if finetune:                            # the fine-tuned encoder's features: what evaluate and link read
+        features_uri = fine_tuned_features(cfg, dataset_uri, best_uri, synthetic_key)
 
     uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, tracking_dir)
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
@@ -182,6 +208,33 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
              best_metrics.get("dev_MRR", float("nan")), best_metrics["epoch"], run_id, uri)
     return {"run_id": run_id, "tracking_uri": uri, "best": best_metrics, "history": history,
             "checkpoint": best_uri, "features_uri": features_uri, "negatives_uri": negatives_uri}
+
+
+def finetune_inputs(cfg: Config, dataset_uri: str, negatives_uri: str | None,
+                    synthetic_key: str | None) -> FinetuneInputs:
+    """The reference tables of end-to-end training; says once (a warning) when the release has no images."""
+    from mel_ray.feature_store import load_pools
+
+    t = cfg.train
+    pools = load_pools(negatives_uri, load_dataset(dataset_uri).num_entities)
+    head = 0 if t.negatives == "in_batch" else max(t.k, t.sample_top or 0)
+    inputs = build_inputs(dataset_uri, cfg.models.clip, text_length=cfg.features.text_length,
+                          synthetic_key=synthetic_key, views=cfg.synthesize.views if synthetic_key else None,
+                          pools=pools, pool_head=head, seed=t.seed, cache_dir=cfg.models.cache_dir)
+    if not any(inputs.images.values()):
+        log.warning("%s: no entity or mention has an image; fine-tuning trains on all-zero pixel tensors "
+                    "(text only, as MIMIC feeds a missing image)", dataset_uri)
+    return inputs
+
+
+def fine_tuned_features(cfg: Config, dataset_uri: str, checkpoint: str, synthetic_key: str | None) -> str:
+    """extract-features --checkpoint with the training's own settings: the feature set evaluate and link read."""
+    from mel_ray.features import extract_features
+
+    manifest = extract_features(dataset_uri, cfg.models.clip, cfg.features, synthetic_key=synthetic_key,
+                                views=cfg.synthesize.views if synthetic_key else None,
+                                cache_dir=cfg.models.cache_dir, checkpoint=checkpoint, quiet=True)
+    return manifest["uri"]
 
 
 def patch_maps(state: dict, cfg: Config, dataset_uri: str, features_uri: str, path: Path) -> Path | None:

@@ -1,0 +1,111 @@
+"""The encoding layer trained end to end (`model.encoder: finetune`; paper Sec. 4.1 "we jointly train both the
+encoding layer and the matcher", as MIMIC does): CLIP's text and vision towers turn token ids and pixels into the
+features MELModel reads, the same features extract-features stores (docs/data-contract.md "CLIP features"):
+
+    text_global  = TE^G = text_embeds / ||text_embeds||        (CLIP's pooled EOS state, projected)
+    text_local   = TE^L = the text tower's last hidden state    [L, D_text]
+    image_global = VE^G = image_embeds / ||image_embeds||      (CLS, post-LN, projected)
+    image_local  = VE^L = the vision tower's last hidden state  [1 + patches, D_vision]
+    synthetic_global = VEs^G of each synthetic view (Sec. 4.3: the views go through the same VIS_enc)
+
+In `frozen` mode the features are read from a feature set and `MELModel.encoder` is the identity; here the same
+arithmetic runs with gradients (tests/test_finetune.py checks the two agree on the same inputs).
+
+A batch for this encoder holds `input_ids` [N, L], `attention_mask` [N, L] and `pixels` [N, 3, H, W]; mentions
+also `view_pixels` [N, S, 3, H, W] with `n_views` [N] (rows past n_views are padding and are not encoded).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ENCODER_MODES = ("frozen", "finetune")
+
+
+def _normalize(t: torch.Tensor) -> torch.Tensor:
+    """CLIPModel's `_get_vector_norm` division, so TE^G / VE^G equal the frozen features' arithmetic."""
+    return t / torch.pow(torch.sum(torch.pow(t, 2), dim=-1, keepdim=True), 0.5)
+
+
+class ClipEncoder(nn.Module):
+    """CLIP's towers as a trainable module. Built from a CLIP config (the checkpoint holds the weights); the
+    pretrained weights are loaded once, at the start of training, by `load_pretrained`."""
+
+    def __init__(self, clip_config: dict):
+        super().__init__()
+        from transformers import CLIPConfig, CLIPModel
+
+        self.clip = CLIPModel(CLIPConfig.from_dict(clip_config))
+        self.clip.logit_scale.requires_grad_(False)     # CLIP's contrastive temperature: not used by MEL
+
+    def load_pretrained(self, id_or_path: str, cache_dir: str) -> None:
+        from transformers import CLIPModel
+
+        from mel_ray.models import pretrained_args
+
+        path, pinned = pretrained_args(id_or_path, cache_dir)
+        self.clip.load_state_dict(CLIPModel.from_pretrained(path, **pinned).state_dict())
+
+    def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return _normalize(out.pooler_output), out.last_hidden_state
+
+    def image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = next(self.clip.vision_model.parameters()).dtype
+        out = self.clip.get_image_features(pixel_values=pixels.to(dtype))
+        return _normalize(out.pooler_output), out.last_hidden_state
+
+    def forward(self, batch: dict) -> dict:
+        text_global, text_local = self.text(batch["input_ids"], batch["attention_mask"])
+        image_global, image_local = self.image(batch["pixels"])
+        out = {"text_global": text_global, "text_local": text_local, "text_mask": batch["attention_mask"].bool(),
+               "image_global": image_global, "image_local": image_local}
+        if "view_pixels" in batch:
+            views, n_views = batch["view_pixels"], batch["n_views"]
+            n, s = views.shape[:2]
+            used = torch.arange(s, device=views.device)[None, :] < n_views[:, None]          # [N, S]
+            synthetic = image_global.new_zeros(n, s, image_global.shape[-1])
+            if bool(used.any()):
+                synthetic[used] = self.image(views[used])[0].to(synthetic.dtype)
+            out["synthetic_global"], out["n_views"] = synthetic, n_views
+        return out
+
+
+def encoder_sizes(clip_config: dict) -> dict:
+    """The feature widths ClipEncoder gives (ModelDims' text_global .. image_local) from a CLIP config dict."""
+    text, vision = clip_config["text_config"], clip_config["vision_config"]
+    return {"text_global": clip_config["projection_dim"], "text_local": text["hidden_size"],
+            "image_global": clip_config["projection_dim"], "image_local": vision["hidden_size"]}
+
+
+def clip_config_of(id_or_path: str, cache_dir: str) -> dict:
+    """A CLIP model's config as a plain dict (what a finetune checkpoint's dims carry)."""
+    import json
+
+    from transformers import CLIPConfig
+
+    from mel_ray.models import pretrained_args
+
+    path, pinned = pretrained_args(id_or_path, cache_dir)
+    return json.loads(CLIPConfig.from_pretrained(path, **pinned).to_json_string(use_diff=False))
+
+
+def encoder_state(state_dict: dict) -> dict:
+    """The CLIP weights inside a finetune MELModel's state dict, under CLIPModel's own names."""
+    prefix = "encoder.clip."
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def encoder_fingerprint(state_dict: dict) -> str:
+    """sha256 over the encoder's weights (names, shapes, dtypes, bytes): the identity of a fine-tuned encoder,
+    stored in the feature sets made with it, so evaluation never pairs a checkpoint with another encoder's
+    features."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
