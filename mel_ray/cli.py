@@ -156,7 +156,7 @@ def _cmd_extract_features(args: argparse.Namespace) -> int:
 
     cfg = _config(args, **{"data.dataset": args.dataset, "models.clip": args.model, "synthesize.views": args.views})
     return _report(pipeline.features_stage(cfg, root=".", synthetic=args.synthetic,
-                                           with_views=not args.no_synthetic))
+                                           with_views=not args.no_synthetic, checkpoint=_here(args.checkpoint)))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "synthesize settings write, as jobs/extract_features.py does)")
     p.add_argument("--no-synthetic", action="store_true", help="entities and mentions only, no synthetic views")
     p.add_argument("--views", type=int, help="n_s: encode the first N views (default: synthesize.views)")
+    p.add_argument("--checkpoint", help="a model trained with model.encoder=finetune (model.pt, checkpoint folder "
+                   "or MLflow run): encode with its fine-tuned CLIP, so evaluate and link can use it")
     p.set_defaults(func=_cmd_extract_features)
 
     p = sub.add_parser("train", parents=[common], help="distributed JD-CCL + CVaCPT training on Ray Train")

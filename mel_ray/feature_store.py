@@ -152,7 +152,9 @@ def arrow_to_tensors(table: pa.Table | pa.RecordBatch, shapes: dict) -> dict[str
             values = col.values.to_numpy(zero_copy_only=False).reshape(rows, *shapes[name])
             out[name] = torch.from_numpy(values.astype(np.float32))
         elif name == "text_mask":
-            out[name] = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(rows, -1).astype(bool))
+            # the list's own width: a gather of zero rows (a rank adding no entity to a step) still has a shape
+            width = col.type.list_size if pa.types.is_fixed_size_list(col.type) else -1
+            out[name] = torch.from_numpy(col.values.to_numpy(zero_copy_only=False).reshape(rows, width).astype(bool))
         elif name in ("n_views", "entity_id", "gold"):
             out[name] = torch.from_numpy(col.to_numpy(zero_copy_only=False).astype(np.int64))
     return out

@@ -247,12 +247,14 @@ def synthetic_key(cfg: Config) -> str:
     return plan_synthesis(cfg.models.diffusion, cfg.synthesize, cfg.models.cache_dir).key
 
 
-def encode_features(cfg: Config, dataset: str, key: str | None) -> Outcome:
-    """key: the synthetic/<key> whose first synthesize.views views to encode; None: no synthetic views."""
+def encode_features(cfg: Config, dataset: str, key: str | None, checkpoint: str | None = None) -> Outcome:
+    """key: the synthetic/<key> whose first synthesize.views views to encode; None: no synthetic views.
+    checkpoint: a finetune model whose fine-tuned CLIP encodes (extract-features --checkpoint)."""
     from mel_ray.features import extract_features
 
     manifest = extract_features(dataset, cfg.models.clip, cfg.features, synthetic_key=key,
-                                views=cfg.synthesize.views if key else None, cache_dir=cfg.models.cache_dir)
+                                views=cfg.synthesize.views if key else None, cache_dir=cfg.models.cache_dir,
+                                checkpoint=checkpoint)
     run = manifest["run"]
     note = (f"{manifest['uri']}: {run['shards_written']} shards written, {run['shards_skipped']} already there, "
             f"on {device_note(run['num_gpus'])}")
@@ -260,15 +262,15 @@ def encode_features(cfg: Config, dataset: str, key: str | None) -> Outcome:
 
 
 def features_stage(cfg: Config, root: str | os.PathLike = ".", synthetic: str | None = None, *,
-                   with_views: bool = True) -> StageResult:
+                   with_views: bool = True, checkpoint: str | None = None) -> StageResult:
     """synthetic: the synthetic/<key> to encode; default: the one the config's synthesize settings write.
-    with_views=False: entities and mentions only, no synthetic views."""
+    with_views=False: entities and mentions only, no synthetic views. checkpoint: a finetune model (its CLIP)."""
     from mel_ray.verify import require_dataset
 
     cfg = resolve_paths(cfg, root)
     require_dataset(cfg.data.dataset)      # before the synthesis key (which reads the diffusion model's files)
     key = (synthetic or synthetic_key(cfg)) if with_views else None
-    return _timed("extract_features", encode_features, cfg, cfg.data.dataset, key)
+    return _timed("extract_features", encode_features, cfg, cfg.data.dataset, key, checkpoint)
 
 
 # ------------------------------------------------------------------------------------------ train, evaluate
@@ -290,17 +292,36 @@ def run_folder(cfg: Config, name: str) -> str:
     return storage.join(cfg.tracking.storage, name)
 
 
-def train_model(cfg: Config, dataset: str, features: str, root: str | os.PathLike, base: str = "pipeline",
+def finetuning(cfg: Config) -> bool:
+    """model.encoder=finetune: training reads pixels (not a feature set) and makes its own features at the end."""
+    return cfg.model.encoder == "finetune"
+
+
+def finetune_views(cfg: Config, dataset: str) -> str | None:
+    """The synthetic/<key> the config's synthesize settings write, when that run is complete; else None (a
+    fine-tuned model then trains without views: CVaCPT is the identity)."""
+    key = synthetic_key(cfg)
+    return key if storage.exists(storage.join(dataset, "synthetic", key, "complete.json")) else None
+
+
+def train_model(cfg: Config, dataset: str, features: str | None, root: str | os.PathLike, base: str = "pipeline",
                 negatives: str | None = None) -> Outcome:
+    """features: the frozen feature set (model.encoder=frozen); with finetune it is not read: the synthetic views
+    of the config's synthesize settings are used when complete, and the run's own features come back in
+    `features_uri`."""
     from mel_ray.train.run import train
 
+    synthetic = finetune_views(cfg, dataset) if finetuning(cfg) else None
+    if finetuning(cfg):
+        features = f"pixels+views:{synthetic}"      # the run's name follows what it reads
     name = run_name(cfg, dataset, features, base, negatives)
     marker = storage.join(run_folder(cfg, name), TRAIN_MARKER)
     if storage.exists(marker):
         result = storage.read_json_object(marker)
         return Outcome(result, False, f"already trained: MLflow run {result['run_id']}", _train_info(result, name))
-    result = train(cfg, dataset, features_uri=features, negatives_uri=negatives, storage_path=cfg.tracking.storage,
-                   run_name=name, tracking_dir=str(Path(root).absolute()))
+    result = train(cfg, dataset, features_uri=None if finetuning(cfg) else features, negatives_uri=negatives,
+                   storage_path=cfg.tracking.storage, run_name=name, tracking_dir=str(Path(root).absolute()),
+                   synthetic_key=synthetic)
     kept = {k: result[k] for k in ("run_id", "tracking_uri", "best", "checkpoint", "features_uri", "negatives_uri")}
     storage.write_json(marker, json.loads(json.dumps(kept, default=float)))
     best = result["best"]
@@ -327,7 +348,10 @@ def train_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None
     """features: the features/<key> URI; default: the only complete set under the dataset. negatives: a
     negatives/k{K}.parquet URI; default: the one negatives.k names."""
     cfg = resolve_paths(cfg, root)
-    features = under(root, features) if features else _find_features(cfg)
+    if finetuning(cfg):
+        features = None
+    else:
+        features = under(root, features) if features else _find_features(cfg)
     return _timed("train", train_model, cfg, cfg.data.dataset, features, root, base,
                   under(root, negatives) if negatives else None)
 
@@ -337,6 +361,8 @@ def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name
     CPUs each (the resources training just gave back); the metrics are added to the training's MLflow run."""
     from mel_ray.eval.evaluate import evaluate, shard_settings
 
+    if finetuning(cfg):             # the fine-tuned encoder's own features, written when training finished
+        features = trained["features_uri"]
     folder = run_folder(cfg, name)
     marker = storage.join(folder, EVAL_MARKER.format(split=split))
     if storage.exists(marker):
@@ -373,10 +399,13 @@ def evaluate_stage(cfg: Config, root: str | os.PathLike = ".", features: str | N
     from mel_ray.verify import require_dataset, require_features
 
     cfg = resolve_paths(cfg, root)
-    features = under(root, features) if features else _find_features(cfg)
     require_dataset(cfg.data.dataset)
-    require_features(features, cfg.data.dataset)
-    name = run_name(cfg, cfg.data.dataset, features, base)
+    if finetuning(cfg):             # named as train_model names it; the features come from the training's marker
+        name = run_name(cfg, cfg.data.dataset, f"pixels+views:{finetune_views(cfg, cfg.data.dataset)}", base)
+    else:
+        features = under(root, features) if features else _find_features(cfg)
+        require_features(features, cfg.data.dataset)
+        name = run_name(cfg, cfg.data.dataset, features, base)
     if trained is None:
         marker = storage.join(run_folder(cfg, name), TRAIN_MARKER)
         if not storage.exists(marker):
@@ -428,7 +457,8 @@ def run_pipeline(cfg: Config, root: str | os.PathLike = ".", base: str = "pipeli
     step(data_stage(cfg, root))
     step(negatives_stage(cfg, root))
     views = step(synthesize_stage(cfg, root))
-    features = step(features_stage(cfg, root, synthetic=views.value["key"])).value["uri"]
+    # finetune trains on pixels and writes its own features; frozen trains on a feature set made here
+    features = None if finetuning(cfg) else step(features_stage(cfg, root, synthetic=views.value["key"])).value["uri"]
     trained = step(train_stage(cfg, root, features=features, base=base)).value
     report = step(evaluate_stage(cfg, root, features=features, trained=trained, base=base)).value
     print(f"[pipeline] done in {time.perf_counter() - t0:.1f}s: {SPLIT} MRR "

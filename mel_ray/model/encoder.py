@@ -56,7 +56,20 @@ class ClipEncoder(nn.Module):
         out = self.clip.get_image_features(pixel_values=pixels.to(dtype))
         return _normalize(out.pooler_output), out.last_hidden_state
 
+    def _empty(self, batch: dict) -> dict:
+        """Zero rows (a rank adding no entity to a global-batch step): CLIP's attention cannot reshape an empty
+        batch, so the shapes are built from the config."""
+        c = self.clip.config
+        length = batch["input_ids"].shape[1]
+        tokens = (c.vision_config.image_size // c.vision_config.patch_size) ** 2 + 1
+        new = batch["pixels"].new_zeros
+        return {"text_global": new(0, c.projection_dim), "text_local": new(0, length, c.text_config.hidden_size),
+                "text_mask": batch["attention_mask"].bool(), "image_global": new(0, c.projection_dim),
+                "image_local": new(0, tokens, c.vision_config.hidden_size)}
+
     def forward(self, batch: dict) -> dict:
+        if batch["input_ids"].shape[0] == 0:
+            return self._empty(batch)
         text_global, text_local = self.text(batch["input_ids"], batch["attention_mask"])
         image_global, image_local = self.image(batch["pixels"])
         out = {"text_global": text_global, "text_local": text_local, "text_mask": batch["attention_mask"].bool(),

@@ -52,9 +52,12 @@ def dev_statistics(core, dev, kb, decode: dict, rank: int, world: int, cfg: dict
     """[n, sum 1/rank, sum rank, hits@k..., non-finite rows] over ALL dev mentions (identical on every rank).
 
     dev, kb: the Arrow reference tables (mel_ray.train.inputs); every rank must call this at the same time."""
+    import ray.data
+
     from mel_ray.scoring import HITS_AT, NonFiniteScores, rank_counts
     from mel_ray.train.global_batch import gather_rows
 
+    ray.data.DataContext.get_current().enable_progress_bars = False    # per evaluation datasets: no bars per rank
     core.eval()
     encoder = core.encoder          # the KB chunks are encoded lazily, inside core.on_features()
     mine = dev.take(np.arange(rank, dev.num_rows, world))
@@ -66,10 +69,9 @@ def dev_statistics(core, dev, kb, decode: dict, rank: int, world: int, cfg: dict
             mention_parts.append(_encode(encoder, mentions, device))
             gold_parts.append(_encode(encoder, finetune_inputs.entities(candidates, mentions["gold"].numpy()), device))
             gold_ids.append(mentions["gold"])
-    mentions = _gathered(mention_parts, gather_rows)
-    gold = _gathered(gold_parts, gather_rows)
-    mentions["gold"] = gather_rows(torch.cat(gold_ids) if gold_ids else torch.zeros(0, dtype=torch.long),
-                                   grad=False)
+    mentions = _gathered(mention_parts, gather_rows, device)
+    gold = _gathered(gold_parts, gather_rows, device)
+    mentions["gold"] = gather_rows(torch.cat(gold_ids).to(device), grad=False).cpu()
     n = len(mentions["gold"])
 
     lo, hi = kb_slice(kb.num_rows, rank, world)
@@ -105,10 +107,11 @@ def dev_statistics(core, dev, kb, decode: dict, rank: int, world: int, cfg: dict
     return stats
 
 
-def _gathered(parts: list[dict], gather_rows) -> dict:
-    """Concatenate this rank's encoded batches, then all-gather every tensor (rank order)."""
+def _gathered(parts: list[dict], gather_rows, device: torch.device) -> dict:
+    """Concatenate this rank's encoded batches, then all-gather every tensor (rank order; on the worker's device,
+    as NCCL wants)."""
     keys = sorted(parts[0]) if parts else None
     # every rank must gather the same keys in the same order, even a rank with no rows
     if keys is None:
         raise RuntimeError("dev evaluation: a rank got no dev rows; use fewer workers than dev mentions")
-    return {k: gather_rows(torch.cat([p[k] for p in parts]), grad=False) for k in keys}
+    return {k: gather_rows(torch.cat([p[k] for p in parts]).to(device), grad=False).cpu() for k in keys}

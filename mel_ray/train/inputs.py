@@ -215,7 +215,7 @@ def to_tensors(batch: dict[str, np.ndarray], decode: dict) -> tuple[dict, dict |
         for j, eid in enumerate(row):
             by_id.setdefault(int(eid), (tokens[j], mask[j], pixels[j]))
         ids.append(row)
-    return out, {"ids": ids, "by_id": by_id}
+    return out, {"ids": ids, "by_id": by_id, "shapes": (length, (3, h, w))}
 
 
 def entities(candidates: dict, ids: np.ndarray) -> dict:
@@ -223,6 +223,11 @@ def entities(candidates: dict, ids: np.ndarray) -> dict:
     import torch
 
     rows = [candidates["by_id"][int(e)] for e in ids]
+    if not rows:            # a rank that adds no entity to a global-batch step (they all came from other ranks)
+        length, pixels = candidates["shapes"]
+        return {"input_ids": torch.zeros(0, length, dtype=torch.long),
+                "attention_mask": torch.zeros(0, length, dtype=torch.long),
+                "pixels": torch.zeros(0, *pixels)}
     return {"input_ids": torch.from_numpy(np.stack([r[0] for r in rows])).long(),
             "attention_mask": torch.from_numpy(np.stack([r[1] for r in rows])).long(),
             "pixels": torch.from_numpy(np.stack([r[2] for r in rows]))}

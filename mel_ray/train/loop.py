@@ -29,6 +29,7 @@ from mel_ray.scoring import HITS_AT, NonFiniteScores, chunks_of, rank_counts
 from mel_ray.train import inputs as finetune_inputs
 from mel_ray.train.finetune import CandidateStore, pools_of
 from mel_ray.train.finetune import dev_statistics as finetune_dev_statistics
+from mel_ray.train.global_batch import GlobalBatchStep, fallback_rows, global_mean, global_plan
 
 NONFINITE = "nonfinite"     # the metric (and state key) that carries a non-finite failure's line
 
@@ -137,13 +138,18 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mention
     through one all-reduce per step) before the optimizer step, so the weights stay those of the last good step."""
     mentions = {k: v.to(device) for k, v in mentions.items()}
     gold = mentions.pop("gold").cpu().numpy()
-    cols = build_columns(gold, [pools[g] for g in gold], k=cfg["k"], mode=cfg["negatives"], rng=rng,
+    batch_pools = [pools[g] for g in gold]
+    cols = build_columns(gold, batch_pools, k=cfg["k"], mode=cfg["negatives"], rng=rng,
                          sample_top=cfg["sample_top"])
-    entities = {k: v.to(device) for k, v in store.gather(cols.entity_ids).items()}
+    # in_batch / both: the softmax covers the GLOBAL batch's entities (gathered from every rank with gradients),
+    # so N workers x B/N train exactly as 1 worker x B (mel_ray.train.global_batch)
+    plan = global_plan(cols, gold, cfg["negatives"], fallback=fallback_rows(batch_pools, cfg["k"]), device=device)
+    entities = {k: v.to(device) for k, v in store.gather(plan.entity_ids).items()}   # this rank's share only
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_gpu):
-        logits = model(mentions, entities)
-    loss, parts = contrastive_loss({k: v.float() for k, v in logits.items()}, cols.targets.to(device),
-                                   cols.mask.to(device))
+        logits = model(mentions, entities, plan)
+    loss, parts = contrastive_loss({k: v.float() for k, v in logits.items()}, plan.targets, plan.mask)
+    loss = loss * plan.loss_scale
+    parts = global_mean(parts, plan)        # global-batch means, the same on every rank
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = clip_gradients(model.parameters(), cfg["grad_clip"])
@@ -198,6 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.encoder.load_pretrained(config["finetune"]["clip"], config["finetune"]["cache_dir"])
     optimizer = make_optimizer(model, cfg)
     state = {"epoch": 0, "best_mrr": -1.0, "bad_evals": 0, "history": []}
+    restored_encoder = None
 
     if checkpoint:                                  # restarted after a failure: continue, never retrain epochs
         with checkpoint.as_directory() as folder:
@@ -206,6 +213,10 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         state["restarts"] = state.get("restarts", 0) + 1
+        if finetune:        # which encoder weights this restart continues from (tests compare it with the file's)
+            from mel_ray.model.encoder import encoder_fingerprint, encoder_state
+
+            restored_encoder = encoder_fingerprint(encoder_state(model.state_dict()))
         if state["bad_evals"] >= cfg["patience"]:   # it had early-stopped before the failure: nothing to do
             return
         if state.get(NONFINITE):                    # it had stopped on non-finite values: the same line again
@@ -215,8 +226,9 @@ def train_loop_per_worker(config: dict) -> None:
     has_views = decode["n_views"] > 0 if finetune else "synthetic_global" in store.shapes
     uses_cvacpt = dims.cvacpt_weight > 0.0 and has_views
     ddp_kwargs = {"find_unused_parameters": not uses_cvacpt}
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
-    core: MELModel = model.module if hasattr(model, "module") else model
+    # the whole step (mention side, entity side, cross-rank gather, pair logits) is one DDP forward
+    model = ray.train.torch.prepare_model(GlobalBatchStep(model), parallel_strategy_kwargs=ddp_kwargs)
+    core: MELModel = (model.module if hasattr(model, "module") else model).model
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
     shapes = None if finetune else store.shapes
@@ -253,6 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
             return
         metrics = {"epoch": epoch + 1, "steps": steps, "negative_fallbacks": fallbacks,
                    **({"blank_images": blanks} if finetune else {}),
+                   **({"restored_encoder_sha256": restored_encoder} if restored_encoder else {}),
                    "restarts": state.get("restarts", 0),
                    "epoch_seconds": time.perf_counter() - t0,
                    **{k: v / max(steps, 1) for k, v in sums.items()}}
@@ -284,6 +297,7 @@ def train_loop_per_worker(config: dict) -> None:
                 state["bad_evals"] += 1
         state["epoch"] = epoch + 1
         state["history"].append(metrics)
+        restored_encoder = None
         stop = state["bad_evals"] >= cfg["patience"]
         metrics["early_stopped"] = stop
         # checkpoints are ranked by dev MRR; epochs without evaluation rank last (the latest is kept anyway)
