@@ -215,6 +215,9 @@ class SweepConfig(Section):
     cvacpt_weight: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=list)   # empty: model.*
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)                   # empty: train.seed
     scheduler: Literal["fifo", "asha"] = "fifo"
+    # the trials' model.encoder: "frozen" (default: every trial reads one feature set, fast) or "finetune"
+    # (each trial trains CLIP too and writes its own features; the sweep's feature set then gives the views)
+    encoder: Literal["frozen", "finetune"] = "frozen"
     asha_grace_period: int = Field(1, ge=1)                   # epochs before ASHA may stop a trial
     max_concurrent_trials: int = Field(1, ge=1)
     # the trial's driver, idle while its Ray Train workers (which ask for train.* resources) run

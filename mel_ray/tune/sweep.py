@@ -52,6 +52,7 @@ def trial_config(base: dict, params: dict) -> Config:
     """The sweep's config with tune.train applied over train, then this trial's grid values."""
     base = {**base, "train": {**base.get("train", {}), **base.get("tune", {}).get("train", {})}}
     cfg = Config.model_validate(base)
+    cfg.model.encoder = cfg.tune.encoder          # sweeps default to frozen features (fast) whatever model.encoder is
     cfg.train.k = int(params["k"])
     cfg.model.views = int(params["views"])
     if "lr" in params:
@@ -75,17 +76,21 @@ def run_trial(params: dict, *, base: dict, dataset_uri: str, features_uri: str, 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mel_ray.eval.evaluate import evaluate, shard_settings
+    from mel_ray.feature_store import read_manifest
     from mel_ray.train.run import mlflow_name, train
 
     cfg = trial_config(base, params)
     cfg.tracking.mlflow_uri = tracking_uri
     name = trial_name(params)
+    # a finetune trial reads pixels and the views the sweep's feature set was made with; it makes its own features
+    views_key = read_manifest(features_uri).get("settings", {}).get("synthetic")
     result = train(cfg, dataset_uri, features_uri=features_uri, negatives_uri=negatives_uri,
                    storage_path=storage.join(storage_path, f"{sweep}-trials"), run_name=name,
-                   parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+                   parent_run_id=parent_run_id, callbacks=[TuneReportCallback()], synthetic_key=views_key)
     final = {f"best_{k}": v for k, v in result["best"].items() if k.startswith("dev_")}
     if cfg.tune.evaluate_test:
-        report = evaluate(dataset_uri, features_uri, result["checkpoint"], "test", **shard_settings(cfg.train))
+        report = evaluate(dataset_uri, result["features_uri"], result["checkpoint"], "test",
+                          **shard_settings(cfg.train))
         final.update({f"test_{k}": v for k, v in report["metrics"].items()})
         client = mlflow.tracking.MlflowClient(tracking_uri)
         for key, value in report["metrics"].items():
