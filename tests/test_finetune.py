@@ -213,7 +213,7 @@ def test_fine_tuned_features_serve_evaluate_and_other_encoders_are_refused(finet
     from mel_ray.feature_store import read_manifest
     from mel_ray.features import extract_features
 
-    root, ds, cfg, result = finetuned
+    _, ds, cfg, result = finetuned
     best = load_checkpoint(result["checkpoint"])
     manifest = read_manifest(result["features_uri"])
     assert manifest["settings"]["encoder_checkpoint"] == encoder_fingerprint(encoder_state(best["model"]))
@@ -260,3 +260,58 @@ def test_a_release_without_images_trains_on_zero_pixels_and_says_so_once(small_d
     batch = ft.decode_rows(_numpy_batch(inputs.tables["train"].slice(0, 4)), **decode)
     rows, _ = ft.to_tensors(batch, decode)
     assert torch.count_nonzero(rows["pixels"]) == 0 and int(batch["blank_images"].sum()) == 0
+
+
+def test_link_encodes_new_mentions_with_the_fine_tuned_clip(finetuned, small_data, tmp_path):
+    """link with a finetune model reads the KB's fine-tuned feature set and encodes the new mentions with the same
+    fine-tuned CLIP: its scores are recomputed here with those weights, and differ from the base CLIP's."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from mel_ray.checkpoints import build_model
+    from mel_ray.config import SynthesizeConfig
+    from mel_ray.dataset import load_dataset
+    from mel_ray.feature_store import EntityStore
+    from mel_ray.link import MentionEncoder, link
+    from mel_ray.synthesize import plan_synthesis
+
+    _, ds, cfg, result = finetuned
+    data = load_dataset(ds)
+    rows = [{"mention_id": m["mention_id"], "text": m["sentence"], "mention": m["mention"],
+             "image": data.resolve_uri(m["image_uri"]) if m["image_uri"] else None}
+            for m in data.mentions("test").to_pylist()[:4]]
+    jsonl = tmp_path / "new.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = cfg.model_dump(mode="json")
+    config["models"]["diffusion"] = small_data.models["stable-diffusion"]
+    config["synthesize"].update(views=1, steps=2, size=32, batch_size=4, num_gpus=0)
+    out = tmp_path / "links"
+    report = link(result["checkpoint"], ds, str(jsonl), str(out), top_k=3, config=config,
+                  cache_dir=cfg.models.cache_dir)
+    assert report["kb_features"] == result["features_uri"] and report["linked"] == 4
+    links = {}
+    for row in pq.read_table(out / "links.parquet").to_pylist():
+        links.setdefault(row["mention_id"], []).append(row)
+
+    state = load_checkpoint(result["checkpoint"])
+    model = build_model(state)
+    store = EntityStore(result["features_uri"])
+    key = plan_synthesis(config["models"]["diffusion"], SynthesizeConfig.model_validate(config["synthesize"]),
+                         cfg.models.cache_dir).key
+    batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in ("mention_id", "text", "mention",
+                                                                                       "image")}
+
+    def top1(weights):
+        encoder = MentionEncoder(cfg.models.clip, cfg.models.cache_dir, 40, False, 1, str(out), key, weights)
+        features = encoder(batch)
+        mentions = {k: torch.from_numpy(np.stack(features[k]).astype(np.float32))
+                    for k in ("text_global", "text_local", "image_global", "image_local", "synthetic_global")}
+        mentions["n_views"] = torch.from_numpy(np.asarray(features["n_views"], dtype=np.int64))
+        with torch.no_grad():
+            scores = model(mentions, store.chunk(0, store.num_entities))["overall"].numpy()
+        return scores.max(axis=1)
+
+    linked = np.array([links[r["mention_id"]][0]["score"] for r in rows])
+    np.testing.assert_allclose(top1(encoder_state(state["model"])), linked, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(top1(None), linked, rtol=1e-4, atol=1e-4)      # the base CLIP would score otherwise

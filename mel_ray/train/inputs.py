@@ -32,6 +32,7 @@ import pyarrow as pa
 from mel_ray.features.inputs import decode_image, pack, preprocess_image, tokenize, unpack
 
 DECODE_CPUS = 0.25          # per Ray Data decode task: they run next to the training workers
+ROWS_PER_BLOCK = 64         # reference rows per Ray Data input block
 
 
 @dataclass
@@ -171,8 +172,11 @@ def decoded(table: pa.Table, inputs: FinetuneInputs | dict):
     import ray
 
     kwargs = inputs.decode_kwargs() if isinstance(inputs, FinetuneInputs) else inputs
-    return ray.data.from_arrow(table).map_batches(decode_rows, fn_kwargs=kwargs, batch_format="numpy",
-                                                  batch_size=16, num_cpus=DECODE_CPUS)
+    # many small input blocks, so decoding spreads over as many CPU tasks as the cluster gives (one block would
+    # be one task, however big the split)
+    blocks = [table.slice(a, ROWS_PER_BLOCK) for a in range(0, table.num_rows, ROWS_PER_BLOCK)] or [table]
+    return ray.data.from_arrow(blocks).map_batches(decode_rows, fn_kwargs=kwargs, batch_format="numpy",
+                                                   batch_size=16, num_cpus=DECODE_CPUS)
 
 
 # ------------------------------------------------------------------------------ the worker: tensors
