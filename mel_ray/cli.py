@@ -184,13 +184,16 @@ def _cmd_link(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from mel_ray.checkpoints import encoder_fingerprint_of, load_checkpoint
     from mel_ray.eval.evaluate import evaluate, format_table
     from mel_ray.train.run import find_features
     from mel_ray.verify import require_dataset, require_features
 
     dataset, checkpoint, output = _here(args.dataset), _here(args.checkpoint), _here(args.output)
     require_dataset(dataset)             # on the driver, before any KB shard actor starts
-    features = find_features(dataset, _here(args.features))
+    # the set made by the checkpoint's own encoder (the base CLIP, or its fine-tuned one)
+    features = find_features(dataset, _here(args.features),
+                             encoder=encoder_fingerprint_of(load_checkpoint(checkpoint)))
     require_features(features, dataset)
     report = evaluate(dataset, features, checkpoint, args.split, output_uri=output, num_shards=args.shards)
     print(format_table(report))

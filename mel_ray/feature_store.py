@@ -46,12 +46,16 @@ READ_CPUS = 0.25
 # ------------------------------------------------------------------------------------------ finding a set
 
 
+ANY_ENCODER = "any"     # find_features: do not filter by encoder
+
+
 def find_features(dataset_uri: str, features_uri: str | None = None, *, model: str | None = None,
-                  cache_dir: str | None = None, several: str = "error", encoder: str | None = None) -> str:
+                  cache_dir: str | None = None, several: str = "error", encoder: str | None = ANY_ENCODER) -> str:
     """The feature set to use: `features_uri` when given, else the complete set under DATASET/features/
-    (made with the CLIP `model`, same fingerprint, when given; with model, only sets whose fine-tuned encoder
-    fingerprint is `encoder`: None = the base CLIP). Several candidates are an error unless several="first"
-    (link: it reads only the KB's entity features; the first key in sorted order is taken)."""
+    (made with the CLIP `model`, same fingerprint, when given; made by the encoder whose fingerprint is `encoder`
+    when given: None = the base CLIP, a fingerprint = that fine-tuned encoder, mel_ray.model.encoder).
+    Several candidates are an error unless several="first" (link: it reads only the KB's entity features; the
+    first key in sorted order is taken)."""
     if features_uri:
         return features_uri
     if several not in ("error", "first"):
@@ -60,27 +64,33 @@ def find_features(dataset_uri: str, features_uri: str | None = None, *, model: s
     keys = sorted({p.split("/")[0] for p in storage.list_files(root) if p.endswith(f"/{MANIFEST}")}) \
         if storage.exists(root) else []
     other = 0
+    manifests = {k: read_manifest(storage.join(root, k)) for k in keys} if model is not None or \
+        encoder != ANY_ENCODER else {}
     if model is not None:
         from mel_ray.features import model_fingerprint
         from mel_ray.models import DEFAULT_CACHE
 
         want = model_fingerprint(model, cache_dir or DEFAULT_CACHE)
-        manifests = {k: read_manifest(storage.join(root, k)) for k in keys}
-        made_with = [k for k in keys if manifests[k].get("model", {}).get("fingerprint") == want
-                     and manifests[k].get("settings", {}).get("encoder_checkpoint") == encoder]
+        made_with = [k for k in keys if manifests[k].get("model", {}).get("fingerprint") == want]
         other, keys = len(keys) - len(made_with), made_with
+    other_encoders = 0
+    if encoder != ANY_ENCODER:
+        by_encoder = [k for k in keys if manifests[k].get("settings", {}).get("encoder_checkpoint") == encoder]
+        other_encoders, keys = len(keys) - len(by_encoder), by_encoder
     if len(keys) == 1 or (keys and several == "first"):
         return storage.join(root, keys[0])
     made = f" made with {model}" if model is not None else ""
-    if model is not None and encoder is not None:
-        made += f" fine-tuned ({encoder[:12]}...; mel-ray extract-features --checkpoint)"
+    if encoder not in (None, ANY_ENCODER):
+        made += f" by the fine-tuned encoder {encoder[:12]}..."
     if keys:
         raise UsageError(f"{root}: {len(keys)} complete feature sets{made} ({', '.join(keys)}); "
                          "pass the one to use (--features URI)")
-    others = f" ({other} with other models)" if other else ""
+    others = "".join(f" ({n} {what})" for n, what in ((other, "with other models"),
+                                                        (other_encoders, "by other encoders")) if n)
     model_flag = f" --model {model}" if model is not None else ""
+    fix = " --checkpoint CHECKPOINT" if encoder not in (None, ANY_ENCODER) else ""
     raise UsageError(f"{root}: no complete feature sets{made}{others}; "
-                     f"run: mel-ray extract-features --dataset {dataset_uri}{model_flag}")
+                     f"run: mel-ray extract-features --dataset {dataset_uri}{model_flag}{fix}")
 
 
 # ------------------------------------------------------------------------------------- manifest, shards

@@ -224,6 +224,16 @@ def test_fine_tuned_features_serve_evaluate_and_other_encoders_are_refused(finet
                             cache_dir=cfg.models.cache_dir)["uri"]
     with pytest.raises(UsageError, match="extract-features --checkpoint"):
         evaluate(ds, base, result["checkpoint"], "test")            # base CLIP features, fine-tuned model
+    # the finder tells the two sets apart by encoder (frozen training, sweeps and evaluate's default look for theirs)
+    from mel_ray.feature_store import find_features
+
+    fingerprint = manifest["settings"]["encoder_checkpoint"]
+    assert find_features(ds, encoder=None) == base
+    assert find_features(ds, encoder=fingerprint) == result["features_uri"]
+    with pytest.raises(UsageError, match="2 complete feature sets"):
+        find_features(ds)
+    with pytest.raises(UsageError, match=r"by the fine-tuned encoder .* \(2 by other encoders\).*--checkpoint"):
+        find_features(ds, encoder="0" * 64)
 
     frozen = tmp_path / "frozen.pt"
     dims = ModelDims(**{**best["dims"], "encoder": "frozen", "encoder_config": None})

@@ -149,7 +149,7 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     require_dataset(dataset_uri)        # every input checked here, on the driver, before any worker reads it
     finetune = cfg.model.encoder == "finetune"
     if not finetune:
-        features_uri = find_features(dataset_uri, features_uri)
+        features_uri = find_features(dataset_uri, features_uri, encoder=None)   # frozen: the base CLIP's
         require_features(features_uri, dataset_uri)
     negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
     if cfg.train.k > cfg.negatives.k and cfg.train.negatives != "in_batch":

@@ -259,7 +259,7 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     from mel_ray.verify import require_dataset, require_features
 
     require_dataset(dataset_uri)        # every input checked on the driver before a trial starts
-    features_uri = find_features(dataset_uri, features_uri)
+    features_uri = find_features(dataset_uri, features_uri, encoder=None)
     require_features(features_uri, dataset_uri)
     negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
     _check_inputs(cfg, features_uri)
