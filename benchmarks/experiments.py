@@ -21,6 +21,10 @@ describe), CLIP features with n_s = 1, 2, 3 views of each, then for every arm x 
     sd_ns1/2  n_s = 1 / 2 tiny-SD views                                           -- (d)
     proc      CVaCPT w=1 with 3 procedural views                                  -- (b)(d)
     proc_ns1/2 n_s = 1 / 2 procedural views                                       -- (d)
+    proc_*    issue 14: every comparison above on procedural views (`--arms matcher`)
+    ft_proc*  issue 15: the same six with the tiny CLIP fine-tuned (model.encoder=finetune, train.encoder_lr
+              1e-3) on the images' and the procedural views' pixels, evaluated on its own features
+              (`--arms finetune`; the default runs these, then their frozen twins)
 
 Every arm x seed writes RESULTS/<arm>-s<seed>.json when it finishes; a rerun skips those (kill it any time).
 Then diagnostics (are the mined negatives the model's confusions? do the views carry information? does
