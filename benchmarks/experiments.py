@@ -517,9 +517,9 @@ def unit_losses(records: list[dict]) -> list[str]:
 
 def render(records: list[dict], inputs: dict, meta: dict, diag: dict) -> str:
     rows = summary_rows(records)
-    lines = [BEGIN, "", "## Setup (generated)", ""]
+    lines = [BEGIN, "", "### Setup (generated)", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
-    lines += ["", "## Results: test and dev, mean ± sample std over seeds (generated)", "",
+    lines += ["", "### Results: test and dev, mean ± sample std over seeds (generated)", "",
               ("| arm | CLIP | negatives | k | CVaCPT w | views × n_s | seeds | test H@1 | test MRR | dev H@1 | "
                "dev MRR | train s |"),
               "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -537,7 +537,7 @@ def render(records: list[dict], inputs: dict, meta: dict, diag: dict) -> str:
         if recs:
             lines.append(f"- {arm}: " + "; ".join(f"s{r['seed']} {r['test']['H@1']:.4f} / {r['test']['MRR']:.4f} "
                                                  f"(ep {r['best_epoch']}/{r['epochs']})" for r in recs))
-    lines += ["", "## Diagnostics (generated)", "", "```json", json.dumps(diag, indent=1), "```", "", END]
+    lines += ["", "### Diagnostics (generated)", "", "```json", json.dumps(diag, indent=1), "```", "", END]
     return "\n".join(lines)
 
 
