@@ -461,6 +461,19 @@ def summary_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+def frozen_vs_finetuned(records: list[dict]) -> list[str]:
+    lines = ["| arm | frozen seeds | frozen H@1 | frozen MRR | fine-tuned seeds | fine-tuned H@1 | fine-tuned MRR |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm in MATCHER_ARMS:
+        cells = []
+        for name in (arm, f"ft_{arm}"):
+            recs = [r for r in records if r["arm"] == name]
+            cells += [str(len(recs)), _mean_std([r["test"]["H@1"] for r in recs]),
+                      _mean_std([r["test"]["MRR"] for r in recs])]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def comparisons(records: list[dict]) -> list[str]:
     """Per-seed paired differences (same seed, same data), with the paired t-test the paper reports."""
     from mel_ray.tune.stats import paired_test
@@ -483,7 +496,7 @@ def comparisons(records: list[dict]) -> list[str]:
              ("(d) procedural n_s=2 − n_s=1", "proc_ns2", "proc_ns1"),
              ("procedural − SD views (n_s=3)", "proc", "base")]
     lines = [("| comparison | seeds | Δ test H@1 (mean ± std) | Δ test MRR (mean ± std) | seeds where better (MRR) | "
-              "paired t-test p (MRR) |"), "| --- | ---: | ---: | ---: | ---: | ---: |"]
+              "paired t-test p (H@1) | paired t-test p (MRR) |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     seeds = sorted({r["seed"] for r in records})
     for label, a, b in pairs:
         both = [s for s in seeds if (a, s) in by and (b, s) in by]
@@ -492,9 +505,12 @@ def comparisons(records: list[dict]) -> list[str]:
         dh = [by[(a, s)]["test"]["H@1"] - by[(b, s)]["test"]["H@1"] for s in both]
         dm = [by[(a, s)]["test"]["MRR"] - by[(b, s)]["test"]["MRR"] for s in both]
         wins = sum(d > 0 for d in dm)
-        test = paired_test({s: by[(b, s)]["test"]["MRR"] for s in both}, {s: by[(a, s)]["test"]["MRR"] for s in both})
-        p = test["p"] if isinstance(test["p"], str) else f"{test['p']:.3f}"
-        lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {wins}/{len(both)} | {p} |")
+        ps = []
+        for m in ("H@1", "MRR"):
+            test = paired_test({s: by[(b, s)]["test"][m] for s in both}, {s: by[(a, s)]["test"][m] for s in both})
+            ps.append(test["p"] if isinstance(test["p"], str) else f"{test['p']:.3f}")
+        lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {wins}/{len(both)} | "
+                     f"{ps[0]} | {ps[1]} |")
     return lines
 
 
@@ -527,6 +543,8 @@ def render(records: list[dict], inputs: dict, meta: dict, diag: dict) -> str:
         lines.append(f"| {r['arm']} | {r['encoder']} | {r['negatives']} | {r['k']} | {r['w']} | {r['views']} | "
                      f"{r['seeds']} | "
                      f"{r['test_H@1']} | {r['test_MRR']} | {r['dev_H@1']} | {r['dev_MRR']} | {r['train_s']:.0f} |")
+    lines += ["", "Frozen vs fine-tuned tiny CLIP, test, mean ± sample std over seeds (– : not run):", ""]
+    lines += frozen_vs_finetuned(records)
     lines += ["", "Paired per seed (same data, same training seed; positive = the first arm is better):", ""]
     lines += comparisons(records)
     lines += ["", "Per-unit training losses, mean over seeds (epoch 1 → last epoch):", ""]
