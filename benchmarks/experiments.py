@@ -305,6 +305,35 @@ def view_information(inputs: dict) -> dict:
     return out
 
 
+def encoder_probes(inputs: dict, records: list[dict]) -> dict:
+    """What the encoder alone gives, before any matcher: test MRR of ranking the whole KB by cosine of CLIP's
+    global features (mention text vs entity text, mention image vs entity image, mean view vs entity image),
+    for the frozen features and for every fine-tuned run's own feature set."""
+    from mel_ray.feature_store import EntityStore, mention_tensors
+
+    sets = {"frozen": inputs["features"].get(("proc", VIEWS))} if ("proc", VIEWS) in inputs["features"] else {}
+    sets.update({f"{r['arm']}-s{r['seed']}": r["features"] for r in sorted(records, key=lambda r: (r["arm"], r["seed"]))
+                 if r.get("encoder") == "finetune"})
+    out = {}
+    for name, uri in sets.items():
+        store = EntityStore(uri)
+        ents = store.gather(np.arange(store.num_entities))
+        ent_has_image = store.table.column("has_image").to_numpy(zero_copy_only=False).astype(bool)
+        test = mention_tensors(uri, inputs["dataset"], "test")
+        gold = test["gold"].numpy()
+        has_img = _mention_has_image(uri, "test") & ent_has_image[gold]
+        n_views = test["n_views"].numpy()
+        mean_view = test["synthetic_global"].numpy().sum(1) / np.maximum(n_views, 1)[:, None]
+        ok = (n_views > 0) & ent_has_image[gold]
+        out[name] = {
+            "text_vs_kb_text_MRR": _cos_rank_stats(test["text_global"].numpy(), ents["text_global"].numpy(),
+                                                   gold)["MRR"],
+            "image_vs_kb_images_MRR": _cos_rank_stats(test["image_global"].numpy()[has_img],
+                                                      ents["image_global"].numpy(), gold[has_img])["MRR"],
+            "views_vs_kb_images_MRR": _cos_rank_stats(mean_view[ok], ents["image_global"].numpy(), gold[ok])["MRR"]}
+    return out
+
+
 def procedural_look_agreement(inputs: dict) -> dict:
     """Before CLIP: how often a procedural view draws the gold entity's shape / colour / pattern / background
     (demo entities are rebuilt from their qid), per view and for the best of n_s views."""
@@ -611,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     log("diagnostics")
     diag = {"negatives": negative_confusability(inputs, records, out), "views": view_information(inputs),
-            "procedural_views": procedural_look_agreement(inputs),
+            "procedural_views": procedural_look_agreement(inputs), "encoder_probes": encoder_probes(inputs, records),
             "cvacpt": cvacpt_effect(inputs, records)}
     storage.write_json(str(out / "diagnostics.json"), diag)
     meta = {
