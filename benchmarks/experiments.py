@@ -537,7 +537,8 @@ def comparisons(records: list[dict]) -> list[str]:
         ps = []
         for m in ("H@1", "MRR"):
             test = paired_test({s: by[(b, s)]["test"][m] for s in both}, {s: by[(a, s)]["test"][m] for s in both})
-            ps.append(test["p"] if isinstance(test["p"], str) else f"{test['p']:.3f}")
+            ps.append(test["p"] if isinstance(test["p"], str) else f"{test['p']:.3f}" if test["p"] >= 1e-3
+                      else f"{test['p']:.1e}")
         lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {wins}/{len(both)} | "
                      f"{ps[0]} | {ps[1]} |")
     return lines
