@@ -21,6 +21,10 @@ describe), CLIP features with n_s = 1, 2, 3 views of each, then for every arm x 
     sd_ns1/2  n_s = 1 / 2 tiny-SD views                                           -- (d)
     proc      CVaCPT w=1 with 3 procedural views                                  -- (b)(d)
     proc_ns1/2 n_s = 1 / 2 procedural views                                       -- (d)
+    proc_*    issue 14: every comparison above on procedural views (`--arms matcher`)
+    ft_proc*  issue 15: the same six with the tiny CLIP fine-tuned (model.encoder=finetune, train.encoder_lr
+              1e-3) on the images' and the procedural views' pixels, evaluated on its own features
+              (`--arms finetune`; the default runs these, then their frozen twins)
 
 Every arm x seed writes RESULTS/<arm>-s<seed>.json when it finishes; a rerun skips those (kill it any time).
 Then diagnostics (are the mined negatives the model's confusions? do the views carry information? does
@@ -80,6 +84,14 @@ ARMS = {
     "proc_k6": (("proc", 3), ["train.k=6"]),
 }
 MATCHER_ARMS = ["proc", "proc_in_batch", "proc_both", "proc_w0", "proc_k2", "proc_k6"]
+# issue 15: the same six arms with the tiny CLIP fine-tuned with the matcher (model.encoder=finetune) on pixels
+# and the procedural views' pixels; CLIP's rate = the heads' (1e-3: the tiny CLIP has random weights, as
+# configs/demo.yaml sets it; a real CLIP would take MIMIC's 1e-5)
+FINETUNE = ["model.encoder=finetune", "train.encoder_lr=1e-3"]
+for _arm in MATCHER_ARMS:
+    ARMS[f"ft_{_arm}"] = (ARMS[_arm][0], FINETUNE + ARMS[_arm][1])
+FINETUNE_ARMS = [f"ft_{a}" for a in MATCHER_ARMS]
+ARM_GROUPS = {"matcher": MATCHER_ARMS, "finetune": FINETUNE_ARMS}     # --arms finetune: just these six
 BEGIN, END = "<!-- BEGIN GENERATED (benchmarks/experiments.py) -->", "<!-- END GENERATED -->"
 
 
@@ -118,8 +130,9 @@ def build_inputs(out: Path, args) -> dict:
     mined = mine_negatives(dataset, k=POOL_K, seed=0)
     log(f"data ready ({time.perf_counter() - t0:.0f}s): {stats['entities']} entities, mentions {stats['mentions']}, "
         f"name collisions {stats['name_collision_rate']}; negatives: n_short {mined.get('n_short')}")
-    needed = sorted({ARMS[a][0] for a in args.arms})          # only the view sets and n_s the chosen arms use
-    views = {src: synthesize_views(dataset, models, src) for src in sorted({src for src, _ in needed})}
+    # only the view sets and n_s the chosen arms use; a fine-tuned arm reads the views' pixels, no feature set
+    views = {src: synthesize_views(dataset, models, src) for src in sorted({ARMS[a][0][0] for a in args.arms})}
+    needed = sorted({ARMS[a][0] for a in args.arms if not finetuned(a)})
     features = {(src, n_s): extract(dataset, models["clip"], views[src], n_s) for src, n_s in needed}
     return {"dataset": dataset, "models": models, "data_stats": stats, "views": views, "features": features,
             "negatives": {k: mined.get(k) for k in ("n_entities", "n_short", "n_without_attributes")},
@@ -155,14 +168,22 @@ def extract(dataset: str, clip: str, key: str, n_s: int) -> str:
 # -------------------------------------------------------------------------------------------------- arms
 
 
-def arm_config(arm: str, seed: int, args):
+def finetuned(arm: str) -> bool:
+    return "model.encoder=finetune" in ARMS[arm][1]
+
+
+def arm_config(arm: str, seed: int, args, clip: str):
     from mel_ray.config import load_config
 
-    # batch_size is the global batch: 2 workers x 32, as in the runs docs/experiments.md records
-    common = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=64",
+    # batch_size is the global batch: 2 workers x 32, as in the runs docs/experiments.md records.
+    # configs/demo.yaml fine-tunes since issue 15: the frozen arms say model.encoder=frozen; a fine-tuned arm
+    # reads the arm's n_s views (synthesize.views) and this release's tiny CLIP (models.clip)
+    n_s = ARMS[arm][0][1]
+    common = ["model.encoder=frozen", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=64",
               f"train.epochs={args.epochs}", "train.lr=1e-3", "train.k=4", "train.negatives=jaccard",
               f"train.patience={args.epochs}", f"train.seed={seed}", f"negatives.k={POOL_K}", "model.cvacpt_weight=1.0",
-              f"model.hidden={args.hidden}", "tracking.experiment=mel-ray-experiments"]
+              f"model.hidden={args.hidden}", "tracking.experiment=mel-ray-experiments", f"models.clip={clip}",
+              f"synthesize.views={n_s}", "features.batch_size=64"]
     return load_config(ROOT / "configs" / "demo.yaml", common + ARMS[arm][1])
 
 
@@ -171,17 +192,23 @@ def run_arm(arm: str, seed: int, inputs: dict, out: Path, args) -> dict:
     from mel_ray.eval.evaluate import evaluate
     from mel_ray.train.run import train
 
-    cfg = arm_config(arm, seed, args)
-    features = inputs["features"][ARMS[arm][0]]
+    cfg = arm_config(arm, seed, args, inputs["models"]["clip"])
     name = f"{arm}-s{seed}"
     shutil.rmtree(out / "runs" / name, ignore_errors=True)    # a killed attempt must not be resumed into
     t0 = time.perf_counter()
-    result = train(cfg, inputs["dataset"], features_uri=features, storage_path=str(out / "runs"), run_name=name,
-                   tracking_dir=str(out))
+    if finetuned(arm):      # pixels + the views' pixels; evaluate reads the fine-tuned encoder's own feature set
+        result = train(cfg, inputs["dataset"], synthetic_key=inputs["views"][ARMS[arm][0][0]],
+                       storage_path=str(out / "runs"), run_name=name, tracking_dir=str(out))
+        features = result["features_uri"]
+    else:
+        features = inputs["features"][ARMS[arm][0]]
+        result = train(cfg, inputs["dataset"], features_uri=features, storage_path=str(out / "runs"), run_name=name,
+                       tracking_dir=str(out))
     t_train = time.perf_counter() - t0
     report = evaluate(inputs["dataset"], features, result["checkpoint"], "test", output_uri=str(out / "eval" / name),
                       cpus_per_shard=0.5)
     record = {"arm": arm, "seed": seed, "features": features, "overrides": ARMS[arm][1],
+              "encoder": cfg.model.encoder, "encoder_lr": cfg.train.encoder_lr if finetuned(arm) else None,
               "test": report["metrics"], "dev": {k[4:]: v for k, v in result["best"].items() if k.startswith("dev_")},
               "best_epoch": result["best"]["epoch"], "epochs": len(result["history"]),
               "train_loss_last": {k: v for k, v in result["history"][-1].items() if k.startswith("loss")},
@@ -193,7 +220,8 @@ def run_arm(arm: str, seed: int, inputs: dict, out: Path, args) -> dict:
     return record
 
 
-PRIORITY = (("proc", "proc_in_batch", "proc_both", "proc_w0"), ("proc_k2", "proc_k6"),
+PRIORITY = (("ft_proc", "ft_proc_in_batch", "ft_proc_both", "ft_proc_w0"), ("ft_proc_k2", "ft_proc_k6"),
+            ("proc", "proc_in_batch", "proc_both", "proc_w0"), ("proc_k2", "proc_k6"),
             ("base", "in_batch", "w0", "proc"), ("k2", "k6", "both"), ("proc_ns1", "proc_ns2", "sd_ns1", "sd_ns2"))
 
 
@@ -277,6 +305,35 @@ def view_information(inputs: dict) -> dict:
     return out
 
 
+def encoder_probes(inputs: dict, records: list[dict]) -> dict:
+    """What the encoder alone gives, before any matcher: test MRR of ranking the whole KB by cosine of CLIP's
+    global features (mention text vs entity text, mention image vs entity image, mean view vs entity image),
+    for the frozen features and for every fine-tuned run's own feature set."""
+    from mel_ray.feature_store import EntityStore, mention_tensors
+
+    sets = {"frozen": inputs["features"].get(("proc", VIEWS))} if ("proc", VIEWS) in inputs["features"] else {}
+    sets.update({f"{r['arm']}-s{r['seed']}": r["features"] for r in sorted(records, key=lambda r: (r["arm"], r["seed"]))
+                 if r.get("encoder") == "finetune"})
+    out = {}
+    for name, uri in sets.items():
+        store = EntityStore(uri)
+        ents = store.gather(np.arange(store.num_entities))
+        ent_has_image = store.table.column("has_image").to_numpy(zero_copy_only=False).astype(bool)
+        test = mention_tensors(uri, inputs["dataset"], "test")
+        gold = test["gold"].numpy()
+        has_img = _mention_has_image(uri, "test") & ent_has_image[gold]
+        n_views = test["n_views"].numpy()
+        mean_view = test["synthetic_global"].numpy().sum(1) / np.maximum(n_views, 1)[:, None]
+        ok = (n_views > 0) & ent_has_image[gold]
+        out[name] = {
+            "text_vs_kb_text_MRR": _cos_rank_stats(test["text_global"].numpy(), ents["text_global"].numpy(),
+                                                   gold)["MRR"],
+            "image_vs_kb_images_MRR": _cos_rank_stats(test["image_global"].numpy()[has_img],
+                                                      ents["image_global"].numpy(), gold[has_img])["MRR"],
+            "views_vs_kb_images_MRR": _cos_rank_stats(mean_view[ok], ents["image_global"].numpy(), gold[ok])["MRR"]}
+    return out
+
+
 def procedural_look_agreement(inputs: dict) -> dict:
     """Before CLIP: how often a procedural view draws the gold entity's shape / colour / pattern / background
     (demo entities are rebuilt from their qid), per view and for the best of n_s views."""
@@ -345,7 +402,8 @@ def negative_confusability(inputs: dict, records: list[dict], out: Path) -> dict
               "entities_with_namesake": len(has_namesake),
               "namesake_in_top8_pool": float(np.mean(namesake_in_pool)) if namesake_in_pool else None,
               "errors": {}}
-    for arm in [a for a in ("in_batch", "base", "proc_in_batch", "proc") if any(r["arm"] == a for r in records)]:
+    arms = ("in_batch", "base", "proc_in_batch", "proc", "ft_proc_in_batch", "ft_proc")
+    for arm in [a for a in arms if any(r["arm"] == a for r in records)]:
         wrong = in_pool = named = 0
         for rec in (r for r in records if r["arm"] == arm):
             table = pq.read_table(out / "eval" / f"{arm}-s{rec['seed']}" / "predictions_test.parquet").to_pylist()
@@ -421,7 +479,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
         src, n_s = ARMS[arm][0]
         cfg = dict(o.split("=", 1) for o in ARMS[arm][1])
         rows.append({
-            "arm": arm, "negatives": cfg.get("train.negatives", "jaccard"),
+            "arm": arm, "encoder": cfg.get("model.encoder", "frozen"),
+            "negatives": cfg.get("train.negatives", "jaccard"),
             "k": "–" if cfg.get("train.negatives") == "in_batch" else cfg.get("train.k", "4"),
             "w": cfg.get("model.cvacpt_weight", "1.0"), "views": "–" if cfg.get("model.cvacpt_weight") == "0.0"
             else f"{src} × {n_s}", "seeds": len(recs),
@@ -431,12 +490,31 @@ def summary_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+def frozen_vs_finetuned(records: list[dict]) -> list[str]:
+    lines = ["| arm | frozen seeds | frozen H@1 | frozen MRR | fine-tuned seeds | fine-tuned H@1 | fine-tuned MRR |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm in MATCHER_ARMS:
+        cells = []
+        for name in (arm, f"ft_{arm}"):
+            recs = [r for r in records if r["arm"] == name]
+            cells += [str(len(recs)), _mean_std([r["test"]["H@1"] for r in recs]),
+                      _mean_std([r["test"]["MRR"] for r in recs])]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def comparisons(records: list[dict]) -> list[str]:
     """Per-seed paired differences (same seed, same data), with the paired t-test the paper reports."""
     from mel_ray.tune.stats import paired_test
 
     by = {(r["arm"], r["seed"]): r for r in records}
-    pairs = [("(a) jaccard − in_batch", "proc", "proc_in_batch"), ("(a) both − in_batch", "proc_both", "proc_in_batch"),
+    pairs = [(f"fine-tuned − frozen CLIP: {a}", f"ft_{a}", a) for a in MATCHER_ARMS]
+    pairs += [(f"fine-tuned {label}", f"ft_{a}", f"ft_{b}") for label, a, b in (
+        ("(a) jaccard − in_batch", "proc", "proc_in_batch"), ("(a) both − in_batch", "proc_both", "proc_in_batch"),
+        ("(a) both − jaccard", "proc_both", "proc"), ("(b) w=1 − w=0", "proc", "proc_w0"),
+        ("(c) k=4 − k=2", "proc", "proc_k2"), ("(c) k=6 − k=4", "proc_k6", "proc"))]
+    pairs += [("(a) jaccard − in_batch", "proc", "proc_in_batch"),
+              ("(a) both − in_batch", "proc_both", "proc_in_batch"),
              ("(a) both − jaccard", "proc_both", "proc"), ("(b) procedural views: w=1 − w=0", "proc", "proc_w0"),
              ("(c) k=4 − k=2", "proc", "proc_k2"), ("(c) k=6 − k=4", "proc_k6", "proc"),
              ("(a, SD) jaccard − in_batch", "base", "in_batch"), ("(a, SD) both − in_batch", "both", "in_batch"),
@@ -447,7 +525,7 @@ def comparisons(records: list[dict]) -> list[str]:
              ("(d) procedural n_s=2 − n_s=1", "proc_ns2", "proc_ns1"),
              ("procedural − SD views (n_s=3)", "proc", "base")]
     lines = [("| comparison | seeds | Δ test H@1 (mean ± std) | Δ test MRR (mean ± std) | seeds where better (MRR) | "
-              "paired t-test p (MRR) |"), "| --- | ---: | ---: | ---: | ---: | ---: |"]
+              "paired t-test p (H@1) | paired t-test p (MRR) |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     seeds = sorted({r["seed"] for r in records})
     for label, a, b in pairs:
         both = [s for s in seeds if (a, s) in by and (b, s) in by]
@@ -456,9 +534,13 @@ def comparisons(records: list[dict]) -> list[str]:
         dh = [by[(a, s)]["test"]["H@1"] - by[(b, s)]["test"]["H@1"] for s in both]
         dm = [by[(a, s)]["test"]["MRR"] - by[(b, s)]["test"]["MRR"] for s in both]
         wins = sum(d > 0 for d in dm)
-        test = paired_test({s: by[(b, s)]["test"]["MRR"] for s in both}, {s: by[(a, s)]["test"]["MRR"] for s in both})
-        p = test["p"] if isinstance(test["p"], str) else f"{test['p']:.3f}"
-        lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {wins}/{len(both)} | {p} |")
+        ps = []
+        for m in ("H@1", "MRR"):
+            test = paired_test({s: by[(b, s)]["test"][m] for s in both}, {s: by[(a, s)]["test"][m] for s in both})
+            ps.append(test["p"] if isinstance(test["p"], str) else f"{test['p']:.3f}" if test["p"] >= 1e-3
+                      else f"{test['p']:.1e}")
+        lines.append(f"| {label} | {len(both)} | {_mean_std(dh)} | {_mean_std(dm)} | {wins}/{len(both)} | "
+                     f"{ps[0]} | {ps[1]} |")
     return lines
 
 
@@ -481,14 +563,18 @@ def unit_losses(records: list[dict]) -> list[str]:
 
 def render(records: list[dict], inputs: dict, meta: dict, diag: dict) -> str:
     rows = summary_rows(records)
-    lines = [BEGIN, "", "## Setup (generated)", ""]
+    lines = [BEGIN, "", "### Setup (generated)", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
-    lines += ["", "## Results: test and dev, mean ± sample std over seeds (generated)", "",
-              ("| arm | negatives | k | CVaCPT w | views × n_s | seeds | test H@1 | test MRR | dev H@1 | dev MRR | "
-              "train s |"), "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "### Results: test and dev, mean ± sample std over seeds (generated)", "",
+              ("| arm | CLIP | negatives | k | CVaCPT w | views × n_s | seeds | test H@1 | test MRR | dev H@1 | "
+               "dev MRR | train s |"),
+              "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['arm']} | {r['negatives']} | {r['k']} | {r['w']} | {r['views']} | {r['seeds']} | "
+        lines.append(f"| {r['arm']} | {r['encoder']} | {r['negatives']} | {r['k']} | {r['w']} | {r['views']} | "
+                     f"{r['seeds']} | "
                      f"{r['test_H@1']} | {r['test_MRR']} | {r['dev_H@1']} | {r['dev_MRR']} | {r['train_s']:.0f} |")
+    lines += ["", "Frozen vs fine-tuned tiny CLIP, test, mean ± sample std over seeds (– : not run):", ""]
+    lines += frozen_vs_finetuned(records)
     lines += ["", "Paired per seed (same data, same training seed; positive = the first arm is better):", ""]
     lines += comparisons(records)
     lines += ["", "Per-unit training losses, mean over seeds (epoch 1 → last epoch):", ""]
@@ -499,7 +585,7 @@ def render(records: list[dict], inputs: dict, meta: dict, diag: dict) -> str:
         if recs:
             lines.append(f"- {arm}: " + "; ".join(f"s{r['seed']} {r['test']['H@1']:.4f} / {r['test']['MRR']:.4f} "
                                                  f"(ep {r['best_epoch']}/{r['epochs']})" for r in recs))
-    lines += ["", "## Diagnostics (generated)", "", "```json", json.dumps(diag, indent=1), "```", "", END]
+    lines += ["", "### Diagnostics (generated)", "", "```json", json.dumps(diag, indent=1), "```", "", END]
     return "\n".join(lines)
 
 
@@ -531,12 +617,14 @@ def main(argv: list[str] | None = None) -> None:
     # the tiny CLIP's features are 32-wide: the paper's 512 / 96 matcher sizes only cost time here
     p.add_argument("--hidden", type=int, default=32, help="model.hidden (MIMIC's h; the paper's 96 only costs time)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=MATCHER_ARMS, choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=FINETUNE_ARMS + MATCHER_ARMS, choices=list(ARMS) + list(ARM_GROUPS),
+                   help="arms, or a group: 'finetune' (the six ft_* arms), 'matcher' (their frozen twins)")
     p.add_argument("--until", choices=["features", "arms", "all"], default="all")
     p.add_argument("--report-only", action="store_true",
                    help="run no arm: diagnostics and the doc from the result JSONs already written")
     p.add_argument("--doc", default=str(ROOT / "docs" / "experiments.md"))
     args = p.parse_args(argv)
+    args.arms = list(dict.fromkeys(a for name in args.arms for a in ARM_GROUPS.get(name, [name])))
     out = Path(args.output).absolute()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -553,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     log("diagnostics")
     diag = {"negatives": negative_confusability(inputs, records, out), "views": view_information(inputs),
-            "procedural_views": procedural_look_agreement(inputs),
+            "procedural_views": procedural_look_agreement(inputs), "encoder_probes": encoder_probes(inputs, records),
             "cvacpt": cvacpt_effect(inputs, records)}
     storage.write_json(str(out / "diagnostics.json"), diag)
     meta = {
@@ -571,6 +659,10 @@ def main(argv: list[str] | None = None) -> None:
                      f"(project optimiser defaults: eps 1e-8, weight decay 0.01, clipping 1.0), {args.epochs} epochs, "
                      f"model.hidden={args.hidden} "
                      "(no early stop), best dev-MRR checkpoint evaluated on test with evaluate() over the full KB"),
+        "CLIP": ("frozen arms: model.encoder=frozen, the cached features of the release's tiny random-weight CLIP; "
+                 "ft_* arms: model.encoder=finetune, CLIP's towers train with the matcher on the images' and the "
+                 "views' pixels (train.encoder_lr 1e-3, the heads' rate), evaluated on the fine-tuned encoder's "
+                 "own feature set (train()'s features_uri)"),
         "seeds": f"train.seed in {args.seeds}; data, mining and synthesis seeds fixed at 0",
         "wall time of this invocation": f"{(time.perf_counter() - t0) / 60:.1f} min (arms already done were skipped)",
     }
