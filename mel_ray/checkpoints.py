@@ -167,7 +167,8 @@ def build_model(state: dict):
     left out (its features come from `extract-features --checkpoint`, which `require_matching_features` checks)."""
     from mel_ray.model import MELModel, ModelDims
 
-    dims = {**state["dims"], "encoder": "frozen", "encoder_config": None}
+    dims = {**state["dims"], "encoder": "frozen", "encoder_config": None, "text_encoder_config": None,
+            "text_encoder": None}
     model = MELModel(ModelDims(**dims))
     model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith("encoder.")})
     return model.eval()
@@ -175,11 +176,11 @@ def build_model(state: dict):
 
 def encoder_fingerprint_of(state: dict) -> str | None:
     """The fingerprint of a checkpoint's fine-tuned encoder (mel_ray.model.encoder), None for a frozen-mode one."""
-    from mel_ray.model.encoder import encoder_fingerprint, encoder_state
+    from mel_ray.model.encoder import encoder_state, fine_tuned_fingerprint, text_encoder_state
 
     if state["dims"].get("encoder", "frozen") != "finetune":
         return None
-    return encoder_fingerprint(encoder_state(state["model"]))
+    return fine_tuned_fingerprint(encoder_state(state["model"]), text_encoder_state(state["model"]) or None)
 
 
 def require_matching_features(state: dict, manifest: dict, features_uri: str, source: str) -> None:
@@ -188,6 +189,7 @@ def require_matching_features(state: dict, manifest: dict, features_uri: str, so
     made_with = manifest.get("settings", {}).get("encoder_checkpoint")
     want = encoder_fingerprint_of(state)
     if made_with == want:
+        require_fitting_widths(state, manifest, features_uri, source)
         return
     if want is None:
         raise UsageError(f"{features_uri}: made by a fine-tuned encoder, but {source} was trained on frozen CLIP "
@@ -195,6 +197,29 @@ def require_matching_features(state: dict, manifest: dict, features_uri: str, so
     what = "the base CLIP" if made_with is None else "another fine-tuned encoder"
     raise UsageError(f"{features_uri}: made by {what}, not by the fine-tuned encoder of {source} "
                      f"(model.encoder=finetune); run `mel-ray extract-features --checkpoint {source}` and use that set")
+
+
+def require_fitting_widths(state: dict, manifest: dict, features_uri: str, source: str) -> None:
+    """The feature set's widths are the ones the checkpoint's matcher was built for: text widths differ when the
+    set was made with another text encoder (models.text_encoder; e.g. BERT's 768 against CLIP's 512), image widths
+    with another CLIP (models.clip). One line naming the setting, the set and the checkpoint."""
+    from mel_ray.feature_store import model_dims_from
+
+    try:
+        have = model_dims_from(manifest)
+    except (KeyError, IndexError, TypeError):
+        return                          # no shapes to compare: require_features reports a damaged manifest
+    want = {k: state["dims"].get(k) for k in have}
+    for setting, names in (("models.text_encoder", ("text_global", "text_local")),
+                           ("models.clip", ("image_global", "image_local"))):
+        if any(have[n] != want[n] for n in names):
+            made = manifest.get("text_encoder", {}).get("id") if setting == "models.text_encoder" else None
+            by = (f"text encoder {made}" if made else "CLIP's text tower") if setting == "models.text_encoder" \
+                else f"CLIP {manifest.get('model', {}).get('id', '?')}"
+            raise UsageError(f"{features_uri}: its {'/'.join(names)} features are {have[names[0]]}/{have[names[1]]} "
+                             f"wide (made with {by}), but {source} was trained on {want[names[0]]}/{want[names[1]]}"
+                             f"-wide ones: {setting} differs; use features extracted with the {setting} the model "
+                             "was trained with")
 
 
 def export_model(state: dict, config, path: Path) -> Path:

@@ -122,6 +122,10 @@ class ModelsConfig(Section):
     clip: str = "openai/clip-vit-base-patch32"
     diffusion: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     cache_dir: str = "~/.cache/mel-ray/models"       # where s3:// model folders are fetched to
+    # the text encoder: None = CLIP's text tower (models.clip); else a BERT-family model id, local or s3:// folder
+    # (AutoModel + AutoTokenizer; paper Sec. 4.1 names BERT): t_G = its [CLS] state, T_L = its token states;
+    # images stay CLIP's. Frozen features and model.encoder=finetune (where it trains, at train.encoder_lr) alike
+    text_encoder: str | None = None
 
 
 class NegativesConfig(Section):

@@ -50,12 +50,14 @@ ANY_ENCODER = "any"     # find_features: do not filter by encoder
 
 
 def find_features(dataset_uri: str, features_uri: str | None = None, *, model: str | None = None,
-                  cache_dir: str | None = None, several: str = "error", encoder: str | None = ANY_ENCODER) -> str:
+                  cache_dir: str | None = None, several: str = "error", encoder: str | None = ANY_ENCODER,
+                  text_encoder: str | None = None) -> str:
     """The feature set to use: `features_uri` when given, else the complete set under DATASET/features/
-    (made with the CLIP `model`, same fingerprint, when given; made by the encoder whose fingerprint is `encoder`
-    when given: None = the base CLIP, a fingerprint = that fine-tuned encoder, mel_ray.model.encoder).
-    Several candidates are an error unless several="first" (link: it reads only the KB's entity features; the
-    first key in sorted order is taken)."""
+    (made with the CLIP `model`, same fingerprint, when given, and then only sets whose texts were encoded by
+    `text_encoder` (models.text_encoder, same fingerprint; None = CLIP's text tower); made by the encoder whose
+    fingerprint is `encoder` when given: None = the base CLIP, a fingerprint = that fine-tuned encoder,
+    mel_ray.model.encoder). Several candidates are an error unless several="first" (link: it reads only the
+    KB's entity features; the first key in sorted order is taken)."""
     if features_uri:
         return features_uri
     if several not in ("error", "first"):
@@ -71,7 +73,9 @@ def find_features(dataset_uri: str, features_uri: str | None = None, *, model: s
         from mel_ray.models import DEFAULT_CACHE
 
         want = model_fingerprint(model, cache_dir or DEFAULT_CACHE)
-        made_with = [k for k in keys if manifests[k].get("model", {}).get("fingerprint") == want]
+        want_text = model_fingerprint(text_encoder, cache_dir or DEFAULT_CACHE) if text_encoder else None
+        made_with = [k for k in keys if manifests[k].get("model", {}).get("fingerprint") == want
+                     and manifests[k].get("settings", {}).get("text_encoder") == want_text]
         other, keys = len(keys) - len(made_with), made_with
     other_encoders = 0
     if encoder != ANY_ENCODER:
@@ -80,6 +84,8 @@ def find_features(dataset_uri: str, features_uri: str | None = None, *, model: s
     if len(keys) == 1 or (keys and several == "first"):
         return storage.join(root, keys[0])
     made = f" made with {model}" if model is not None else ""
+    if model is not None and text_encoder:
+        made += f" and text encoder {text_encoder}"
     if encoder not in (None, ANY_ENCODER):
         made += f" by the fine-tuned encoder {encoder[:12]}..."
     if keys:
@@ -89,8 +95,27 @@ def find_features(dataset_uri: str, features_uri: str | None = None, *, model: s
                                                         (other_encoders, "by other encoders")) if n)
     model_flag = f" --model {model}" if model is not None else ""
     fix = " --checkpoint CHECKPOINT" if encoder not in (None, ANY_ENCODER) else ""
+    if model is not None and text_encoder:
+        model_flag += f" --set models.text_encoder={text_encoder}"
     raise UsageError(f"{root}: no complete feature sets{made}{others}; "
                      f"run: mel-ray extract-features --dataset {dataset_uri}{model_flag}{fix}")
+
+
+def require_text_encoder(manifest: dict, text_encoder: str | None, features_uri: str) -> None:
+    """Frozen training: the set's texts were encoded by a text encoder exactly when the config names one
+    (models.text_encoder), so the model's config leads `link` and `extract-features --checkpoint` to the same kind
+    of features. Only the presence is compared, from the manifest (no model file is read: a trial may run where
+    the text encoder's folder is not); which model it is, link checks by fingerprint (find_features)."""
+    made = manifest.get("settings", {}).get("text_encoder")
+    made_id = (manifest.get("text_encoder") or {}).get("id") or made
+    if bool(made) == bool(text_encoder):
+        return
+    if made:
+        raise UsageError(f"{features_uri}: its texts were encoded by text encoder {made_id}, but models.text_encoder "
+                         f"is unset; set models.text_encoder={made_id} or use features made with CLIP's text tower")
+    raise UsageError(f"{features_uri}: its texts were encoded by CLIP's text tower, but models.text_encoder="
+                     f"{text_encoder}; extract features with it (mel-ray extract-features --set "
+                     f"models.text_encoder={text_encoder}) or unset models.text_encoder")
 
 
 # ------------------------------------------------------------------------------------- manifest, shards

@@ -128,13 +128,18 @@ class MentionEncoder:
     prepared and encoded by the features stage's own functions, so bad images are counted and blanked alike."""
 
     def __init__(self, clip: str, cache_dir: str, text_length: int, use_gpu: bool, views: int, output: str,
-                 view_key: str, weights=None):
+                 view_key: str, weights=None, text_encoder: str | None = None, text_weights=None):
         from mel_ray.features import Encoder, load_processor, output_size
 
         self.tokenizer, self.image_cfg = load_processor(clip, cache_dir)
+        if text_encoder:                # models.text_encoder: its tokenizer and its (fine-tuned) weights
+            from mel_ray.models import load_text_tokenizer
+
+            self.tokenizer = load_text_tokenizer(text_encoder, cache_dir)
         self.size = output_size(self.image_cfg)
         # weights: a fine-tuned model's CLIP (the KB's features were made by it too)
-        self.encoder = Encoder(clip, cache_dir, None, use_gpu, self.size, text_length, weights)
+        self.encoder = Encoder(clip, cache_dir, None, use_gpu, self.size, text_length, weights, text_encoder,
+                               text_weights)
         self.text_length, self.views, self.output, self.view_key = text_length, views, output, view_key
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -255,11 +260,14 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     mentions = read_mentions(mentions_path)
     require_dataset(kb)                          # the KB's manifest, footers, schemas, counts: one line, exit 2
     clip = pin_model(cfg["models"]["clip"])      # a hub id: the commit the KB's features must have been made with
+    text_encoder = cfg["models"].get("text_encoder")         # None: CLIP's text tower
+    text_encoder = pin_model(text_encoder) if text_encoder else None
     from mel_ray.checkpoints import encoder_fingerprint_of, require_matching_features
-    from mel_ray.model.encoder import encoder_state
+    from mel_ray.model.encoder import encoder_state, text_encoder_state
 
     fine_tuned = encoder_fingerprint_of(state)   # a finetune model: KB features and mentions by its own CLIP
-    features = find_features(kb, model=clip, cache_dir=cache_dir, several="first", encoder=fine_tuned)
+    features = find_features(kb, model=clip, cache_dir=cache_dir, several="first", encoder=fine_tuned,
+                             text_encoder=text_encoder)
     require_features(features, kb)               # every shard's footer and schema, before any actor reads one
     key = inputs_key(state, features, mentions, top_k)
     report_uri = storage.join(output, REPORT)
@@ -270,6 +278,8 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     manifest = read_manifest(features)
     require_matching_features(state, manifest, features, model)
     weights = ray.put(encoder_state(state["model"])) if fine_tuned else None
+    text_weights = text_encoder_state(state["model"]) if fine_tuned else None
+    text_weights = ray.put(text_weights) if text_weights else None
     views = int(state["dims"].get("views") or cfg["synthesize"]["views"])
     if state["dims"].get("cvacpt_weight", 1.0) == 0.0:
         views = 0                                          # the model never looks at views: draw none
@@ -288,7 +298,8 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
                         num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus,
                         fn_constructor_kwargs={"clip": clip, "cache_dir": cache_dir,
                                                "text_length": text_length, "use_gpu": use_gpu, "views": views,
-                                               "output": output, "view_key": view_key, "weights": weights})
+                                               "output": output, "view_key": view_key, "weights": weights,
+                                               "text_encoder": text_encoder, "text_weights": text_weights})
     ds = ds.map_batches(KBScorer, batch_size=batch_size, concurrency=concurrency, num_cpus=actor_cpus,
                         fn_constructor_kwargs={"features_uri": features, "state": state, "top_k": top_k,
                                                "entity_chunk": entity_chunk, "threads": 1})

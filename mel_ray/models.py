@@ -206,3 +206,98 @@ def load_clip(id_or_path: str, device: str = "cpu", dtype=None, cache_dir: str =
     kwargs = {} if dtype is None else {"dtype": _torch_dtype(dtype)}
     model = CLIPModel.from_pretrained(path, **pinned, **kwargs).to(device).eval()
     return model, CLIPProcessor.from_pretrained(path, **pinned)
+
+
+# ------------------------------------------------------------------------------ a BERT-family text encoder
+
+TEXT_ENCODER_SETTING = "models.text_encoder"
+# encoders whose AutoModel gives last_hidden_state [N, L, D] with the [CLS] (<s>) token's state at position 0
+BERT_FAMILY = ("albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie",
+               "megatron-bert", "modernbert", "mpnet", "roberta", "roberta-prelayernorm", "xlm-roberta",
+               "xlm-roberta-xl")
+# position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids): pad_token_id + 1
+# of max_position_embeddings are never a token's position
+_PADDING_OFFSET = ("camembert", "mpnet", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl")
+
+
+def text_encoder_config(id_or_path: str, cache_dir: str = DEFAULT_CACHE):
+    """The config of `models.text_encoder` (transformers' AutoConfig), refused with one line (UsageError naming the
+    setting) when it cannot be read or is not a BERT-family encoder (BERT_FAMILY)."""
+    from transformers import AutoConfig
+
+    path, pinned = pretrained_args(id_or_path, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(path, **pinned)
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, KeyError ... all mean "no usable config there"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UsageError(f"{TEXT_ENCODER_SETTING}={id_or_path}: cannot read a model config there ({first})") from None
+    kind = getattr(config, "model_type", None)
+    if kind not in BERT_FAMILY or getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
+        raise UsageError(f"{TEXT_ENCODER_SETTING}={id_or_path}: its config.json describes a {kind!r} model, not a "
+                         f"BERT-family text encoder (model_type one of {', '.join(BERT_FAMILY)}); leave "
+                         f"{TEXT_ENCODER_SETTING} unset for CLIP's text tower")
+    return config
+
+
+def text_config_from_dict(config: dict):
+    """A text encoder's config (as a finetune checkpoint's dims carry it, `config.to_dict()`) as a config object."""
+    from transformers import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
+
+
+def text_positions(config) -> int:
+    """How many tokens the text encoder takes: its max_position_embeddings, less RoBERTa's padding offset."""
+    positions = int(config.max_position_embeddings)
+    if config.model_type in _PADDING_OFFSET and config.pad_token_id is not None:
+        positions -= int(config.pad_token_id) + 1
+    return positions
+
+
+def _no_pooler(config) -> dict:
+    """AutoModel kwargs that leave out BERT's pooler (a dense + tanh over [CLS] that MEL does not read: unused
+    parameters would get no gradient, which DDP refuses), for the models that have one."""
+    import inspect
+
+    from transformers import MODEL_MAPPING
+
+    model_class = MODEL_MAPPING[type(config)]
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
+
+
+def text_model_from_config(config):
+    """The text encoder built from its config (random weights; a checkpoint or load_text_encoder fills them)."""
+    from transformers import AutoModel
+
+    return AutoModel.from_config(config, **_no_pooler(config))
+
+
+def load_text_encoder(id_or_path: str, device: str = "cpu", dtype=None, cache_dir: str = DEFAULT_CACHE):
+    """(the BERT-family encoder of `models.text_encoder` in eval mode on `device`, without a pooler; its tokenizer)."""
+    import logging as _logging
+
+    from transformers import AutoModel
+
+    config = text_encoder_config(id_or_path, cache_dir)
+    path, pinned = pretrained_args(id_or_path, cache_dir)
+    kwargs = {} if dtype is None else {"dtype": _torch_dtype(dtype)}
+    quiet = _logging.getLogger("transformers.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(_logging.ERROR)          # "pooler.* not used": left out on purpose
+    try:
+        model = AutoModel.from_pretrained(path, **pinned, **kwargs, **_no_pooler(config)).to(device).eval()
+    finally:
+        quiet.setLevel(level)
+    return model, load_text_tokenizer(id_or_path, cache_dir)
+
+
+def load_text_tokenizer(id_or_path: str, cache_dir: str = DEFAULT_CACHE):
+    """The text encoder's own tokenizer (AutoTokenizer), refused with one line when the folder has none."""
+    from transformers import AutoTokenizer
+
+    path, pinned = pretrained_args(id_or_path, cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(path, **pinned)
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError ... : no tokenizer files there
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UsageError(f"{TEXT_ENCODER_SETTING}={id_or_path}: cannot load its tokenizer ({first})") from None

@@ -92,6 +92,7 @@ def resolve_paths(cfg: Config, root: str | os.PathLike = ".") -> Config:
         c.data.ingest.image_dir = under(root, c.data.ingest.image_dir)
     c.models.clip = model_under(root, c.models.clip)
     c.models.diffusion = model_under(root, c.models.diffusion)
+    c.models.text_encoder = model_under(root, c.models.text_encoder) if c.models.text_encoder else None
     c.tracking.storage = under(root, c.tracking.storage)
     return c
 
@@ -254,7 +255,7 @@ def encode_features(cfg: Config, dataset: str, key: str | None, checkpoint: str 
 
     manifest = extract_features(dataset, cfg.models.clip, cfg.features, synthetic_key=key,
                                 views=cfg.synthesize.views if key else None, cache_dir=cfg.models.cache_dir,
-                                checkpoint=checkpoint)
+                                checkpoint=checkpoint, text_encoder=cfg.models.text_encoder)
     run = manifest["run"]
     note = (f"{manifest['uri']}: {run['shards_written']} shards written, {run['shards_skipped']} already there, "
             f"on {device_note(run['num_gpus'])}")

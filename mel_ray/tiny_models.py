@@ -240,3 +240,53 @@ def make_tiny_models(output: str, seed: int = 0) -> dict[str, str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return paths
+
+
+# ------------------------------------------------------------------------------ a tiny BERT (models.text_encoder)
+
+BERT_HIDDEN = 24               # not HIDDEN: a text encoder's widths differ from CLIP's, as BERT-base's 768 from 512
+BERT_POSITIONS = 64            # >= MEL's 40-token text budget
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def bert_vocab(texts: list[str]) -> dict[str, int]:
+    """A WordPiece vocabulary: the special tokens, every word of `texts` as BERT's own normaliser and
+    pre-tokenizer split them (lower-cased, accents stripped, punctuation apart), then every character they hold
+    and ASCII's, alone and as a `##` continuation, so any text tokenises into pieces rather than [UNK]."""
+    import string
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, pre = BertNormalizer(lowercase=True), BertPreTokenizer()
+    words = sorted({w for text in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text))})
+    chars = sorted({c for w in words for c in w} | set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab: dict[str, int] = {}
+    for token in [*BERT_SPECIALS, *words, *chars, *(f"##{c}" for c in chars)]:
+        vocab.setdefault(token, len(vocab))
+    return vocab
+
+
+def build_tiny_bert(folder: str | Path, seed: int = 0) -> str:
+    """Write a tiny BertModel (hidden BERT_HIDDEN, 2 layers, BERT_POSITIONS positions, a pooler as real BERT
+    checkpoints have) and its real BertTokenizer (WordPiece over the demo vocabulary, bert_vocab) to `folder`
+    with save_pretrained; returns the folder. Weights are random but fixed by the seed. make_tiny_models does not
+    build it (its outputs and FORMAT_VERSION are the demo's cache key)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from mel_ray.demo_data import corpus
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizer(vocab=bert_vocab([*corpus(), _ENGLISH]), do_lower_case=True,
+                              model_max_length=BERT_POSITIONS)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=BERT_HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=BERT_POSITIONS,
+                        pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):      # seed the init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = BertModel(config)
+    model.eval().save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)

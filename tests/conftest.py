@@ -282,3 +282,11 @@ def small_data(tmp_path_factory, tiny_models):
 @pytest.fixture
 def small_dataset(small_data, tmp_path) -> str:
     return small_data.copy(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """Path of a tiny BertModel + BertTokenizer folder (mel_ray.tiny_models.build_tiny_bert): models.text_encoder."""
+    from mel_ray.tiny_models import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "bert", seed=0)

@@ -23,9 +23,12 @@ class Encoder:
     units."""
 
     def __init__(self, model: str, cache_dir: str, dtype: str | None, use_gpu: bool, image_size: tuple[int, int],
-                 text_length: int, weights=None):
+                 text_length: int, weights=None, text_encoder: str | None = None, text_weights=None):
         """weights: a fine-tuned encoder's CLIP state dict (or a Ray object ref to one), loaded over `model`'s
-        (extract-features --checkpoint); `model` then only gives the architecture and the processor."""
+        (extract-features --checkpoint); `model` then only gives the architecture and the processor.
+
+        text_encoder: models.text_encoder, a BERT-family model that encodes the texts (t_G = its [CLS] final state,
+        T_L = its final states) instead of CLIP's text tower; text_weights: its fine-tuned weights (or a ref)."""
         import torch
 
         from mel_ray.models import load_clip
@@ -42,13 +45,31 @@ class Encoder:
             self.device = "cpu"
             self.name = f"cpu/threads={torch.get_num_threads()}"
         self.model, _ = load_clip(model, self.device, dtype, cache_dir)
+        self.text_model = None
+        if text_encoder:
+            from mel_ray.models import load_text_encoder
+
+            self.text_model, _ = load_text_encoder(text_encoder, self.device, dtype, cache_dir)
         if weights is not None:
             import ray
 
             if isinstance(weights, ray.ObjectRef):
                 weights = ray.get(weights)
-            self.model.load_state_dict(weights)
+            if self.text_model is None:
+                self.model.load_state_dict(weights)
+            else:                       # a fine-tuned encoder with a text encoder has no CLIP text tower
+                missing, unexpected = self.model.load_state_dict(weights, strict=False)
+                unused = [k for k in missing if not k.startswith(("text_model.", "text_projection."))]
+                if unused or unexpected:
+                    raise RuntimeError(f"fine-tuned CLIP weights do not fit {model}: missing {unused[:3]}, "
+                                       f"unexpected {unexpected[:3]}")
             self.name += "/fine-tuned"
+        if text_weights is not None:
+            import ray
+
+            if isinstance(text_weights, ray.ObjectRef):
+                text_weights = ray.get(text_weights)
+            self.text_model.load_state_dict(text_weights)
         self.dtype = self.model.dtype
         self.image_size = tuple(image_size)
         self.text_length = text_length
@@ -63,9 +84,13 @@ class Encoder:
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids).to(self.device)
             mask = torch.from_numpy(attention_mask.astype(np.int64)).to(self.device)
-            text = self.model.get_text_features(input_ids=ids, attention_mask=mask)
-            tg = text.pooler_output
-            tg = tg / _vector_norm(torch, tg)
+            if self.text_model is not None:         # BERT-family: [CLS] (state 0) and every final state
+                text = self.text_model(input_ids=ids, attention_mask=mask)
+                tg = text.last_hidden_state[:, 0]
+            else:
+                text = self.model.get_text_features(input_ids=ids, attention_mask=mask)
+                tg = text.pooler_output
+                tg = tg / _vector_norm(torch, tg)
             globals_, local = [], None
             for part in (pixels[:n], pixels[n:]):
                 if not len(part):

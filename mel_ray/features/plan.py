@@ -49,6 +49,18 @@ def model_fingerprint(model: str, cache_dir: str = DEFAULT_CACHE) -> dict[str, A
     return {"id": fingerprint} if is_hub_id(str(model)) else {"content": fingerprint}
 
 
+def check_text_encoder(text_encoder: str, text_length: int, cache_dir: str = DEFAULT_CACHE):
+    """models.text_encoder's config, refused with one line naming the setting when it is not a BERT-family encoder
+    or takes fewer than `text_length` (features.text_length) tokens. Reads its config.json only."""
+    config = models.text_encoder_config(text_encoder, cache_dir)
+    positions = models.text_positions(config)
+    if text_length > positions:
+        raise UsageError(f"{models.TEXT_ENCODER_SETTING}={text_encoder}: features.text_length {text_length} exceeds "
+                         f"the {positions} positions it takes (max_position_embeddings in its config.json); lower "
+                         "features.text_length")
+    return config
+
+
 # ------------------------------------------------------------------------------------------- the plan
 
 
@@ -90,6 +102,8 @@ class Plan:
     inputs: dict
     tokenizer: Any = None
     weights: Any = None              # a fine-tuned encoder's CLIP weights (extract-features --checkpoint)
+    text_encoder: str | None = None  # models.text_encoder (None: CLIP's text tower encodes the texts)
+    text_weights: Any = None         # a fine-tuned text encoder's weights (extract-features --checkpoint)
 
 
 def _read_parquet_bytes(uri: str) -> tuple[pa.Table, str]:
@@ -135,9 +149,13 @@ def _load_synthetic(ds, key: str, views: int | None) -> tuple[dict[str, list[tup
 
 def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views: int | None, text_length: int,
           dtype: str | None, splits: tuple[str, ...], micro_batch: int, shard_rows: int, features_root: str | None,
-          cache_dir: str, encoder_checkpoint: str | None = None) -> Plan:
+          cache_dir: str, encoder_checkpoint: str | None = None, text_encoder: str | None = None) -> Plan:
     """encoder_checkpoint: the fingerprint of a fine-tuned encoder's weights (mel_ray.model.encoder), part of
-    the key and the manifest's settings; None (the base CLIP) leaves both as they always were."""
+    the key and the manifest's settings; None (the base CLIP) leaves both as they always were.
+
+    text_encoder: models.text_encoder, a BERT-family model that encodes the texts instead of CLIP's text tower
+    (its tokenizer, its widths in `shapes`, its identity in the key and the settings); None leaves all three as
+    they always were."""
     from transformers import CLIPConfig
 
     if text_length < 2:
@@ -153,7 +171,11 @@ def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views:
     path, pinned = pretrained_args(model, cache_dir)
     config = CLIPConfig.from_pretrained(path, **pinned)
     tokenizer, image_cfg = load_processor(model, cache_dir)
-    if text_length > config.text_config.max_position_embeddings:
+    text_width = config.text_config.hidden_size
+    if text_encoder:                  # a BERT-family encoder: its tokenizer, its widths, its positions
+        text_config = check_text_encoder(text_encoder, text_length, cache_dir)
+        tokenizer, text_width = models.load_text_tokenizer(text_encoder, cache_dir), text_config.hidden_size
+    elif text_length > config.text_config.max_position_embeddings:
         raise UsageError(f"text_length {text_length} exceeds the model's {config.text_config.max_position_embeddings} "
                          "positions")
     height, width = output_size(image_cfg)
@@ -172,7 +194,8 @@ def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views:
 
     fingerprint = model_fingerprint(model, cache_dir)
     proj = config.projection_dim
-    shapes = {"text_global": [proj], "text_local": [text_length, config.text_config.hidden_size],
+    # with a text encoder: t_G is its [CLS] state and T_L its token states, both its hidden size wide
+    shapes = {"text_global": [text_width if text_encoder else proj], "text_local": [text_length, text_width],
               "text_mask": [text_length], "image_global": [proj], "image_local": [tokens, vc.hidden_size]}
     if synthetic_key:
         shapes["synthetic_global"] = [n_s, proj]
@@ -189,6 +212,8 @@ def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views:
     }
     if encoder_checkpoint:
         settings["encoder_checkpoint"] = encoder_checkpoint
+    if text_encoder:
+        settings["text_encoder"] = model_fingerprint(text_encoder, cache_dir)
     settings = json.loads(json.dumps(settings, default=str))     # plain JSON types, as the manifest stores them
     key = settings_key(settings)
     root = features_root or ds.path("features")
@@ -214,16 +239,17 @@ def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views:
     return Plan(uri=storage.join(root, key), key=key, settings=settings, model=model, cache_dir=cache_dir,
                  text_length=text_length, image_size=(height, width), image_cfg=image_cfg, shapes=shapes,
                  micro_batch=micro_batch, shard_rows=shard_rows, n_views=n_s, dtype=dtype, tables=tables,
-                 inputs=inputs, tokenizer=tokenizer)
+                 inputs=inputs, tokenizer=tokenizer, text_encoder=text_encoder or None)
 
 
 def features_key(dataset_uri: str, model: str, *, synthetic_key: str | None = None, views: int | None = None,
                  text_length: int = 40, dtype: str | None = None, micro_batch: int = DEFAULT_MICRO_BATCH,
-                 shard_rows: int = DEFAULT_SHARD_ROWS, cache_dir: str = DEFAULT_CACHE) -> str:
+                 shard_rows: int = DEFAULT_SHARD_ROWS, cache_dir: str = DEFAULT_CACHE,
+                 text_encoder: str | None = None) -> str:
     """The folder name under DATASET/features that `extract_features` with these settings writes to."""
     return make_plan(dataset_uri, model, synthetic_key=synthetic_key, views=views, text_length=text_length, dtype=dtype,
                  splits=(), micro_batch=micro_batch, shard_rows=shard_rows, features_root=None,
-                 cache_dir=cache_dir).key
+                 cache_dir=cache_dir, text_encoder=text_encoder).key
 
 
 def make_units(plan: Plan) -> list[dict]:

@@ -52,8 +52,9 @@ def shard_table(plan: Plan, table: Table, shard: int, units: list[dict]) -> pa.T
             parts.append(arr.reshape(-1))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
-    proj = shapes["text_global"][0]
-    cols["text_global"] = _fsl(cat("text_global", np.float16, proj), proj)
+    width = shapes["text_global"][0]        # CLIP's projection, or a text encoder's hidden size (models.text_encoder)
+    cols["text_global"] = _fsl(cat("text_global", np.float16, width), width)
+    proj = shapes["image_global"][0]
     size = int(np.prod(shapes["text_local"]))
     cols["text_local"] = _fsl(cat("text_local", np.float16, size), size)
     cols["text_mask"] = _fsl(cat("text_mask", np.int8, plan.text_length), plan.text_length)
@@ -154,6 +155,8 @@ def build_manifest(plan: Plan, existing: set[str]) -> dict:
         "key": plan.key,
         "mel_ray_version": __version__,
         "model": {"id": plan.model, "fingerprint": plan.settings["model"]},
+        **({"text_encoder": {"id": plan.text_encoder, "fingerprint": plan.settings["text_encoder"]}}
+           if plan.text_encoder else {}),
         "settings": {k: v for k, v in plan.settings.items() if k not in ("model", "inputs", "stage")},
         "inputs": plan.inputs,
         "storage": {"format": "parquet (zstd)", "tensor_layout": "fixed_size_list flattened row-major; shape below",

@@ -30,7 +30,14 @@ from mel_ray.feature_store import MANIFEST
 from mel_ray.features import shards
 from mel_ray.features.encoder import Encoder
 from mel_ray.features.inputs import prepare_batch
-from mel_ray.features.plan import DEFAULT_MICRO_BATCH, DEFAULT_SHARD_ROWS, Plan, make_plan, make_units
+from mel_ray.features.plan import (
+    DEFAULT_MICRO_BATCH,
+    DEFAULT_SHARD_ROWS,
+    Plan,
+    check_text_encoder,
+    make_plan,
+    make_units,
+)
 from mel_ray.models import DEFAULT_CACHE, pin_model
 from mel_ray.verify import require_dataset
 
@@ -163,7 +170,10 @@ def _run_ray(plan: Plan, units: list[dict], *, batch_size: int, concurrency: int
                         fn_constructor_kwargs={"model": plan.model, "cache_dir": plan.cache_dir, "dtype": plan.dtype,
                                                "use_gpu": num_gpus > 0, "image_size": list(plan.image_size),
                                                "text_length": plan.text_length,
-                                               "weights": None if plan.weights is None else ray.put(plan.weights)})
+                                               "weights": None if plan.weights is None else ray.put(plan.weights),
+                                               "text_encoder": plan.text_encoder,
+                                               "text_weights": None if plan.text_weights is None
+                                               else ray.put(plan.text_weights)})
     batches = ds.iter_batches(batch_size=None, batch_format="numpy")
     _consume(Collector(plan, units, quiet), (row for batch in batches for row in _rows_of(batch)))
 
@@ -175,7 +185,7 @@ def _run_local(plan: Plan, units: list[dict], *, use_gpu: bool, quiet: bool) -> 
     threads = torch.get_num_threads()
     try:
         encoder = Encoder(plan.model, plan.cache_dir, plan.dtype, use_gpu, plan.image_size, plan.text_length,
-                          plan.weights)
+                          plan.weights, plan.text_encoder, plan.text_weights)
 
         def rows():
             for unit in units:
@@ -188,11 +198,20 @@ def _run_local(plan: Plan, units: list[dict], *, use_gpu: bool, quiet: bool) -> 
         torch.set_num_threads(threads)
 
 
-def fine_tuned_encoder(checkpoint: str, model: str, cache_dir: str) -> tuple[dict, str]:
-    """(CLIP weights, their fingerprint) of a finetune checkpoint, refused (one line) when it is a frozen-mode
-    checkpoint or its CLIP architecture is not `model`'s."""
+def fine_tuned_encoder(checkpoint: str, model: str, cache_dir: str,
+                       text_encoder: str | None = None) -> tuple[dict, dict | None, str]:
+    """(CLIP weights, text encoder weights or None, their fingerprint) of a finetune checkpoint, refused (one line)
+    when it is a frozen-mode checkpoint, its CLIP architecture is not `model`'s, or its text encoder is not
+    `text_encoder`'s architecture (CLIP's text tower when None)."""
     from mel_ray.checkpoints import load_checkpoint
-    from mel_ray.model.encoder import clip_config_of, encoder_fingerprint, encoder_state
+    from mel_ray.model.encoder import (
+        clip_config_of,
+        encoder_state,
+        fine_tuned_fingerprint,
+        text_config_of,
+        text_encoder_state,
+    )
+    from mel_ray.models import TEXT_ENCODER_SETTING
 
     state = load_checkpoint(checkpoint)
     if state["dims"].get("encoder", "frozen") != "finetune":
@@ -201,8 +220,20 @@ def fine_tuned_encoder(checkpoint: str, model: str, cache_dir: str) -> tuple[dic
     if state["dims"].get("encoder_config") != clip_config_of(model, cache_dir):
         raise UsageError(f"{checkpoint}: its fine-tuned CLIP has another architecture than models.clip={model}; "
                          "set models.clip to the CLIP it was trained from")
+    trained_text = state["dims"].get("text_encoder_config")
+    if trained_text and not text_encoder:
+        raise UsageError(f"{checkpoint}: its texts were encoded by a fine-tuned {trained_text.get('model_type')} "
+                         f"(from {state['dims'].get('text_encoder')}), but {TEXT_ENCODER_SETTING} is unset; set it "
+                         f"to the text encoder it was trained from (--set {TEXT_ENCODER_SETTING}=...)")
+    if text_encoder and not trained_text:
+        raise UsageError(f"{checkpoint}: its texts were encoded by CLIP's text tower, but "
+                         f"{TEXT_ENCODER_SETTING}={text_encoder}; unset it (--set {TEXT_ENCODER_SETTING}=null)")
+    if text_encoder and trained_text != text_config_of(text_encoder, cache_dir):
+        raise UsageError(f"{checkpoint}: its fine-tuned text encoder has another architecture than "
+                         f"{TEXT_ENCODER_SETTING}={text_encoder}; set it to the text encoder it was trained from")
     weights = encoder_state(state["model"])
-    return weights, encoder_fingerprint(weights)
+    text_weights = text_encoder_state(state["model"]) if trained_text else None
+    return weights, text_weights, fine_tuned_fingerprint(weights, text_weights)
 
 
 def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synthetic_key: str | None = None,
@@ -210,7 +241,7 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
                      micro_batch: int = DEFAULT_MICRO_BATCH, shard_rows: int = DEFAULT_SHARD_ROWS,
                      num_cpus: float | None = None, decode_num_cpus: float = 0.5, features_root: str | None = None,
                      cache_dir: str = DEFAULT_CACHE, engine: str = "ray", quiet: bool = False,
-                     checkpoint: str | None = None) -> dict:
+                     checkpoint: str | None = None, text_encoder: str | None = None) -> dict:
     """Write CLIP features of the dataset's entities and mentions (and synthetic views) under
     DATASET/features/<key>/ (or features_root/<key>/); returns the manifest plus `uri` and `run`.
 
@@ -228,11 +259,16 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
     checkpoint: a model trained with model.encoder=finetune (model.pt, a checkpoint folder or an MLflow run): its
     fine-tuned CLIP weights encode everything (`model` gives the processor and the architecture); the set's key
     and manifest carry the encoder's fingerprint, which evaluate and link check against their checkpoint.
+    text_encoder: models.text_encoder: a BERT-family model (id, local or s3:// folder) encodes the texts instead
+    of CLIP's text tower (text_global = its [CLS] final state, text_local = its final states; its tokenizer);
+    with `checkpoint`, that checkpoint's fine-tuned copy of it. None: CLIP's text tower, keys as they always were.
     """
     from mel_ray.runtime import resolve_num_gpus
 
     require_dataset(str(dataset_uri))   # before Ray, any model or actor: a damaged dataset is one line, exit 2
     text_length, batch_size, concurrency, num_gpus = cfg.text_length, cfg.batch_size, cfg.concurrency, cfg.num_gpus
+    if text_encoder:                    # so is a text encoder that is no BERT or too short for text_length
+        check_text_encoder(str(text_encoder), text_length, cache_dir)
     if num_gpus == "auto" and engine == "local":     # without Ray: this machine's GPU
         import torch
 
@@ -245,11 +281,14 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
         raise UsageError(f"engine {engine!r}: expected 'ray' or 'local'")
     t0 = time.perf_counter()
     model = pin_model(str(model))         # a hub id: the commit the key names and every encoder loads
-    weights, fingerprint = (None, None) if checkpoint is None else fine_tuned_encoder(checkpoint, model, cache_dir)
+    text_encoder = pin_model(str(text_encoder)) if text_encoder else None
+    weights, text_weights, fingerprint = (None, None, None) if checkpoint is None else \
+        fine_tuned_encoder(checkpoint, model, cache_dir, text_encoder)
     plan = make_plan(str(dataset_uri), model, synthetic_key=synthetic_key, views=views, text_length=text_length,
                  dtype=dtype, splits=tuple(splits), micro_batch=micro_batch, shard_rows=shard_rows,
-                 features_root=features_root, cache_dir=cache_dir, encoder_checkpoint=fingerprint)
-    plan.weights = weights
+                 features_root=features_root, cache_dir=cache_dir, encoder_checkpoint=fingerprint,
+                 text_encoder=text_encoder)
+    plan.weights, plan.text_weights = weights, text_weights
     existing = set(storage.list_files(plan.uri))
     for table in plan.tables.values():
         table.pending = [s for s in range(table.n_shards(shard_rows)) if table.shard_name(s) not in existing]

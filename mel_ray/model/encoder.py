@@ -11,6 +11,11 @@ features MELModel reads, the same features extract-features stores (docs/data-co
 In `frozen` mode the features are read from a feature set and `MELModel.encoder` is the identity; here the same
 arithmetic runs with gradients (tests/test_finetune.py checks the two agree on the same inputs).
 
+With `models.text_encoder` set (a BERT-family model), that model replaces CLIP's text tower (which is then left
+out of the module, so it neither trains nor sits in checkpoints): text_global = its [CLS] final hidden state
+(state 0, not normalised, no pooler), text_local = its final hidden states [L, D_bert]; it trains with the rest
+(part of MELModel.encoder, so at train.encoder_lr) and its weights are `encoder.text_model.*` in checkpoints.
+
 A batch for this encoder holds `input_ids` [N, L], `attention_mask` [N, L] and `pixels` [N, 3, H, W]; mentions
 also `view_pixels` [N, S, 3, H, W] with `n_views` [N] (rows past n_views are padding and are not encoded).
 """
@@ -30,24 +35,43 @@ def _normalize(t: torch.Tensor) -> torch.Tensor:
 
 class ClipEncoder(nn.Module):
     """CLIP's towers as a trainable module. Built from a CLIP config (the checkpoint holds the weights); the
-    pretrained weights are loaded once, at the start of training, by `load_pretrained`."""
+    pretrained weights are loaded once, at the start of training, by `load_pretrained`.
 
-    def __init__(self, clip_config: dict):
+    text_config: a BERT-family text encoder's config dict (models.text_encoder) that replaces CLIP's text tower;
+    text_source: where its pretrained weights come from (its pinned id or folder; read by `load_pretrained`)."""
+
+    def __init__(self, clip_config: dict, text_config: dict | None = None, text_source: str | None = None):
         super().__init__()
         from transformers import CLIPConfig, CLIPModel
 
         self.clip = CLIPModel(CLIPConfig.from_dict(clip_config))
         self.clip.logit_scale.requires_grad_(False)     # CLIP's contrastive temperature: not used by MEL
+        self.text_model, self.text_source = None, text_source
+        if text_config is not None:
+            from mel_ray.models import text_config_from_dict, text_model_from_config
+
+            del self.clip.text_model, self.clip.text_projection      # BERT encodes the texts instead
+            self.text_model = text_model_from_config(text_config_from_dict(text_config))
 
     def load_pretrained(self, id_or_path: str, cache_dir: str) -> None:
         from transformers import CLIPModel
 
-        from mel_ray.models import pretrained_args
+        from mel_ray.models import load_text_encoder, pretrained_args
 
         path, pinned = pretrained_args(id_or_path, cache_dir)
-        self.clip.load_state_dict(CLIPModel.from_pretrained(path, **pinned).state_dict())
+        state = CLIPModel.from_pretrained(path, **pinned).state_dict()
+        if self.text_model is None:
+            self.clip.load_state_dict(state)
+            return
+        self.clip.load_state_dict({k: v for k, v in state.items() if k in self.clip.state_dict()})
+        if not self.text_source:
+            raise ValueError("a text encoder without text_source: nowhere to load its pretrained weights from")
+        self.text_model.load_state_dict(load_text_encoder(self.text_source, cache_dir=cache_dir)[0].state_dict())
 
     def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_model is not None:     # BERT-family: [CLS] (state 0) and every final state, as extracted
+            states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return states[:, 0], states
         out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return _normalize(out.pooler_output), out.last_hidden_state
 
@@ -85,11 +109,18 @@ class ClipEncoder(nn.Module):
         return out
 
 
-def encoder_sizes(clip_config: dict) -> dict:
-    """The feature widths ClipEncoder gives (ModelDims' text_global .. image_local) from a CLIP config dict."""
+def encoder_sizes(clip_config: dict, text_config: dict | None = None) -> dict:
+    """The feature widths ClipEncoder gives (ModelDims' text_global .. image_local) from a CLIP config dict (and a
+    text encoder's: its hidden size is then t_G's and T_L's width)."""
     text, vision = clip_config["text_config"], clip_config["vision_config"]
-    return {"text_global": clip_config["projection_dim"], "text_local": text["hidden_size"],
-            "image_global": clip_config["projection_dim"], "image_local": vision["hidden_size"]}
+    sizes = {"text_global": clip_config["projection_dim"], "text_local": text["hidden_size"],
+             "image_global": clip_config["projection_dim"], "image_local": vision["hidden_size"]}
+    if text_config is not None:
+        from mel_ray.models import text_config_from_dict
+
+        width = text_config_from_dict(text_config).hidden_size
+        sizes.update(text_global=width, text_local=width)
+    return sizes
 
 
 def clip_config_of(id_or_path: str, cache_dir: str) -> dict:
@@ -102,6 +133,37 @@ def clip_config_of(id_or_path: str, cache_dir: str) -> dict:
 
     path, pinned = pretrained_args(id_or_path, cache_dir)
     return json.loads(CLIPConfig.from_pretrained(path, **pinned).to_json_string(use_diff=False))
+
+
+def text_config_of(id_or_path: str, cache_dir: str) -> dict:
+    """models.text_encoder's config as a plain dict (what a finetune checkpoint's dims carry), checked to be a
+    BERT-family encoder (mel_ray.models.text_encoder_config). Without where it was read from and the transformers
+    version: the same model in another folder (a copy, an s3:// fetch) has the same architecture."""
+    import json
+
+    from mel_ray.models import text_encoder_config
+
+    config = json.loads(text_encoder_config(id_or_path, cache_dir).to_json_string(use_diff=False))
+    for provenance in ("_name_or_path", "transformers_version"):
+        config.pop(provenance, None)
+    return config
+
+
+TEXT_PREFIX = "encoder.text_model."
+
+
+def text_encoder_state(state_dict: dict) -> dict:
+    """The text encoder's weights inside a finetune MELModel's state dict, under its own names ({} when its texts
+    are CLIP's)."""
+    return {k[len(TEXT_PREFIX):]: v for k, v in state_dict.items() if k.startswith(TEXT_PREFIX)}
+
+
+def fine_tuned_fingerprint(clip_weights: dict, text_weights: dict | None = None) -> str:
+    """The identity of a fine-tuned encoder: encoder_fingerprint of its CLIP weights, and of its text encoder's
+    too when it has one (its names prefixed with "encoder.text_model.", which no CLIPModel weight name starts with)."""
+    if not text_weights:
+        return encoder_fingerprint(clip_weights)
+    return encoder_fingerprint({**clip_weights, **{f"{TEXT_PREFIX}{k}": v for k, v in text_weights.items()}})
 
 
 def encoder_state(state_dict: dict) -> dict:

@@ -26,8 +26,8 @@ UNITS = ("text", "image", "cross")   # TGLU, VDLU, CMFU logits; "overall" is the
 
 @dataclass
 class ModelDims:
-    text_global: int          # CLIP projection size (512 for ViT-B/32): t_G
-    text_local: int           # CLIP text hidden size (512): T_L
+    text_global: int          # CLIP projection size (512 for ViT-B/32): t_G (models.text_encoder: its hidden size)
+    text_local: int           # CLIP text hidden size (512): T_L (models.text_encoder: its hidden size)
     image_global: int         # CLIP projection size (512): image_embeds, W_ic's input
     image_local: int          # CLIP vision hidden size (768): W_it's input
     hidden: int = 96          # h: MIMIC's size for every unit and for v_G / V_L
@@ -36,6 +36,10 @@ class ModelDims:
     cvacpt_init: str = "random"   # "identity": A^G / A^L output layers start at zero (see CVaCPT)
     encoder: str = "frozen"       # "finetune": CLIP is part of the model (encoder_config: its CLIPConfig dict)
     encoder_config: dict | None = None
+    # "finetune" with models.text_encoder: the BERT-family model that replaces CLIP's text tower (its config dict;
+    # None: CLIP's text tower) and where its pretrained weights were loaded from (its pinned id or folder)
+    text_encoder_config: dict | None = None
+    text_encoder: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,9 +55,12 @@ class MELModel(nn.Module):
         if dims.encoder == "finetune":
             if not dims.encoder_config:
                 raise ValueError("encoder 'finetune' needs encoder_config (the CLIP config)")
-            self.encoder = ClipEncoder(dims.encoder_config)
+            self.encoder = ClipEncoder(dims.encoder_config, dims.text_encoder_config, dims.text_encoder)
         else:
             self.encoder = nn.Identity()   # frozen CLIP features are the inputs
+        # t_G and T_L enter at the text encoder's own widths (CLIP's 512, or a BERT's 768 with models.text_encoder):
+        # MIMIC has no text projection; the first layers that read them (TGLU's W_q/W_k/W_v/W_c, CMFU's W_t, CVaCPT's
+        # context encoder) are sized from dims.text_global / text_local and map them to h
         self.w_ic = nn.Linear(dims.image_global, h)      # v_G = W_ic(image_embeds)      512 -> 96
         self.w_it = nn.Linear(dims.image_local, h)       # V_L = W_it(vision hidden)     768 -> 96
         self.cvacpt = CVaCPT(h, dims.text_global, weight=dims.cvacpt_weight, init=dims.cvacpt_init)

@@ -58,15 +58,17 @@ def image_pick(seed: int, mention_id: str, entity_id: int, n_images: int) -> int
 
 
 def build_inputs(dataset_uri: str, clip: str, *, text_length: int, synthetic_key: str | None, views: int | None,
-                 pools: list[np.ndarray], pool_head: int, seed: int, cache_dir: str) -> FinetuneInputs:
+                 pools: list[np.ndarray], pool_head: int, seed: int, cache_dir: str,
+                 text_encoder: str | None = None) -> FinetuneInputs:
     """The train / dev / kb reference tables (tokenised here, on the driver). pool_head: how many of each gold's
-    mined negatives travel with its rows (k, or sample_top when negatives are sampled from a longer head)."""
+    mined negatives travel with its rows (k, or sample_top when negatives are sampled from a longer head).
+    text_encoder: models.text_encoder, whose tokenizer then makes the token ids (None: CLIP's)."""
     from mel_ray.dataset import load_dataset
     from mel_ray.features.plan import make_plan
 
     plan = make_plan(dataset_uri, clip, synthetic_key=synthetic_key, views=views, text_length=text_length,
                      dtype=None, splits=("train", "dev"), micro_batch=1, shard_rows=1, features_root=None,
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, text_encoder=text_encoder)
     ds = load_dataset(dataset_uri)
     kb = plan.tables["entities"]
     kb_ids, kb_mask = tokenize(plan.tokenizer, kb.texts, text_length)

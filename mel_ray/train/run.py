@@ -22,9 +22,9 @@ from mel_ray.checkpoints import CHECKPOINT_FILE, build_model, export_model
 from mel_ray.config import Config
 from mel_ray.dataset import ENTITIES, load_dataset
 from mel_ray.errors import NonFiniteError, UsageError, unwrap
-from mel_ray.feature_store import find_features, mention_dataset, mention_tensors
+from mel_ray.feature_store import find_features, mention_dataset, mention_tensors, read_manifest, require_text_encoder
 from mel_ray.keys import sha256_hex
-from mel_ray.model.encoder import clip_config_of, encoder_sizes
+from mel_ray.model.encoder import clip_config_of, encoder_sizes, text_config_of
 from mel_ray.runtime import init_ray
 from mel_ray.train.inputs import FinetuneInputs, build_inputs, decoded
 from mel_ray.train.loop import NONFINITE, train_loop_per_worker
@@ -79,6 +79,12 @@ def trainer_for(cfg: Config, dataset_uri: str, features_uri: str | None, negativ
     if finetune is not None:
         clip_config = clip_config_of(cfg.models.clip, cfg.models.cache_dir)
         loop_config["dims"].update(encoder="finetune", encoder_config=clip_config, **encoder_sizes(clip_config))
+        if cfg.models.text_encoder:         # a BERT-family model replaces CLIP's text tower and trains too
+            from mel_ray.models import pin_model
+
+            text_config = text_config_of(cfg.models.text_encoder, cfg.models.cache_dir)
+            loop_config["dims"].update(text_encoder_config=text_config, text_encoder=pin_model(cfg.models.text_encoder),
+                                       **encoder_sizes(clip_config, text_config))
         loop_config["finetune"] = {"tables": ray.put({k: finetune.tables[k] for k in ("dev", "kb")}),
                                    "decode": finetune.decode_kwargs(), "clip": cfg.models.clip,
                                    "cache_dir": cfg.models.cache_dir}
@@ -151,9 +157,14 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     if not finetune:
         features_uri = find_features(dataset_uri, features_uri, encoder=None)   # frozen: the base CLIP's
         require_features(features_uri, dataset_uri)
+        require_text_encoder(read_manifest(features_uri), cfg.models.text_encoder, features_uri)
     negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
     if cfg.train.k > cfg.negatives.k and cfg.train.negatives != "in_batch":
         raise UsageError(f"train.k = {cfg.train.k} is larger than the mined pool negatives.k = {cfg.negatives.k}")
+    if finetune and cfg.models.text_encoder:    # a text encoder that is no BERT or too short: one line, before Ray
+        from mel_ray.features.plan import check_text_encoder
+
+        check_text_encoder(cfg.models.text_encoder, cfg.features.text_length, cfg.models.cache_dir)
     storage_path = storage_path or cfg.tracking.storage
     init_ray()
     inputs = finetune_inputs(cfg, dataset_uri, negatives_uri, synthetic_key) if finetune else None
@@ -220,7 +231,8 @@ def finetune_inputs(cfg: Config, dataset_uri: str, negatives_uri: str | None,
     head = 0 if t.negatives == "in_batch" else max(t.k, t.sample_top or 0)
     inputs = build_inputs(dataset_uri, cfg.models.clip, text_length=cfg.features.text_length,
                           synthetic_key=synthetic_key, views=cfg.synthesize.views if synthetic_key else None,
-                          pools=pools, pool_head=head, seed=t.seed, cache_dir=cfg.models.cache_dir)
+                          pools=pools, pool_head=head, seed=t.seed, cache_dir=cfg.models.cache_dir,
+                          text_encoder=cfg.models.text_encoder)
     if not any(inputs.images.values()):
         log.warning("%s: no entity or mention has an image; fine-tuning trains on all-zero pixel tensors "
                     "(text only, as MIMIC feeds a missing image)", dataset_uri)
@@ -233,7 +245,8 @@ def fine_tuned_features(cfg: Config, dataset_uri: str, checkpoint: str, syntheti
 
     manifest = extract_features(dataset_uri, cfg.models.clip, cfg.features, synthetic_key=synthetic_key,
                                 views=cfg.synthesize.views if synthetic_key else None,
-                                cache_dir=cfg.models.cache_dir, checkpoint=checkpoint, quiet=True)
+                                cache_dir=cfg.models.cache_dir, checkpoint=checkpoint, quiet=True,
+                                text_encoder=cfg.models.text_encoder)
     return manifest["uri"]
 
 

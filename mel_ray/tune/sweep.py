@@ -253,7 +253,7 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     from mlflow.tracking import MlflowClient
 
     from mel_ray import tracking
-    from mel_ray.feature_store import find_features
+    from mel_ray.feature_store import find_features, read_manifest, require_text_encoder
     from mel_ray.runtime import init_ray
     from mel_ray.train.run import find_negatives
     from mel_ray.verify import require_dataset, require_features
@@ -261,6 +261,7 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     require_dataset(dataset_uri)        # every input checked on the driver before a trial starts
     features_uri = find_features(dataset_uri, features_uri, encoder=None)
     require_features(features_uri, dataset_uri)
+    require_text_encoder(read_manifest(features_uri), cfg.models.text_encoder, features_uri)
     negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
     _check_inputs(cfg, features_uri)
     storage_path = storage_path or cfg.tracking.storage
