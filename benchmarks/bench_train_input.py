@@ -91,6 +91,7 @@ def bench_loop(config: dict) -> None:
         model_dims_from,
     )
     from mel_ray.model import MELModel, ModelDims
+    from mel_ray.train.global_batch import GlobalBatchStep
     from mel_ray.train.loop import make_optimizer, train_step
 
     cfg = config["train"]
@@ -121,13 +122,14 @@ def bench_loop(config: dict) -> None:
             yield {k: v[rows] for k, v in memory.items()}
 
     epoch = 0
+    step_model = GlobalBatchStep(model)     # train_step calls the step module (global-batch softmax), as the loop does
     for _ in range(config["reps"]):
         for mode, feed in (("ray", ray_batches), ("memory", memory_batches)):
             rng = np.random.default_rng(epoch)
             steps = []
             last = time.perf_counter()
             for batch in feed(epoch):
-                train_step(model, optimizer, batch, store, pools, cfg, rng, torch.device("cpu"), False)
+                train_step(step_model, optimizer, batch, store, pools, cfg, rng, torch.device("cpu"), False)
                 now = time.perf_counter()
                 steps.append(now - last)
                 last = now

@@ -204,10 +204,10 @@ def to_tensors(batch: dict[str, np.ndarray], decode: dict) -> tuple[dict, dict |
            "pixels": stack("pixels", np.float32, (3, h, w))}
     for key in ("gold", "entity_id"):
         if key in batch:
-            out[key] = torch.from_numpy(np.asarray(batch[key], dtype=np.int64))
+            out[key] = torch.from_numpy(np.array(batch[key], dtype=np.int64))   # a copy: Ray's arrays are read-only
     if "view_pixels" in batch and s > 0:
         out["view_pixels"] = stack("view_pixels", np.float32, (s, 3, h, w))
-        out["n_views"] = torch.from_numpy(np.asarray(batch["n_views"], dtype=np.int64))
+        out["n_views"] = torch.from_numpy(np.array(batch["n_views"], dtype=np.int64))
     if "cand_ids" not in batch:
         return out, None
     by_id: dict[int, tuple] = {}

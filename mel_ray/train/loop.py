@@ -241,7 +241,10 @@ def train_loop_per_worker(config: dict) -> None:
         steps, fallbacks, blanks, t0 = 0, 0, 0, time.perf_counter()
         failure = None
         for batch in shard.iter_batches(batch_size=worker_batch, batch_format="numpy" if finetune else "pyarrow",
-                                        local_shuffle_buffer_size=cfg["shuffle_buffer"],
+                                        # finetune rows hold decoded pixels (MBs each at 224 px): a buffer of
+                                        # 4 batches, not train.shuffle_buffer rows (a weaker shuffle: noted)
+                                        local_shuffle_buffer_size=min(cfg["shuffle_buffer"], 4 * worker_batch)
+                                        if finetune else cfg["shuffle_buffer"],
                                         local_shuffle_seed=cfg["seed"] * 1000 + epoch):
             if finetune:
                 mentions, candidates = finetune_inputs.to_tensors(batch, decode)
