@@ -217,7 +217,10 @@ def fine_tuned_encoder(checkpoint: str, model: str, cache_dir: str,
     if state["dims"].get("encoder", "frozen") != "finetune":
         raise UsageError(f"{checkpoint}: trained with model.encoder=frozen, so its encoder is {model} itself; "
                          "extract features without --checkpoint")
-    if state["dims"].get("encoder_config") != clip_config_of(model, cache_dir):
+    def architecture(config: dict | None) -> dict | None:       # where the folder lives is not the architecture
+        return None if config is None else {k: v for k, v in config.items() if k != "_name_or_path"}
+
+    if architecture(state["dims"].get("encoder_config")) != architecture(clip_config_of(model, cache_dir)):
         raise UsageError(f"{checkpoint}: its fine-tuned CLIP has another architecture than models.clip={model}; "
                          "set models.clip to the CLIP it was trained from")
     trained_text = state["dims"].get("text_encoder_config")
