@@ -78,3 +78,18 @@ def run_and_kill(script: str, until: Callable[[], bool], *, env: dict[str, str],
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     return proc
+
+
+def train_workers(token: str) -> list:
+    """Live Ray Train worker processes of THIS test session's cluster (its auth token is unique)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker") and \
+                    proc.environ().get("RAY_AUTH_TOKEN") == token:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found

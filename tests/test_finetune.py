@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from killing import kill_when
+from killing import kill_when, train_workers
 
 from mel_ray.checkpoints import export_model, load_checkpoint
 from mel_ray.config import FeaturesConfig, load_config
@@ -124,19 +124,6 @@ def test_encoder_learning_rate_is_its_own(small_data, tmp_path):
 # ------------------------------------------------------------------------------------------ a real run
 
 
-def _train_workers(token: str) -> list:
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker") and \
-                    proc.environ().get("RAY_AUTH_TOKEN") == token:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
 
 @pytest.fixture(scope="module")
 def finetuned(small_data, tmp_path_factory, ray_local):
@@ -154,7 +141,7 @@ def finetuned(small_data, tmp_path_factory, ray_local):
     runner.start()
     snapshot = root / "runs" / "ft" / "checkpoint_manager_snapshot.json"
     kill_when(lambda: snapshot.exists() and "checkpoint_" in snapshot.read_text(),
-              lambda: [w.pid for w in _train_workers(os.environ["RAY_AUTH_TOKEN"])][:1],
+              lambda: [w.pid for w in train_workers(os.environ["RAY_AUTH_TOKEN"])][:1],
               alive=runner.is_alive, timeout=600, poll=0.5, what="registered checkpoint")
     runner.join(timeout=900)
     assert not runner.is_alive()

@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from killing import kill_when
+from killing import kill_when, train_workers
 
 from mel_ray.checkpoints import build_model, load_checkpoint
 from mel_ray.config import load_config
@@ -104,20 +104,6 @@ def test_sharded_evaluation_equals_brute_force(trained):
     assert report["shards"] == 3
 
 
-def _train_workers(token: str) -> list:
-    """Live Ray Train worker processes of THIS test session's cluster (its auth token is unique)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker") and \
-                    proc.environ().get("RAY_AUTH_TOKEN") == token:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
 
 def test_killed_worker_resumes_from_the_last_checkpoint(prepared, trained):
     """SIGKILL one training worker mid-epoch: the run restarts from its checkpoint and still finishes."""
@@ -138,7 +124,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(prepared, trained):
         return snapshot.exists() and "checkpoint_" in snapshot.read_text()
 
     # a real process kill of one training worker, mid-way through epoch 2
-    kill_when(checkpoint_registered, lambda: [w.pid for w in _train_workers(os.environ["RAY_AUTH_TOKEN"])][:1],
+    kill_when(checkpoint_registered, lambda: [w.pid for w in train_workers(os.environ["RAY_AUTH_TOKEN"])][:1],
               alive=runner.is_alive, timeout=600, poll=0.5, what="registered checkpoint")
     runner.join(timeout=900)
     assert not runner.is_alive()
