@@ -208,6 +208,20 @@ def with_features(small_data, tmp_path_factory) -> tuple[Path, str]:
     return Path(ds), Path(features["uri"]).name
 
 
+@pytest.fixture(scope="module")
+def frozen_model(with_features, tmp_path_factory) -> str:
+    """A real (untrained) frozen-mode model.pt that fits the feature set: evaluate reads the checkpoint first (its
+    encoder picks the feature set), so the damaged set is what fails, not a missing model."""
+    from mel_ray.checkpoints import export_model
+    from mel_ray.feature_store import model_dims_from, read_manifest
+    from mel_ray.model import MELModel, ModelDims
+
+    ds, key = with_features
+    dims = ModelDims(**model_dims_from(read_manifest(str(ds / "features" / key))), hidden=8)
+    path = tmp_path_factory.mktemp("frozen-model") / "model.pt"
+    return str(export_model({"model": MELModel(dims).state_dict(), "dims": dims.to_dict()}, {"models": {}}, path))
+
+
 def _damaged_copy(with_features, tmp_path: Path, rel: str, mutate) -> Path:
     src, key = with_features
     ds = tmp_path / "ds"
@@ -234,14 +248,15 @@ ARTEFACTS = [
 
 @pytest.mark.parametrize("case, rel, mutate, message", ARTEFACTS, ids=[a[0] for a in ARTEFACTS])
 @pytest.mark.parametrize("command", ["train", "tune", "evaluate"])
-def test_damaged_features_are_one_line(with_features, tmp_path, capsys, command, case, rel, mutate, message):
+def test_damaged_features_are_one_line(with_features, frozen_model, tmp_path, capsys, command, case, rel, mutate,
+                                      message):
     import ray
 
     ds = _damaged_copy(with_features, tmp_path, rel, mutate)
     ray_was_up = ray.is_initialized()
     argv = {"train": ["train", "--dataset", str(ds), "--set", "train.negatives=in_batch"],
             "tune": ["tune", "--dataset", str(ds), "--set", "train.negatives=in_batch"],
-            "evaluate": ["evaluate", "--dataset", str(ds), "--checkpoint", str(tmp_path / "model.pt")]}[command]
+            "evaluate": ["evaluate", "--dataset", str(ds), "--checkpoint", frozen_model]}[command]
     code, _, err = run(capsys, *argv, "--log-file", str(tmp_path / "log"))
     assert (code, err) == (2, [f"error: {ds}/{rel.format(key=with_features[1])}: {message}"])
     assert ray.is_initialized() == ray_was_up
