@@ -185,17 +185,20 @@ def _cmd_link(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from mel_ray.checkpoints import encoder_fingerprint_of, load_checkpoint
-    from mel_ray.eval.evaluate import evaluate, format_table
+    from mel_ray.eval.evaluate import eval_settings, evaluate, format_table
     from mel_ray.train.run import find_features
     from mel_ray.verify import require_dataset, require_features
 
+    cfg = _config(args, **{"eval.num_gpus": args.num_gpus})
     dataset, checkpoint, output = _here(args.dataset), _here(args.checkpoint), _here(args.output)
     require_dataset(dataset)             # on the driver, before any KB shard actor starts
     # the set made by the checkpoint's own encoder (the base CLIP, or its fine-tuned one)
     features = find_features(dataset, _here(args.features),
                              encoder=encoder_fingerprint_of(load_checkpoint(checkpoint)))
     require_features(features, dataset)
-    report = evaluate(dataset, features, checkpoint, args.split, output_uri=output, num_shards=args.shards)
+    report = evaluate(dataset, features, checkpoint, args.split, output_uri=output, num_shards=args.shards,
+                      entity_chunk=cfg.train.eval_entity_chunk, mention_batch=cfg.train.eval_mention_batch,
+                      **eval_settings(cfg.eval))
     print(format_table(report))
     print(f"same-name failures: {report['same_name_failures']['count']} of "
           f"{report['same_name_failures']['of_wrong_top1']} wrong top-1")
@@ -347,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="features/<key> URI (default: the only one)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--shards", type=count(1), default=2, help="KB shards (Ray actors)")
+    p.add_argument("--num-gpus", dest="num_gpus", help="GPUs per KB shard: auto (default: 1 where the cluster has "
+                   "GPUs) or a number (eval.num_gpus)")
     p.add_argument("--output", help="where to write predictions_<split>.parquet and eval_<split>.json")
     p.set_defaults(func=_cmd_evaluate)
 

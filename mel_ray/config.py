@@ -273,6 +273,16 @@ class LinkConfig(Section):
     use_gpu: bool = False
 
 
+class EvalConfig(Section):
+    """Full-KB scoring: `mel-ray evaluate`, a run's test evaluation, Tune trials' test evaluation and link's
+    scorer (the dev evaluation inside training runs on the training workers' own devices, train.use_gpu)."""
+
+    num_gpus: NumGpus = "auto"              # per KB shard / scorer actor; scores stay fp32 (the tie policy is exact)
+    cache_gb: float = Field(1.0, ge=0)      # per KB shard: entity sides kept between mention batches; 0: recompute
+    in_flight: int = Field(2, ge=1)         # mention batches queued at each shard (no global wait per batch)
+    batch_size: int = Field(256, ge=1)      # mentions per shard call
+
+
 class TrackingConfig(Section):
     mlflow_uri: str | None = None           # None: MLFLOW_TRACKING_URI, else the embedded sqlite store
     experiment: str = "mel-ray"
@@ -289,6 +299,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: SweepConfig = Field(default_factory=SweepConfig)
     link: LinkConfig = Field(default_factory=LinkConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 

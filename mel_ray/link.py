@@ -175,14 +175,19 @@ class KBScorer:
     """The trained model and the KB's memory-mapped entity features; a mention batch -> its top-k entities,
     with the evaluation's kernel (mel_ray.scoring.rank_counts, no gold)."""
 
-    def __init__(self, features_uri: str, state: dict, top_k: int, entity_chunk: int, threads: int):
+    def __init__(self, features_uri: str, state: dict, top_k: int, entity_chunk: int, threads: int,
+                 use_gpu: bool = False):
         import torch
 
         from mel_ray.checkpoints import build_model
         from mel_ray.feature_store import EntityStore
 
         torch.set_num_threads(threads)
-        self.torch, self.store, self.model = torch, EntityStore(features_uri), build_model(state)
+        if use_gpu:
+            torch.set_float32_matmul_precision("highest")      # fp32 scores, as evaluate's shards
+        device = torch.device("cuda" if use_gpu else "cpu")
+        self.torch, self.store = torch, EntityStore(features_uri)
+        self.model = build_model(state).to(device).eval()
         self.top_k, self.entity_chunk = top_k, entity_chunk
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -243,14 +248,16 @@ def inputs_key(model_state: dict, kb_features_uri: str, mentions: pa.Table, top_
 
 def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 10, config: dict | None = None,
          tracking_uri: str | None = None, batch_size: int = 64, entity_chunk: int = 1024, concurrency: int = 1,
-         use_gpu: bool = False, cache_dir: str | None = None) -> dict[str, Any]:
+         use_gpu: bool = False, cache_dir: str | None = None, scorer_gpus: float | str = "auto") -> dict[str, Any]:
+    """use_gpu (link.use_gpu): the diffusion and CLIP actors; scorer_gpus (eval.num_gpus, "auto" = 1 where the
+    cluster has GPUs): the KB scorer actors, as evaluate's shards."""
     import ray
 
     from mel_ray.dataset import load_dataset
     from mel_ray.feature_store import find_features, read_manifest
     from mel_ray.features.shards import merge_stats
     from mel_ray.models import DEFAULT_CACHE, pin_model
-    from mel_ray.runtime import init_ray
+    from mel_ray.runtime import init_ray, resolve_num_gpus
     from mel_ray.verify import require_dataset, require_features
 
     t0 = time.perf_counter()
@@ -284,6 +291,7 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     if state["dims"].get("cvacpt_weight", 1.0) == 0.0:
         views = 0                                          # the model never looks at views: draw none
     init_ray()
+    scorer_gpus = resolve_num_gpus("link", scorer_gpus, "eval.num_gpus")
     view_key, drawn = (_draw_views(mentions, cfg, views, output, use_gpu, concurrency, cache_dir)
                        if views else ("", 0))
     print(f"[link] {mentions.num_rows} mentions: {drawn} synthetic views drawn "
@@ -300,9 +308,11 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
                                                "text_length": text_length, "use_gpu": use_gpu, "views": views,
                                                "output": output, "view_key": view_key, "weights": weights,
                                                "text_encoder": text_encoder, "text_weights": text_weights})
-    ds = ds.map_batches(KBScorer, batch_size=batch_size, concurrency=concurrency, num_cpus=actor_cpus,
+    ds = ds.map_batches(KBScorer, batch_size=batch_size, concurrency=concurrency,
+                        num_cpus=1 if scorer_gpus else 0.5, num_gpus=scorer_gpus,
                         fn_constructor_kwargs={"features_uri": features, "state": state, "top_k": top_k,
-                                               "entity_chunk": entity_chunk, "threads": 1})
+                                               "entity_chunk": entity_chunk, "threads": 1,
+                                               "use_gpu": scorer_gpus > 0})
     results = {}
     for row in ds.iter_rows():
         results[row["mention_id"]] = row

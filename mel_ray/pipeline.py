@@ -371,7 +371,7 @@ def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name
         note = f"already evaluated on {split}: MRR {report['metrics'].get('MRR', float('nan')):.4f}"
         return Outcome(report, False, note, {"split": split, "metrics": report["metrics"]})
     report = evaluate(dataset, features, trained["checkpoint"], split, output_uri=storage.join(folder, "eval"),
-                      **shard_settings(cfg.train))
+                      **shard_settings(cfg))
     report = json.loads(json.dumps(report, default=float))
     log_eval_to_mlflow(trained, report, split)
     storage.write_json(marker, report)
@@ -487,7 +487,7 @@ def link_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
                       config=cfg.model_dump(mode="json"),
                       tracking_uri=tracking.tracking_uri(cfg.tracking.mlflow_uri, str(Path(root).absolute())),
                       batch_size=lc.batch_size, entity_chunk=lc.entity_chunk, concurrency=lc.concurrency,
-                      use_gpu=lc.use_gpu, cache_dir=cfg.models.cache_dir)
+                      use_gpu=lc.use_gpu, cache_dir=cfg.models.cache_dir, scorer_gpus=cfg.eval.num_gpus)
         note = f"{report['linked']} mentions linked -> {under(root, lc.output)}/links.parquet"
         return Outcome(report, not report["skipped"], note, {"output": under(root, lc.output),
                                                              "linked": report["linked"], "images": report["images"]})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -101,6 +102,32 @@ def _cat_sides(x: dict, y: dict) -> dict:
     return {unit: {k: torch.cat([x[unit][k], y[unit][k]]) for k in x[unit]} for unit in x}
 
 
+@dataclass
+class PreparedChunk:
+    """An entity chunk whose entity side (`model.entity_side`) is already computed, on the model's device: what
+    a KB shard keeps between mention batches (mel_ray.eval.evaluate's cache) so that it is computed once per
+    evaluation, not once per call. `rank_counts` takes it where it takes a chunk's raw features."""
+
+    rows: int
+    side: dict
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for unit in self.side.values() for t in unit.values())
+
+
+def prepare_chunk(model: MELModel, chunk: dict) -> PreparedChunk:
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        side = model.entity_side(model.entity_features(_on(chunk, device)))
+    return PreparedChunk(_rows(chunk), side)
+
+
+def _rows(chunk: dict) -> int:
+    return next(v for v in chunk.values() if isinstance(v, torch.Tensor)).shape[0]
+
+
 @torch.no_grad()
 def rank_counts(model: MELModel, mentions: dict, gold_features: dict | None,
                 entity_chunks: Iterator[tuple[int, dict]], *, mention_batch: int = 64,
@@ -110,9 +137,9 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict | None,
     mentions: tensors of N mentions plus `gold` [N]; gold_features: entity tensors of those gold entities
     (row i = gold of mention i), or None for top-k only (new mentions, no gold: counts is then None);
     entity_chunks yields (first entity id, entity tensors) covering the KB part (or (entity ids [C], tensors) for
-    rows that are not consecutive). Inputs may live on the CPU
-    (they come from Arrow / memory maps); the work runs where the model's weights are (a GPU during GPU
-    training) and the results come back as numpy.
+    rows that are not consecutive); a PreparedChunk may stand for the tensors (its entity side already
+    computed). Inputs may live on the CPU (they come from Arrow / memory maps); the work runs where the model's
+    weights are (a GPU during GPU training, a GPU shard's) and the results come back as numpy.
     Raises NonFiniteScores (which mentions) if any score of a mention, its gold's included, is NaN or inf.
     """
     model.eval()
@@ -128,8 +155,8 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict | None,
     tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in spans]
     bad: np.ndarray | None = None            # set at the first non-finite block: from then on only counted
     for first_id, chunk in entity_chunks:
-        n_chunk = next(v for v in chunk.values() if isinstance(v, torch.Tensor)).shape[0]
-        chunk_side = model.entity_side(model.entity_features(_on(chunk, device)))
+        prepared = chunk if isinstance(chunk, PreparedChunk) else prepare_chunk(model, chunk)
+        n_chunk, chunk_side = prepared.rows, prepared.side
         # local_topk works in numpy; a chunk is rows first_id.. of the KB, or the rows of given entity ids
         ids_cpu = torch.arange(first_id, first_id + n_chunk) if isinstance(first_id, int) else \
             torch.as_tensor(first_id, dtype=torch.long)

@@ -82,12 +82,17 @@ def run_and_kill(script: str, until: Callable[[], bool], *, env: dict[str, str],
 
 def train_workers(token: str) -> list:
     """Live Ray Train worker processes of THIS test session's cluster (its auth token is unique)."""
+    return actor_processes("RayTrainWorker", token)
+
+
+def actor_processes(actor_class: str, token: str) -> list:
+    """Live processes of a Ray actor class (`ray::<class>` in their command line) of THIS test session's cluster."""
     import psutil
 
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if (proc.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker") and \
+            if (proc.info["cmdline"] or [""])[0].startswith(f"ray::{actor_class}") and \
                     proc.environ().get("RAY_AUTH_TOKEN") == token:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -51,7 +51,7 @@ def test_unknown_key_lists_allowed_keys(tmp_path):
 
 
 def test_unknown_section_and_nested_key(tmp_path):
-    with pytest.raises(UsageError, match=r"unknown key 'trian' \(allowed here: data, features, link, model"):
+    with pytest.raises(UsageError, match=r"unknown key 'trian' \(allowed here: data, eval, features, link, model"):
         load_config(_yaml(tmp_path, "trian:\n  lr: 1\n"))
     with pytest.raises(UsageError, match=r"unknown key 'data.ingest.fromat' \(allowed here: attr_kv_separator"):
         load_config(_yaml(tmp_path, "data:\n  ingest:\n    fromat: mimic\n"))

@@ -26,41 +26,90 @@ from mel_ray.dataset import load_dataset
 from mel_ray.errors import NonFiniteError, UsageError
 from mel_ray.feature_store import EntityStore, mention_tensors, read_manifest
 from mel_ray.runtime import init_ray
-from mel_ray.scoring import NonFiniteScores, chunks_of, describe_rows, merge_topk, metrics_from_ranks, rank_counts
+from mel_ray.scoring import (
+    NonFiniteScores,
+    PreparedChunk,
+    describe_rows,
+    merge_topk,
+    metrics_from_ranks,
+    prepare_chunk,
+    rank_counts,
+)
 
 log = logging.getLogger(__name__)
 TOPK = 10
 
 
+MAX_SHARD_RESTARTS = 3          # a shard process that dies is restarted (and its queued batches re-run) this often
+
+
 class KBShard:
-    """One contiguous range of the KB; scores mention batches against it."""
+    """One contiguous range of the KB; scores mention batches against it.
+
+    Its entity sides (every unit's entity part, mel_ray.scoring.PreparedChunk) are computed at the first batch
+    and kept for the next ones, up to `cache_bytes`; chunks beyond the budget are recomputed per batch
+    (streamed). The model stays fp32 on a GPU too (TF32 off): the tie policy compares scores exactly."""
 
     def __init__(self, features_uri: str, state: dict, start: int, stop: int, entity_chunk: int,
-                 mention_batch: int, threads: int):
+                 mention_batch: int, threads: int, cache_bytes: int = 0, use_gpu: bool = False):
+        import os
+
         torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        if use_gpu:
+            torch.set_float32_matmul_precision("highest")
         self.store = EntityStore(features_uri)
-        self.model = build_model(state)
+        self.model = build_model(state).to(self.device).eval()
         self.start, self.stop = start, min(stop, self.store.num_entities)
         self.entity_chunk, self.mention_batch = entity_chunk, mention_batch
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
+        self.cache: dict[int, PreparedChunk] = {}
+        self.pid = os.getpid()               # a restarted shard is a new process: the driver counts restarts by it
 
-    def score(self, mentions: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray] | NonFiniteScores:
-        """counts, top ids, top scores; or the NonFiniteScores (returned, not raised: the driver adds up every
-        shard's and every batch's affected mentions before it stops)."""
+    def _chunks(self):
+        for a in range(self.start, self.stop, self.entity_chunk):
+            if a in self.cache:
+                yield a, self.cache[a]
+                continue
+            prepared = prepare_chunk(self.model, self.store.chunk(a, min(self.stop, a + self.entity_chunk)))
+            if self.cached_bytes + prepared.nbytes <= self.cache_bytes:
+                self.cache[a] = prepared
+                self.cached_bytes += prepared.nbytes
+            yield a, prepared
+
+    def score(self, mentions: dict) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray] | NonFiniteScores]:
+        """(this process's pid, counts / top ids / top scores, or the NonFiniteScores: returned, not raised, so
+        that the driver adds up every shard's and every batch's affected mentions before it stops)."""
         gold = self.store.gather(mentions["gold"].numpy())
         try:
-            return rank_counts(self.model, mentions, gold,
-                               chunks_of(self.store.chunk, self.start, self.stop, self.entity_chunk),
-                               mention_batch=self.mention_batch, topk=TOPK)
+            return self.pid, rank_counts(self.model, mentions, gold, self._chunks(),
+                                         mention_batch=self.mention_batch, topk=TOPK)
         except NonFiniteScores as err:
-            return err
+            return self.pid, err
 
 
-def fit_shards(num_shards: int, cpus_per_shard: float, n_entities: int) -> int:
+def side_bytes_per_entity(state: dict, features_uri: str) -> int:
+    """Memory of one entity's side (all units' entity parts, fp32): what eval.cache_gb is measured against."""
+    store = EntityStore(features_uri)
+    return prepare_chunk(build_model(state), store.chunk(0, min(1, store.num_entities))).nbytes
+
+
+def cache_budget(cache_gb: float, entity_chunk: int, per_entity: int) -> int:
+    """eval.cache_gb in bytes; 0 turns the cache off; a budget that cannot hold one chunk is a mistake."""
+    budget = int(cache_gb * 2**30)
+    if 0 < budget < per_entity * entity_chunk:
+        need = per_entity * entity_chunk / 2**30
+        raise UsageError(f"evaluate: eval.cache_gb={cache_gb:g} cannot hold one entity chunk of {entity_chunk} "
+                         f"entities ({need:.3g} GiB of entity sides); raise it, or set 0 to recompute every batch")
+    return budget
+
+
+def fit_shards(num_shards: int, cpus_per_shard: float, n_entities: int, gpus_per_shard: float = 0.0) -> int:
     """How many KB shards to start: at most one per entity and at most what the cluster can place at once.
 
     Every shard must be alive at the same time (each mention batch is scored by all of them), so shards x
-    cpus_per_shard CPUs above the cluster's would wait for resources forever. Such a request is clamped to the
-    shards that fit, with a printed note; a cluster that may grow (MEL_RAY_AUTOSCALING=1) is asked as given.
+    cpus_per_shard CPUs (or GPUs) above the cluster's would wait for resources forever. Such a request is clamped
+    to the shards that fit, with a printed note; a cluster that may grow (MEL_RAY_AUTOSCALING=1) is asked as given.
     A cluster where not even one shard fits is refused with one line (UsageError)."""
     import ray
 
@@ -71,75 +120,143 @@ def fit_shards(num_shards: int, cpus_per_shard: float, n_entities: int) -> int:
     wanted = min(num_shards, max(1, n_entities))
     if cluster_may_grow():
         return wanted
-    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
-    total = sum(node_cpus)
-    # an actor lives on one node: count what each node can hold
-    fits = sum(int((c + 1e-9) // cpus_per_shard) for c in node_cpus) if cpus_per_shard > 0 else wanted
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    total = sum(node.get("CPU", 0.0) for node in nodes)
+
+    def per_node(resource: str, need: float, node: dict) -> int:
+        return int((node.get(resource, 0.0) + 1e-9) // need) if need > 0 else wanted
+
+    # an actor lives on one node: count what each node can hold of both its CPUs and its GPUs
+    fits = sum(min(per_node("CPU", cpus_per_shard, node), per_node("GPU", gpus_per_shard, node)) for node in nodes)
     if fits < 1:
         raise UsageError(f"evaluate: one KB shard needs {cpus_per_shard:g} CPUs but the cluster has {total:g}; "
                          f"lower the CPUs per shard")
     if wanted > fits:
-        print(f"[evaluate] {num_shards} shards x {cpus_per_shard:g} CPUs do not fit on this cluster of {total:g} "
-              f"CPUs: using {fits} shards", flush=True)
+        print(f"[evaluate] {num_shards} shards x {cpus_per_shard:g} CPUs"
+              + (f" x {gpus_per_shard:g} GPUs" if gpus_per_shard else "")
+              + f" do not fit on this cluster of {total:g} CPUs: using {fits} shards", flush=True)
         return fits
     return wanted
 
 
-def shard_settings(train_cfg) -> dict:
-    """evaluate()'s parallelism after a training run: train.num_workers KB shards of train.cpus_per_worker CPUs
-    and train.torch_threads threads each (the resources training just gave back), with train's eval chunking."""
-    t = train_cfg
+def shard_settings(cfg) -> dict:
+    """evaluate()'s settings after a training run: train.num_workers KB shards of train.cpus_per_worker CPUs
+    and train.torch_threads threads each (the resources training just gave back), with train's eval chunking
+    and the eval section (GPUs, cache, batches in flight)."""
+    t, e = cfg.train, cfg.eval
     return {"num_shards": t.num_workers, "entity_chunk": t.eval_entity_chunk, "mention_batch": t.eval_mention_batch,
-            "threads_per_shard": t.torch_threads, "cpus_per_shard": max(0.1, t.cpus_per_worker)}
+            "threads_per_shard": t.torch_threads, "cpus_per_shard": max(0.1, t.cpus_per_worker),
+            **eval_settings(e)}
+
+
+def eval_settings(e) -> dict:
+    return {"num_gpus": e.num_gpus, "cache_gb": e.cache_gb, "in_flight": e.in_flight, "batch_size": e.batch_size}
+
+
+class _Batch:
+    """What the driver holds for one mention batch until every shard has scored it: its object ref and the
+    shards' parts (counts and a top-k each: a batch's worth, never a score matrix)."""
+
+    def __init__(self, a: int, b: int, ref):
+        self.a, self.b, self.ref, self.parts = a, b, ref, []
 
 
 def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: str = "test", *,
              output_uri: str | None = None, num_shards: int = 2, batch_size: int = 256, entity_chunk: int = 1024,
-             mention_batch: int = 64, threads_per_shard: int = 1, cpus_per_shard: float = 1.0) -> dict:
+             mention_batch: int = 64, threads_per_shard: int = 1, cpus_per_shard: float = 1.0,
+             num_gpus: float | str = "auto", cache_gb: float = 1.0, in_flight: int = 2,
+             progress=None) -> dict:
     """checkpoint_uri: anything mel_ray.checkpoints.load_checkpoint takes (a Ray Train checkpoint folder,
     model.pt, an MLflow run holding one); it is validated on the driver before any shard starts.
 
-    num_shards: KB shards (Ray actors of cpus_per_shard CPUs each), all alive at once. More than the cluster can
-    place (or than there are entities) is clamped to what fits, with a printed `[evaluate] ...` note, instead of
-    waiting for resources forever (`fit_shards`); less than 1 is refused.
+    num_shards: KB shards (Ray actors of cpus_per_shard CPUs and num_gpus GPUs each: eval.num_gpus, "auto" = 1
+    where the cluster has GPUs), all alive at once. More than the cluster can place (or than there are
+    entities) is clamped to what fits, with a printed `[evaluate] ...` note, instead of waiting for resources
+    forever (`fit_shards`); less than 1 is refused.
+
+    Pipelined: each shard has up to `in_flight` mention batches queued and works through them at its own pace
+    (no wait for the slowest shard after every batch); a batch's counts and top-k are merged as soon as every
+    shard has returned it, and a shard runs at most 2 x in_flight batches ahead of the oldest unmerged one. A
+    shard process that dies is restarted by Ray and its queued batches re-run (same results: scoring is a pure
+    function of the weights and features); the report counts `shard_restarts`. progress(done, total), if given,
+    is called after each merged batch.
 
     Raises NonFiniteError (one line: checkpoint, split, how many mentions) when any score is NaN or inf."""
     import ray
 
+    from mel_ray.runtime import device_note, resolve_num_gpus
+
     t0 = time.perf_counter()
+    if in_flight < 1:
+        raise UsageError(f"evaluate: eval.in_flight must be at least 1 (got {in_flight})")
     state = load_checkpoint(checkpoint_uri)     # validated here, before Ray and any shard starts
     require_matching_features(state, read_manifest(features_uri), features_uri, checkpoint_uri)
     state.pop("config")                     # the shards need weights and dims only
     state["model"] = build_model(state).state_dict()      # a fine-tuned encoder's weights stay here
+    cache_bytes = cache_budget(cache_gb, entity_chunk, side_bytes_per_entity(state, features_uri))
     init_ray()
+    num_gpus = resolve_num_gpus("evaluate", num_gpus, "eval.num_gpus")
     ds = load_dataset(dataset_uri)
     n_entities = ds.num_entities
     mentions = mention_tensors(features_uri, dataset_uri, split)
     n = len(mentions["mention_id"])
-    num_shards = fit_shards(num_shards, cpus_per_shard, n_entities)
+    num_shards = fit_shards(num_shards, cpus_per_shard, n_entities, num_gpus)
     bounds = np.linspace(0, n_entities, num_shards + 1).astype(int)
     # "DEFAULT": the shards ask the cluster for their own CPUs even when called from inside a Tune trial,
     # whose placement group (sized for the trial's driver only) would otherwise capture them
-    actor = ray.remote(num_cpus=cpus_per_shard, scheduling_strategy="DEFAULT")(KBShard)
+    actor = ray.remote(num_cpus=cpus_per_shard, num_gpus=num_gpus, scheduling_strategy="DEFAULT",
+                       max_restarts=MAX_SHARD_RESTARTS, max_task_retries=MAX_SHARD_RESTARTS)(KBShard)
     state_ref = ray.put(state)
-    shards = [actor.remote(features_uri, state_ref, int(a), int(b), entity_chunk, mention_batch, threads_per_shard)
+    shards = [actor.remote(features_uri, state_ref, int(a), int(b), entity_chunk, mention_batch, threads_per_shard,
+                           cache_bytes, num_gpus > 0)
               for a, b in itertools.pairwise(bounds) if b > a]
+    log.info("evaluate %s: %d mentions x %d entities on %d shards (%s, entity-side cache %.2f GiB each)", split,
+             n, n_entities, len(shards), device_note(num_gpus), cache_bytes / 2**30)
     counts = np.zeros(n, dtype=np.int64)
     top_ids = np.zeros((n, min(TOPK, n_entities)), dtype=np.int64)
     top_scores = np.zeros((n, min(TOPK, n_entities)), dtype=np.float32)
     nonfinite = np.zeros(n, dtype=bool)
-    for a in range(0, n, batch_size):
-        b = min(n, a + batch_size)
-        batch_ref = ray.put({k: v[a:b] for k, v in mentions.items() if isinstance(v, torch.Tensor)})
-        parts = ray.get([s.score.remote(batch_ref) for s in shards])
-        for part in parts:
-            if isinstance(part, NonFiniteScores):
-                nonfinite[a:b] |= part.mask
-        if nonfinite.any():
-            continue                        # only counted from now on: nothing computed from them is kept
-        counts[a:b] = sum(p[0] for p in parts)
-        top_ids[a:b], top_scores[a:b] = merge_topk([(p[1], p[2]) for p in parts], TOPK)
-        log.info("evaluate %s: %d/%d mentions scored against %d entities", split, b, n, n_entities)
+    spans = [(a, min(n, a + batch_size)) for a in range(0, n, batch_size)]
+    batches: dict[int, _Batch] = {}          # submitted, not yet merged
+    next_of = [0] * len(shards)              # the next batch each shard gets
+    pending: dict = {}                       # object ref -> (shard, batch)
+    pids: list[set[int]] = [set() for _ in shards]
+    oldest = 0                               # the first batch not yet merged
+
+    queued = [0] * len(shards)
+
+    def submit(s: int) -> None:
+        """Queue shard s's next batch unless it has in_flight queued or runs too far ahead of the oldest."""
+        j = next_of[s]
+        if queued[s] >= in_flight or j >= len(spans) or j >= oldest + 2 * in_flight:
+            return
+        if j not in batches:
+            a, b = spans[j]
+            batches[j] = _Batch(a, b, ray.put({k: v[a:b] for k, v in mentions.items()
+                                               if isinstance(v, torch.Tensor)}))
+        pending[shards[s].score.remote(batches[j].ref)] = (s, j)
+        next_of[s] += 1
+        queued[s] += 1
+        submit(s)
+
+    for s in range(len(shards)):
+        submit(s)
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        s, j = pending.pop(ref)
+        queued[s] -= 1
+        pid, part = ray.get(ref)
+        pids[s].add(pid)
+        batches[j].parts.append(part)
+        while oldest in batches and len(batches[oldest].parts) == len(shards):
+            done = batches.pop(oldest)
+            _merge(done, counts, top_ids, top_scores, nonfinite)
+            oldest += 1
+            log.info("evaluate %s: %d/%d mentions scored against %d entities", split, done.b, n, n_entities)
+            if progress is not None:
+                progress(oldest, len(spans))
+        for t in range(len(shards)):         # refill this shard's queue, and any the window held back
+            submit(t)
     if nonfinite.any():
         raise NonFiniteError(checkpoint_uri, f"split '{split}': {describe_rows(nonfinite)} got non-finite scores "
                              "(NaN or inf) against the KB; no metrics reported", rows=int(nonfinite.sum()))
@@ -148,12 +265,26 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
     seconds = time.perf_counter() - t0
     report = {"split": split, "mentions": n, "entities": n_entities, "metrics": metrics,
               "pairs_per_second": n * n_entities / max(seconds, 1e-9), "seconds": seconds,
-              "shards": len(shards), "threads_per_shard": threads_per_shard,
+              "shards": len(shards), "threads_per_shard": threads_per_shard, "gpus_per_shard": num_gpus,
+              "cache_gb_per_shard": cache_bytes / 2**30, "in_flight": in_flight,
+              "shard_restarts": sum(max(0, len(p) - 1) for p in pids),
               "tie_policy": "rank = 1 + #{score > gold} + #{score == gold and entity_id < gold_id}",
               "same_name_failures": same_name_failures(ds, mentions, top_ids)}
     if output_uri:
         write_predictions(output_uri, split, mentions, ranks, top_ids, top_scores, report)
     return report
+
+
+def _merge(batch: _Batch, counts, top_ids, top_scores, nonfinite) -> None:
+    """A batch every shard has scored: counts summed, top-k lists merged (exact, mel_ray.scoring)."""
+    a, b = batch.a, batch.b
+    for part in batch.parts:
+        if isinstance(part, NonFiniteScores):
+            nonfinite[a:b] |= part.mask
+    if nonfinite.any():
+        return                              # only counted from now on: nothing computed from them is kept
+    counts[a:b] = sum(p[0] for p in batch.parts)
+    top_ids[a:b], top_scores[a:b] = merge_topk([(p[1], p[2]) for p in batch.parts], TOPK)
 
 
 def same_name_failures(ds, mentions: dict, top_ids: np.ndarray, examples: int = 20) -> dict:

@@ -90,7 +90,7 @@ def run_trial(params: dict, *, base: dict, dataset_uri: str, features_uri: str, 
     final = {f"best_{k}": v for k, v in result["best"].items() if k.startswith("dev_")}
     if cfg.tune.evaluate_test:
         report = evaluate(dataset_uri, result["features_uri"], result["checkpoint"], "test",
-                          **shard_settings(cfg.train))
+                          **shard_settings(cfg))
         final.update({f"test_{k}": v for k, v in report["metrics"].items()})
         client = mlflow.tracking.MlflowClient(tracking_uri)
         for key, value in report["metrics"].items():
