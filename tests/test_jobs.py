@@ -215,9 +215,18 @@ def _submit(url: str, entrypoint: str, env: dict[str, str]) -> str:
     from ray.job_submission import JobSubmissionClient
 
     # what `ray job submit --working-dir <repo> -- python jobs/...` sends; sys.executable: the cluster's python
-    return JobSubmissionClient(url).submit_job(
-        entrypoint=f"{sys.executable} {entrypoint}",
-        runtime_env={"working_dir": str(ROOT), "env_vars": env})
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            return JobSubmissionClient(url).submit_job(
+                entrypoint=f"{sys.executable} {entrypoint}",
+                runtime_env={"working_dir": str(ROOT), "env_vars": env})
+        except RuntimeError as err:
+            # the job server answers before the head's dashboard agent has registered (slow on a loaded machine):
+            # a start-up wait, the same as `ready()`'s; any other refusal fails the test at once
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def _wait(url: str, job_id: str, timeout: float = JOB_TIMEOUT) -> tuple[str, str]:

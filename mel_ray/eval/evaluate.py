@@ -245,7 +245,11 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
         [ref], _ = ray.wait(list(pending), num_returns=1)
         s, j = pending.pop(ref)
         queued[s] -= 1
-        pid, part = ray.get(ref)
+        try:
+            pid, part = ray.get(ref)
+        except ray.exceptions.RayActorError as err:     # restarted MAX_SHARD_RESTARTS times and died again
+            raise RuntimeError(f"evaluate: KB shard {s} (entities {bounds[s]}..{bounds[s + 1] - 1}) died more than "
+                               f"{MAX_SHARD_RESTARTS} times; last: {str(err).splitlines()[0][:200]}") from err
         pids[s].add(pid)
         batches[j].parts.append(part)
         while oldest in batches and len(batches[oldest].parts) == len(shards):
