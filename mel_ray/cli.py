@@ -179,7 +179,7 @@ def _cmd_link(args: argparse.Namespace) -> int:
     from mel_ray import pipeline
 
     cfg = _config(args, **{f"link.{name}": getattr(args, name) for name in ("model", "kb", "mentions", "output",
-                                                                             "top_k")})
+                                                                             "top_k", "candidates")})
     return _report(pipeline.link_stage(cfg, root="."))
 
 
@@ -191,6 +191,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _config(args, **{"eval.num_gpus": args.num_gpus})
     dataset, checkpoint, output = _here(args.dataset), _here(args.checkpoint), _here(args.output)
+    if args.candidates is not None and args.candidates < 1:     # one line here; larger than the KB: evaluate's
+        raise UsageError(f"evaluate: --candidates must be at least 1 (got {args.candidates})")
     require_dataset(dataset)             # on the driver, before any KB shard actor starts
     # the set made by the checkpoint's own encoder (the base CLIP, or its fine-tuned one)
     features = find_features(dataset, _here(args.features),
@@ -198,7 +200,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     require_features(features, dataset)
     report = evaluate(dataset, features, checkpoint, args.split, output_uri=output, num_shards=args.shards,
                       entity_chunk=cfg.train.eval_entity_chunk, mention_batch=cfg.train.eval_mention_batch,
-                      **eval_settings(cfg.eval))
+                      candidates=args.candidates, **eval_settings(cfg.eval))
     print(format_table(report))
     print(f"same-name failures: {report['same_name_failures']['count']} of "
           f"{report['same_name_failures']['of_wrong_top1']} wrong top-1")
@@ -342,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mentions", help=".parquet or .jsonl: text, mention, optional image / mention_id")
     p.add_argument("--output", help="folder or s3:// prefix for links.parquet + link_report.json")
     p.add_argument("--top-k", dest="top_k", type=count(1), help="entities per mention (default 10)")
+    p.add_argument("--candidates", type=int, help="APPROXIMATE: rerank only the top C of a dot-product first stage "
+                   "(link.candidates; default: exact, every entity scored by the matcher)")
     p.set_defaults(func=_cmd_link)
 
     p = sub.add_parser("evaluate", parents=[common], help="exact full-KB ranking metrics")
@@ -353,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", dest="num_gpus", help="GPUs per KB shard: auto (default: 1 where the cluster has "
                    "GPUs) or a number (eval.num_gpus)")
     p.add_argument("--output", help="where to write predictions_<split>.parquet and eval_<split>.json")
+    p.add_argument("--candidates", type=int, help="APPROXIMATE: rerank only the top C of a dot-product first stage "
+                   "(default: exact)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("info", parents=[common], help="print a dataset's manifest")

@@ -271,6 +271,9 @@ class LinkConfig(Section):
     entity_chunk: int = Field(1024, ge=1)   # KB entities scored at once (memory: batch x chunk)
     concurrency: int = Field(1, ge=1)       # actors per stage (diffusion, CLIP, scorer)
     use_gpu: bool = False
+    # None: exact (every KB entity scored by the matcher); C: retrieve the top C by the matcher's dot-product
+    # parts, rerank them with the full matcher (approximate; mel_ray/eval/candidates.py)
+    candidates: int | None = Field(None, ge=1)
 
 
 class EvalConfig(Section):

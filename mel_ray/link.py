@@ -234,7 +234,8 @@ def _draw_views(mentions: pa.Table, cfg: dict, views: int, output: str, use_gpu:
     return plan.key, todo.num_rows
 
 
-def inputs_key(model_state: dict, kb_features_uri: str, mentions: pa.Table, top_k: int) -> str:
+def inputs_key(model_state: dict, kb_features_uri: str, mentions: pa.Table, top_k: int,
+               candidates: int | None = None) -> str:
     import hashlib
 
     digest = hashlib.sha256()
@@ -242,15 +243,21 @@ def inputs_key(model_state: dict, kb_features_uri: str, mentions: pa.Table, top_
         digest.update(model_state["model"][name].numpy().tobytes())
     sink = pa.BufferOutputStream()
     pq.write_table(mentions, sink)
-    return settings_key({"model": digest.hexdigest(), "kb": kb_features_uri, "top_k": top_k,
-                         "mentions": hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()})
+    settings = {"model": digest.hexdigest(), "kb": kb_features_uri, "top_k": top_k,
+                "mentions": hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()}
+    if candidates is not None:          # exact links keep their key; approximate ones get their own
+        settings["candidates"] = candidates
+    return settings_key(settings)
 
 
 def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 10, config: dict | None = None,
          tracking_uri: str | None = None, batch_size: int = 64, entity_chunk: int = 1024, concurrency: int = 1,
-         use_gpu: bool = False, cache_dir: str | None = None, scorer_gpus: float | str = "auto") -> dict[str, Any]:
+         use_gpu: bool = False, cache_dir: str | None = None, scorer_gpus: float | str = "auto",
+         candidates: int | None = None) -> dict[str, Any]:
     """use_gpu (link.use_gpu): the diffusion and CLIP actors; scorer_gpus (eval.num_gpus, "auto" = 1 where the
-    cluster has GPUs): the KB scorer actors, as evaluate's shards."""
+    cluster has GPUs): the KB scorer actors, as evaluate's shards. candidates: None = exact (every KB entity
+    scored by the matcher); C = retrieve, then rerank (mel_ray/eval/candidates.py): approximate, and the report
+    says so."""
     import ray
 
     from mel_ray.dataset import load_dataset
@@ -266,17 +273,22 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     cfg = state["config"]
     mentions = read_mentions(mentions_path)
     require_dataset(kb)                          # the KB's manifest, footers, schemas, counts: one line, exit 2
+    if candidates is not None:                   # retrieve, then rerank: a count the KB can give, >= top_k
+        from mel_ray.eval.candidates import check_link_candidates
+
+        check_link_candidates(candidates, top_k, load_dataset(kb).num_entities)
     clip = pin_model(cfg["models"]["clip"])      # a hub id: the commit the KB's features must have been made with
     text_encoder = cfg["models"].get("text_encoder")         # None: CLIP's text tower
     text_encoder = pin_model(text_encoder) if text_encoder else None
     from mel_ray.checkpoints import encoder_fingerprint_of, require_matching_features
+    from mel_ray.eval.candidates import approximate_fields
     from mel_ray.model.encoder import encoder_state, text_encoder_state
 
     fine_tuned = encoder_fingerprint_of(state)   # a finetune model: KB features and mentions by its own CLIP
     features = find_features(kb, model=clip, cache_dir=cache_dir, several="first", encoder=fine_tuned,
                              text_encoder=text_encoder)
     require_features(features, kb)               # every shard's footer and schema, before any actor reads one
-    key = inputs_key(state, features, mentions, top_k)
+    key = inputs_key(state, features, mentions, top_k, candidates)
     report_uri = storage.join(output, REPORT)
     if storage.exists(report_uri) and storage.read_json_object(report_uri).get("inputs_key") == key:
         print(f"[link] already linked: {storage.join(output, LINKS)}")
@@ -308,11 +320,16 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
                                                "text_length": text_length, "use_gpu": use_gpu, "views": views,
                                                "output": output, "view_key": view_key, "weights": weights,
                                                "text_encoder": text_encoder, "text_weights": text_weights})
-    ds = ds.map_batches(KBScorer, batch_size=batch_size, concurrency=concurrency,
+    scorer, scorer_kwargs = KBScorer, {"use_gpu": scorer_gpus > 0}
+    if candidates is not None:                   # retrieve, then rerank (mel_ray/eval/candidates.py)
+        from mel_ray.eval.candidates import CandidateScorer
+
+        scorer, scorer_kwargs = CandidateScorer, {"candidates": candidates}
+        scorer_gpus = 0.0                        # the candidate path runs on CPUs (not wired for GPUs yet)
+    ds = ds.map_batches(scorer, batch_size=batch_size, concurrency=concurrency,
                         num_cpus=1 if scorer_gpus else 0.5, num_gpus=scorer_gpus,
                         fn_constructor_kwargs={"features_uri": features, "state": state, "top_k": top_k,
-                                               "entity_chunk": entity_chunk, "threads": 1,
-                                               "use_gpu": scorer_gpus > 0})
+                                               "entity_chunk": entity_chunk, "threads": 1, **scorer_kwargs})
     results = {}
     for row in ds.iter_rows():
         results[row["mention_id"]] = row
@@ -342,8 +359,10 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
               "images": {"ok": stats.get("with_image", 0),
                          **{k: stats.get(k, 0) for k in ("no_image", "missing", "undecodable")}},
               "views": {k: stats.get("synthetic", {}).get(k, 0) for k in ("used", "missing", "undecodable")},
-              "seconds": round(time.perf_counter() - t0, 2), "skipped": False}
+              "seconds": round(time.perf_counter() - t0, 2), "skipped": False,
+              **approximate_fields(candidates)}
     storage.write_json(report_uri, report)              # last: its presence means links.parquet is complete
-    print(f"[link] wrote {storage.join(output, LINKS)}: {len(results)} mentions x top-{top_k}; images "
+    how = "" if candidates is None else f" (APPROXIMATE: top-{candidates} first-stage candidates reranked)"
+    print(f"[link] wrote {storage.join(output, LINKS)}{how}: {len(results)} mentions x top-{top_k}; images "
           f"{report['images']} ({report['seconds']}s)", flush=True)
     return report

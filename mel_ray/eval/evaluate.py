@@ -165,7 +165,7 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
              output_uri: str | None = None, num_shards: int = 2, batch_size: int = 256, entity_chunk: int = 1024,
              mention_batch: int = 64, threads_per_shard: int = 1, cpus_per_shard: float = 1.0,
              num_gpus: float | str = "auto", cache_gb: float = 1.0, in_flight: int = 2,
-             progress=None) -> dict:
+             progress=None, candidates: int | None = None) -> dict:
     """checkpoint_uri: anything mel_ray.checkpoints.load_checkpoint takes (a Ray Train checkpoint folder,
     model.pt, an MLflow run holding one); it is validated on the driver before any shard starts.
 
@@ -181,10 +181,20 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
     function of the weights and features); the report counts `shard_restarts`. progress(done, total), if given,
     is called after each merged batch.
 
+    candidates: None = exact (the default); C = retrieve, then rerank (approximate; mel_ray/eval/candidates.py).
+
     Raises NonFiniteError (one line: checkpoint, split, how many mentions) when any score is NaN or inf."""
     import ray
 
     from mel_ray.runtime import device_note, resolve_num_gpus
+
+    if candidates is not None:          # retrieve, then rerank: its own shards and loop
+        from mel_ray.eval.candidates import evaluate_candidates
+
+        return evaluate_candidates(dataset_uri, features_uri, checkpoint_uri, split, candidates,
+                                   output_uri=output_uri, num_shards=num_shards, batch_size=batch_size,
+                                   entity_chunk=entity_chunk, threads_per_shard=threads_per_shard,
+                                   cpus_per_shard=cpus_per_shard)
 
     t0 = time.perf_counter()
     if in_flight < 1:
@@ -322,5 +332,9 @@ def format_table(report: dict) -> str:
     sep = "|" + "---|" * (len(keys) + 1)
     row = f"| {report['split']} | " + " | ".join(
         f"{m[k]:.2f}" if k == "MR" else f"{100 * m[k]:.2f}" for k in keys) + " |"
+    if report.get("approximate"):       # retrieve, then rerank: say so above the numbers
+        from mel_ray.eval.candidates import approximate_line
+
+        return f"{approximate_line(report)}\n{head}\n{sep}\n{row}"
     return f"{head}\n{sep}\n{row}"
 
