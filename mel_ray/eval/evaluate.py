@@ -50,8 +50,8 @@ class KBShard:
     and kept for the next ones, up to `cache_bytes`; chunks beyond the budget are recomputed per batch
     (streamed). The model stays fp32 on a GPU too (TF32 off): the tie policy compares scores exactly."""
 
-    def __init__(self, features_uri: str, state: dict, start: int, stop: int, entity_chunk: int,
-                 mention_batch: int, threads: int, cache_bytes: int = 0, use_gpu: bool = False):
+    def __init__(self, features_uri: str, start: int, stop: int, entity_chunk: int, mention_batch: int,
+                 threads: int, cache_bytes: int = 0, use_gpu: bool = False):
         import os
 
         torch.set_num_threads(threads)
@@ -59,7 +59,7 @@ class KBShard:
         if use_gpu:
             torch.set_float32_matmul_precision("highest")
         self.store = EntityStore(features_uri)
-        self.model = build_model(state).to(self.device).eval()
+        self.model = None                    # built from the first batch's state (see `score`)
         self.start, self.stop = start, min(stop, self.store.num_entities)
         self.entity_chunk, self.mention_batch = entity_chunk, mention_batch
         self.cache_bytes, self.cached_bytes = cache_bytes, 0
@@ -77,9 +77,17 @@ class KBShard:
                 self.cached_bytes += prepared.nbytes
             yield a, prepared
 
-    def score(self, mentions: dict) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray] | NonFiniteScores]:
+    def score(self, mentions: dict, state_box: list) -> tuple[int, tuple | NonFiniteScores]:
         """(this process's pid, counts / top ids / top scores, or the NonFiniteScores: returned, not raised, so
-        that the driver adds up every shard's and every batch's affected mentions before it stops)."""
+        that the driver adds up every shard's and every batch's affected mentions before it stops).
+
+        state_box = [object ref of the weights and dims]: boxed so that Ray does not resolve it for every call;
+        the shard builds its model at its first call, also after a restart. (Not a constructor argument: Ray
+        warns at error level about restartable actors whose constructor arguments live in the object store.)"""
+        import ray
+
+        if self.model is None:
+            self.model = build_model(ray.get(state_box[0])).to(self.device).eval()
         gold = self.store.gather(mentions["gold"].numpy())
         try:
             return self.pid, rank_counts(self.model, mentions, gold, self._chunks(),
@@ -217,7 +225,7 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
     actor = ray.remote(num_cpus=cpus_per_shard, num_gpus=num_gpus, scheduling_strategy="DEFAULT",
                        max_restarts=MAX_SHARD_RESTARTS, max_task_retries=MAX_SHARD_RESTARTS)(KBShard)
     state_ref = ray.put(state)
-    shards = [actor.remote(features_uri, state_ref, int(a), int(b), entity_chunk, mention_batch, threads_per_shard,
+    shards = [actor.remote(features_uri, int(a), int(b), entity_chunk, mention_batch, threads_per_shard,
                            cache_bytes, num_gpus > 0)
               for a, b in itertools.pairwise(bounds) if b > a]
     log.info("evaluate %s: %d mentions x %d entities on %d shards (%s, entity-side cache %.2f GiB each)", split,
@@ -244,7 +252,7 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
             a, b = spans[j]
             batches[j] = _Batch(a, b, ray.put({k: v[a:b] for k, v in mentions.items()
                                                if isinstance(v, torch.Tensor)}))
-        pending[shards[s].score.remote(batches[j].ref)] = (s, j)
+        pending[shards[s].score.remote(batches[j].ref, [state_ref])] = (s, j)
         next_of[s] += 1
         queued[s] += 1
         submit(s)
