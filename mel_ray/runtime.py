@@ -112,3 +112,31 @@ def check_gpus(stage: str, num_gpus: float, setting: str) -> None:
         raise UsageError(f"{stage}: num_gpus={num_gpus:g} per actor but the Ray cluster has {gpus:g} GPUs (set "
                          f"{setting}=0 to run on CPUs; on an autoscaling cluster whose GPU nodes start at zero, "
                          f"export {AUTOSCALING}=1)")
+
+
+def job_placement_groups() -> set[str]:
+    """Ids of this job's live placement groups (a placement group id ends with its creator's job id)."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    job = ray.get_runtime_context().get_job_id()
+    return {pg for pg, entry in placement_group_table().items() if entry["state"] == "CREATED" and pg.endswith(job)}
+
+
+def release_placement_groups(before: set[str], what: str) -> int:
+    """Remove this job's placement groups created since `before` that are still reserved once `what` is over.
+
+    Why: a Tune trial whose Ray Train run failed can leave its worker group's placement group reserved after the
+    trial has ended (Ray 2.60: its PlacementGroupCleaner waits for a controller that never exits), holding those
+    CPUs for the rest of the driver's life; on a small cluster every later Ray Data read then waits forever.
+    Called only when nothing started by `what` runs any more, so whatever it left reserved is a leak."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    leaked = sorted(job_placement_groups() - before)
+    for pg in leaked:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+    if leaked:
+        logging.getLogger(__name__).info("%s: released %d placement group(s) its runs left reserved", what,
+                                         len(leaked))
+    return len(leaked)

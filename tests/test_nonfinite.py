@@ -222,9 +222,11 @@ def test_a_diverging_tune_trial_is_failed_and_gives_no_number(prepared, tmp_path
     have no metric, the best trial and the arms' means come from the finite ones only, and the artefacts say so."""
     from mlflow.tracking import MlflowClient
 
+    from mel_ray.runtime import job_placement_groups
     from mel_ray.tune.sweep import run_sweep
 
     p = prepared
+    reserved_before = job_placement_groups()
     cfg = load_config(None, [*SMALL, "tune.name=diverge", "tune.k=[2]", "tune.views=[0]", "tune.lr=[1e-3, 1e30]",
                              "tune.seeds=[1, 2]", "tune.baseline={lr: 1e-3}", "tune.max_concurrent_trials=2",
                              "tune.train={epochs: 1, num_workers: 1, cpus_per_worker: 0.45, max_failures: 0}",
@@ -232,6 +234,9 @@ def test_a_diverging_tune_trial_is_failed_and_gives_no_number(prepared, tmp_path
     result = run_sweep(cfg, p["ds"], features_uri=p["features"], storage_path=str(tmp_path / "runs"),
                        tracking_dir=str(tmp_path))
     stdout = capsys.readouterr().out
+    # nothing of the failed trials stays reserved (their worker groups' placement groups once did, and every
+    # later Ray Data read in this process then waited for CPUs forever)
+    assert job_placement_groups() <= reserved_before
     metrics = ("dev_H@1", "dev_MRR", "test_H@1", "test_MRR")
     rows = {(r["params"]["lr"], r["params"]["seed"]): r for r in result["rows"]}
     assert sorted(rows) == [(1e-3, 1), (1e-3, 2), (1e30, 1), (1e30, 2)]

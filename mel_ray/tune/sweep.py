@@ -254,7 +254,7 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
 
     from mel_ray import tracking
     from mel_ray.feature_store import find_features, read_manifest, require_text_encoder
-    from mel_ray.runtime import init_ray
+    from mel_ray.runtime import init_ray, job_placement_groups, release_placement_groups
     from mel_ray.train.run import find_negatives
     from mel_ray.verify import require_dataset, require_features
 
@@ -308,7 +308,9 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
                                           # the trial status tables: with --verbose only (ours: one table)
                                           verbose=None if console.is_verbose() else 0),
         )
+    reserved_before = job_placement_groups()
     grid_results = tuner.fit()
+    release_placement_groups(reserved_before, f"tune {cfg.tune.name}")
 
     results = []
     for r in grid_results:
