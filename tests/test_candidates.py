@@ -5,14 +5,13 @@ full mention x KB matrices (the KB has 60 entities, so the full matrices are sma
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_lines import run_cli
 
-from mel_ray import cli, console
 from mel_ray.checkpoints import export_model
 from mel_ray.config import load_config
 from mel_ray.eval.candidates import (
@@ -160,20 +159,11 @@ def test_non_finite_scores_raise(setup):
 # ------------------------------------------------------------------------------------------ the commands
 
 
-def _cli(tmp_path: Path, capsys, *args: str) -> tuple[int, str, list[str]]:
-    try:
-        code = cli.main([*args, "--log-file", str(tmp_path / "cli.log")])
-    finally:
-        console.reset()
-    captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.startswith(("error:", "Trace"))]
-
-
 def test_evaluate_candidates_reports_recall_and_is_labelled(setup, tmp_path, capsys):
     s = setup
     base = ["evaluate", "--dataset", s["ds"], "--features", s["features"], "--checkpoint", s["model_pt"]]
     c = 6
-    code, stdout, lines = _cli(tmp_path, capsys, *base, "--candidates", str(c), "--output", str(tmp_path / "a"))
+    code, stdout, lines = run_cli(tmp_path, capsys, *base, "--candidates", str(c), "--output", str(tmp_path / "a"))
     assert (code, lines) == (0, [])
     report = json.loads((tmp_path / "a" / "eval_test.json").read_text())
     kernel = _candidates(s, c)
@@ -189,7 +179,7 @@ def test_evaluate_candidates_reports_recall_and_is_labelled(setup, tmp_path, cap
     np.testing.assert_array_equal(exact_top1_in, approx_top1_is_exact)    # inside -> reranked to the top
     assert report["metrics"]["H@1"] == pytest.approx(float((kernel["ranks"] == 1).mean()))
     # C = KB size through the command: the exact evaluation's ranks
-    code, _, lines = _cli(tmp_path, capsys, *base, "--candidates", str(s["n_kb"]), "--output", str(tmp_path / "b"))
+    code, _, lines = run_cli(tmp_path, capsys, *base, "--candidates", str(s["n_kb"]), "--output", str(tmp_path / "b"))
     assert (code, lines) == (0, [])
     full = pq.read_table(tmp_path / "b" / "predictions_test.parquet").to_pydict()
     np.testing.assert_array_equal(full["rank"], s["exact"]["ranks"])
@@ -202,7 +192,7 @@ def test_bad_candidate_counts_are_one_line(setup, tmp_path, capsys):
     for value, line in (("0", "evaluate: --candidates must be at least 1 (got 0)"),
                         ("-3", "evaluate: --candidates must be at least 1 (got -3)"),
                         ("61", "evaluate: --candidates 61 is larger than the KB (60 entities)")):
-        assert _cli(tmp_path, capsys, *evaluate, "--candidates", value)[::2] == (2, [f"error: {line}"])
+        assert run_cli(tmp_path, capsys, *evaluate, "--candidates", value)[::2] == (2, [f"error: {line}"])
     mentions = tmp_path / "m.jsonl"
     mentions.write_text(json.dumps({"text": "A sentence about Paris.", "mention": "Paris"}) + "\n")
     link = ["link", "--model", s["model_pt"], "--kb", s["ds"], "--mentions", str(mentions),
@@ -212,7 +202,7 @@ def test_bad_candidate_counts_are_one_line(setup, tmp_path, capsys):
                                                   "(60 entities)")),
                         (["--candidates", "5"], ("link.candidates (--candidates) 5 is smaller than link.top_k "
                                                  "(--top-k) 10: the links are the reranked candidates"))):
-        assert _cli(tmp_path, capsys, *link, *extra)[::2] == (2, [f"error: {line}"])
+        assert run_cli(tmp_path, capsys, *link, *extra)[::2] == (2, [f"error: {line}"])
     assert not (tmp_path / "links" / "links.parquet").exists()
 
 
@@ -227,7 +217,7 @@ def test_link_candidates_are_the_candidate_scoring_path(setup, tmp_path, capsys)
     mentions = tmp_path / "new.jsonl"
     mentions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     c, k = 8, 5
-    code, _, lines = _cli(tmp_path, capsys, "link", "--model", s["model_pt"], "--kb", s["ds"], "--mentions",
+    code, _, lines = run_cli(tmp_path, capsys, "link", "--model", s["model_pt"], "--kb", s["ds"], "--mentions",
                           str(mentions), "--output", str(tmp_path / "out"), "--candidates", str(c),
                           "--top-k", str(k))
     assert (code, lines) == (0, [])

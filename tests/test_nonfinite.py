@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_lines import run_cli
 
-from mel_ray import cli, console
 from mel_ray.checkpoints import export_model
 from mel_ray.config import load_config
 from mel_ray.model import MELModel, ModelDims
@@ -96,28 +96,15 @@ def prepared(small_data, tmp_path_factory, ray_local):
     return {"root": root, "ds": ds, "features": features, "models": models, "clip": small_data.models["clip"]}
 
 
-def _cli(tmp_path: Path, capsys, *args: str) -> tuple[int, str, list[str]]:
-    """cli.main with the log in tmp_path; (exit code, stdout, its error and traceback lines on stderr)."""
-    try:
-        code = cli.main([*args, "--log-file", str(tmp_path / "cli.log")])
-    finally:
-        console.reset()
-    captured = capsys.readouterr()
-    # the test cluster forwards the workers' own output to this stderr (log_to_driver); what the command itself
-    # says about a failure is its "error: ..." line, and it never prints a traceback
-    lines = [line for line in captured.err.splitlines() if line.startswith(("error:", "Traceback"))]
-    return code, captured.out, lines
-
-
 def test_evaluate_refuses_non_finite_scores_and_nan_weights(prepared, tmp_path, capsys):
     p = prepared
     out = tmp_path / "eval"
     base = ["evaluate", "--dataset", p["ds"], "--features", p["features"], "--output", str(out)]
-    code, stdout, lines = _cli(tmp_path, capsys, *base, "--checkpoint", p["models"]["huge"])
+    code, stdout, lines = run_cli(tmp_path, capsys, *base, "--checkpoint", p["models"]["huge"])
     assert (code, lines) == (2, [(f"error: {p['models']['huge']}: split 'test': 18 of 18 mentions got non-finite "
                                  "scores (NaN or inf) against the KB; no metrics reported")])
     assert "H@1" not in stdout and not out.exists()
-    code, stdout, lines = _cli(tmp_path, capsys, *base, "--checkpoint", p["models"]["nan"], "--split", "dev")
+    code, stdout, lines = run_cli(tmp_path, capsys, *base, "--checkpoint", p["models"]["nan"], "--split", "dev")
     assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 66 tensors hold NaN "
                                  "or inf (first: tglu.w_q.weight); the model cannot be evaluated or used")])
     assert not out.exists()
@@ -131,7 +118,7 @@ def test_evaluate_clamps_shards_to_what_the_cluster_can_place(prepared, tmp_path
     assert total == 2
     base = ["evaluate", "--dataset", p["ds"], "--features", p["features"], "--checkpoint", p["models"]["good"]]
     for shards in (3, 100000):
-        code, stdout, lines = _cli(tmp_path, capsys, *base, "--shards", str(shards),
+        code, stdout, lines = run_cli(tmp_path, capsys, *base, "--shards", str(shards),
                                    "--output", str(tmp_path / f"s{shards}"))
         assert (code, lines) == (0, [])
         assert stdout.splitlines()[0] == (f"[evaluate] {shards} shards x 1 CPUs do not fit on this cluster of 2 "
@@ -151,19 +138,19 @@ def test_link_refuses_non_finite_scores(prepared, tmp_path, capsys):
     mentions = tmp_path / "new.jsonl"
     mentions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = ["link", "--kb", p["ds"], "--mentions", str(mentions)]
-    code, _, lines = _cli(tmp_path, capsys, *base, "--model", p["models"]["huge"], "--output", str(tmp_path / "o1"))
+    code, _, lines = run_cli(tmp_path, capsys, *base, "--model", p["models"]["huge"], "--output", str(tmp_path / "o1"))
     assert (code, lines) == (2, [(f"error: {p['models']['huge']}: 5 of 5 mentions of {mentions} got non-finite "
                                  f"scores (NaN or inf) against the KB {p['ds']}; no links written")])
     assert not (tmp_path / "o1" / "links.parquet").exists()
-    code, _, lines = _cli(tmp_path, capsys, *base, "--model", p["models"]["nan"], "--output", str(tmp_path / "o2"))
+    code, _, lines = run_cli(tmp_path, capsys, *base, "--model", p["models"]["nan"], "--output", str(tmp_path / "o2"))
     assert (code, lines) == (2, [(f"error: {p['models']['nan']}: weights are not finite: 1 of 66 tensors hold NaN "
                                  "or inf (first: tglu.w_q.weight); the model cannot be evaluated or used")])
 
 
-def _train_cli(tmp_path: Path, capsys, monkeypatch, ds: str, features: str, *settings: str):
+def _trainrun_cli(tmp_path: Path, capsys, monkeypatch, ds: str, features: str, *settings: str):
     monkeypatch.chdir(tmp_path)          # tracking.storage and the MLflow store are relative: under tmp_path
     sets = [arg for s in (*SMALL, *TRAIN, *settings) for arg in ("--set", s)]
-    return _cli(tmp_path, capsys, "train", "--dataset", ds, "--features", features, *sets)
+    return run_cli(tmp_path, capsys, "train", "--dataset", ds, "--features", features, *sets)
 
 
 def _last_state(tmp_path: Path) -> dict:
@@ -173,7 +160,7 @@ def _last_state(tmp_path: Path) -> dict:
 
 def test_a_diverging_run_stops_at_its_step_with_one_line(prepared, tmp_path, capsys, monkeypatch):
     p = prepared
-    code, stdout, lines = _train_cli(tmp_path, capsys, monkeypatch, p["ds"], p["features"], "train.lr=1e30")
+    code, stdout, lines = _trainrun_cli(tmp_path, capsys, monkeypatch, p["ds"], p["features"], "train.lr=1e30")
     assert code == 2, lines
     assert len(lines) == 1, lines
     print(lines[0])
@@ -206,7 +193,7 @@ def test_a_nan_dev_score_is_never_kept_as_best(prepared, tmp_path, capsys, monke
     shutil.copytree(p["ds"], ds)
     features = str(Path(ds) / Path(p["features"]).relative_to(p["ds"]))
     _poison_dev_mention(features)
-    code, stdout, lines = _train_cli(tmp_path, capsys, monkeypatch, ds, features, "train.lr=1e-3")
+    code, stdout, lines = _trainrun_cli(tmp_path, capsys, monkeypatch, ds, features, "train.lr=1e-3")
     assert code == 2, lines
     assert len(lines) == 1 and re.fullmatch(
         r"error: train run 'train-[0-9a-f]+': epoch 1, dev evaluation \(split 'dev'\): 1 of 9 mentions got "
