@@ -244,41 +244,45 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
     queued = [0] * len(shards)
 
     def submit(s: int) -> None:
-        """Queue shard s's next batch unless it has in_flight queued or runs too far ahead of the oldest."""
-        j = next_of[s]
-        if queued[s] >= in_flight or j >= len(spans) or j >= oldest + 2 * in_flight:
-            return
-        if j not in batches:
-            a, b = spans[j]
-            batches[j] = _Batch(a, b, ray.put({k: v[a:b] for k, v in mentions.items()
-                                               if isinstance(v, torch.Tensor)}))
-        pending[shards[s].score.remote(batches[j].ref, [state_ref])] = (s, j)
-        next_of[s] += 1
-        queued[s] += 1
-        submit(s)
+        """Queue shard s's next batches until it has in_flight queued or would run too far ahead of the oldest.
+        (A loop, not recursion: a self-referencing closure would keep the shard handles, and so the shards'
+        CPUs, alive after evaluate() returns, until Python's cycle collector happened to run.)"""
+        while queued[s] < in_flight and next_of[s] < len(spans) and next_of[s] < oldest + 2 * in_flight:
+            j = next_of[s]
+            if j not in batches:
+                a, b = spans[j]
+                batches[j] = _Batch(a, b, ray.put({k: v[a:b] for k, v in mentions.items()
+                                                   if isinstance(v, torch.Tensor)}))
+            pending[shards[s].score.remote(batches[j].ref, [state_ref])] = (s, j)
+            next_of[s] += 1
+            queued[s] += 1
 
-    for s in range(len(shards)):
-        submit(s)
-    while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
-        s, j = pending.pop(ref)
-        queued[s] -= 1
-        try:
-            pid, part = ray.get(ref)
-        except ray.exceptions.RayActorError as err:     # restarted MAX_SHARD_RESTARTS times and died again
-            raise RuntimeError(f"evaluate: KB shard {s} (entities {bounds[s]}..{bounds[s + 1] - 1}) died more than "
-                               f"{MAX_SHARD_RESTARTS} times; last: {str(err).splitlines()[0][:200]}") from err
-        pids[s].add(pid)
-        batches[j].parts.append(part)
-        while oldest in batches and len(batches[oldest].parts) == len(shards):
-            done = batches.pop(oldest)
-            _merge(done, counts, top_ids, top_scores, nonfinite)
-            oldest += 1
-            log.info("evaluate %s: %d/%d mentions scored against %d entities", split, done.b, n, n_entities)
-            if progress is not None:
-                progress(oldest, len(spans))
-        for t in range(len(shards)):         # refill this shard's queue, and any the window held back
-            submit(t)
+    try:
+        for s in range(len(shards)):
+            submit(s)
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            s, j = pending.pop(ref)
+            queued[s] -= 1
+            try:
+                pid, part = ray.get(ref)
+            except ray.exceptions.RayActorError as err:     # restarted MAX_SHARD_RESTARTS times and died again
+                raise RuntimeError(f"evaluate: KB shard {s} (entities {bounds[s]}..{bounds[s + 1] - 1}) died more than "
+                                   f"{MAX_SHARD_RESTARTS} times; last: {str(err).splitlines()[0][:200]}") from err
+            pids[s].add(pid)
+            batches[j].parts.append(part)
+            while oldest in batches and len(batches[oldest].parts) == len(shards):
+                done = batches.pop(oldest)
+                _merge(done, counts, top_ids, top_scores, nonfinite)
+                oldest += 1
+                log.info("evaluate %s: %d/%d mentions scored against %d entities", split, done.b, n, n_entities)
+                if progress is not None:
+                    progress(oldest, len(spans))
+            for t in range(len(shards)):         # refill this shard's queue, and any the window held back
+                submit(t)
+    finally:
+        for shard in shards:        # their CPUs (GPUs) go back now, not whenever the handles are collected
+            ray.kill(shard, no_restart=True)
     if nonfinite.any():
         raise NonFiniteError(checkpoint_uri, f"split '{split}': {describe_rows(nonfinite)} got non-finite scores "
                              "(NaN or inf) against the KB; no metrics reported", rows=int(nonfinite.sum()))
