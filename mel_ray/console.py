@@ -13,6 +13,11 @@ environment when imported):
 - Progress bars only on an interactive terminal: Ray Data draws live bars there (the global one per
   dataset); elsewhere it logs its progress, which lands in the file. Hugging Face download/load bars are off.
 
+- Raylet notices (printed by Ray's error-listener thread, not by logging) reach the terminal, except the
+  harmless ones of `runtime.HARMLESS_RAYLET_NOTICES`, which `runtime.init_ray` sends to the log file.
+- Not routable: Ray's C++ core writes error lines straight to the process's stderr; Ray Data's actor pools
+  trigger one per actor (ray-project/ray#57733, a false alarm about its own constructor arguments; README).
+
 `--verbose` (MEL_RAY_VERBOSE=1 for jobs and subprocesses) keeps today's behaviour: everything on the terminal.
 """
 

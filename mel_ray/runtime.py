@@ -41,6 +41,41 @@ def init_ray(num_cpus: int | None = None) -> None:
     logging.getLogger(__name__).info("Ray %s: session logs (workers' output) under %s", context.address_info.get(
         "gcs_address"), context.address_info.get("session_dir"))
     quiet_ray_data()
+    if not log_to_driver:
+        route_raylet_notices()
+
+
+# Raylet notices that Ray pushes to every driver's terminal (even with log_to_driver=False) and that say nothing
+# a user can act on: on a small node, the Python workers of Ray Train, Ray Data and Tune start faster than the
+# node's CPU count, and the raylet warns each time the count passes another multiple of it.
+HARMLESS_RAYLET_NOTICES = ("PYTHON worker processes have been started on node",)
+
+
+def route_raylet_notices() -> None:
+    """Send the HARMLESS_RAYLET_NOTICES to the log file (this module's logger, INFO) instead of the terminal;
+    every other raylet notice (out-of-memory kills, dead workers) still reaches the terminal. Ray prints them
+    from its error-listener thread through `ray._private.worker.print_to_stdstream`, which has no setting, so
+    that one function is wrapped (a no-op if a Ray version no longer has it)."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "routes_raylet_notices", False):
+        return
+    notices = logging.getLogger(__name__)
+
+    def print_to_stdstream(data, *args, **kwargs):
+        lines = data.get("lines") if isinstance(data, dict) and data.get("pid") == "raylet" else None
+        if lines:
+            harmless = [line for line in lines if any(n in str(line) for n in HARMLESS_RAYLET_NOTICES)]
+            for line in harmless:
+                notices.info("(raylet) %s", line)
+            if len(harmless) == len(lines):
+                return None
+            data = {**data, "lines": [line for line in lines if line not in harmless]}
+        return original(data, *args, **kwargs)
+
+    print_to_stdstream.routes_raylet_notices = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def quiet_ray_data() -> None:

@@ -47,6 +47,27 @@ def test_library_output_goes_to_the_log_file_and_mel_ray_warnings_to_the_termina
     assert not [h for h in own.handlers if type(h) is logging.StreamHandler]
 
 
+def test_harmless_raylet_notices_go_to_the_log_file_and_the_others_to_the_terminal(routed, capfd, monkeypatch):
+    import ray._private.worker as ray_worker
+
+    from mel_ray.runtime import route_raylet_notices
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)   # restored afterwards
+    route_raylet_notices()
+    wrapped = ray_worker.print_to_stdstream
+    route_raylet_notices()                    # a second init_ray in one process does not wrap it twice
+    assert ray_worker.print_to_stdstream is wrapped
+    startup = ("WARNING: 12 PYTHON worker processes have been started on node: abc with address: 127.0.0.1, which "
+               "is 6x the maximum expected startup concurrency (2).")
+    oom = "Task was killed due to the node running low on memory (a test line 4711)."
+    # as Ray's error-listener thread calls it
+    ray_worker.print_to_stdstream({"lines": [startup, oom], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": [startup], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capfd.readouterr().out
+    assert "a test line 4711" in out and "PYTHON worker processes" not in out
+    assert routed.read_text().count("PYTHON worker processes have been started") == 2
+
+
 def test_verbose_keeps_everything_on_the_terminal(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv(console.VERBOSE, "0")   # recorded, so setup(verbose=True) setting it is undone
     try:

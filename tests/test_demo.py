@@ -134,7 +134,7 @@ def test_demo_prints_a_page_and_logs_the_rest(tmp_path):
     log = out / "logs" / "demo.log"
     assert f"log:     {log}" in r.stdout and "mlflow ui --backend-store-uri sqlite:///" in r.stdout
     for noise in ("PlacementGroupCleaner", "is illegal", "RayDeprecationWarning", "torchvision", "it/s]",
-                  "logging_progress", "(pid="):
+                  "logging_progress", "(pid=", "worker processes have been started"):
         assert noise not in r.stdout + r.stderr, noise
     text = log.read_text()
     assert "Ray " in text and "session logs" in text          # where the workers' output is
