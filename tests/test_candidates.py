@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from cli_lines import run_cli
+from seeded_models import copy_with_features, seeded_model
 
-from mel_ray.checkpoints import export_model
 from mel_ray.config import load_config
 from mel_ray.eval.candidates import (
     entity_vector_table,
@@ -22,7 +22,6 @@ from mel_ray.eval.candidates import (
     score_with_candidates,
     stable_topk,
 )
-from mel_ray.model import MELModel, ModelDims
 from mel_ray.scoring import NonFiniteScores, chunks_of, rank_counts
 
 SMALL = ["model.hidden=16", "model.cvacpt_weight=0.0"]
@@ -32,19 +31,12 @@ SMALL = ["model.hidden=16", "model.cvacpt_weight=0.0"]
 def setup(small_data, tmp_path_factory, ray_local):
     """A copy of the small dataset with features (one CLIP forward per mention, as link encodes), a model.pt,
     the test split in memory and the exact kernel's ranks and top-10."""
-    from mel_ray.config import FeaturesConfig
-    from mel_ray.feature_store import EntityStore, mention_tensors, model_dims_from, read_manifest
-    from mel_ray.features import extract_features
+    from mel_ray.feature_store import EntityStore, mention_tensors
 
     root = tmp_path_factory.mktemp("candidates")
-    ds = small_data.copy(root)
-    features = extract_features(ds, small_data.models["clip"], FeaturesConfig(num_gpus=0), engine="local",
-                                micro_batch=1, splits=("test",), quiet=True)["uri"]
+    ds, features = copy_with_features(small_data, root, micro_batch=1, splits=("test",))
     cfg = load_config(None, [*SMALL, f"models.clip={small_data.models['clip']}"])
-    torch.manual_seed(5)
-    dims = ModelDims(**model_dims_from(read_manifest(features)), hidden=16, cvacpt_weight=0.0)
-    model = MELModel(dims).eval()
-    model_pt = str(export_model({"model": model.state_dict(), "dims": dims.to_dict()}, cfg, root / "model.pt"))
+    model, model_pt = seeded_model(features, root / "model.pt", seed=5, config=cfg, hidden=16, cvacpt_weight=0.0)
     store = EntityStore(features)
     mentions = mention_tensors(features, ds, "test")
     gold = store.gather(mentions["gold"].numpy())

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from killing import actor_processes
+from seeded_models import copy_with_features, seeded_model
 
-from mel_ray.checkpoints import build_model, export_model, load_checkpoint
+from mel_ray.checkpoints import build_model, load_checkpoint
 from mel_ray.eval.evaluate import evaluate, side_bytes_per_entity
 from mel_ray.feature_store import EntityStore, mention_tensors
 from mel_ray.scoring import metrics_from_ranks
@@ -23,20 +24,10 @@ from mel_ray.scoring import metrics_from_ranks
 @pytest.fixture(scope="module")
 def scored(small_data, tmp_path_factory, ray_local):
     """(dataset, features URI, model.pt): the small release, its features, a seeded random model that fits them."""
-    from mel_ray.config import FeaturesConfig
-    from mel_ray.feature_store import model_dims_from, read_manifest
-    from mel_ray.features import extract_features
-    from mel_ray.model import MELModel, ModelDims
-
     root = tmp_path_factory.mktemp("eval-shards")
-    ds = small_data.copy(root)
-    features = extract_features(ds, small_data.models["clip"], FeaturesConfig(num_gpus=0), engine="local",
-                                quiet=True)["uri"]
-    dims = ModelDims(**model_dims_from(read_manifest(features)), hidden=8)
-    torch.manual_seed(0)
-    model_pt = export_model({"model": MELModel(dims).state_dict(), "dims": dims.to_dict()}, {"models": {}},
-                            root / "model.pt")
-    return ds, features, str(model_pt)
+    ds, features = copy_with_features(small_data, root)
+    _, model_pt = seeded_model(features, root / "model.pt", seed=0, hidden=8)
+    return ds, features, model_pt
 
 
 def brute_force_ranks(ds: str, features: str, model_pt: str) -> np.ndarray:

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from cli_lines import run_cli
+from seeded_models import copy_with_features, seeded_model
 
 from mel_ray.checkpoints import export_model
 from mel_ray.config import load_config
@@ -73,18 +74,11 @@ def test_kernel_raises_on_a_nan_row_and_counts_the_rows():
 @pytest.fixture(scope="module")
 def prepared(small_data, tmp_path_factory, ray_local):
     """A copy of the small dataset with features (no synthetic views), and models exported from it."""
-    from mel_ray.config import FeaturesConfig
-    from mel_ray.feature_store import model_dims_from, read_manifest
-    from mel_ray.features import extract_features
-
     root = tmp_path_factory.mktemp("nonfinite")
-    ds = small_data.copy(root)
-    features = extract_features(ds, small_data.models["clip"], FeaturesConfig(num_gpus=0), engine="local",
-                                quiet=True)["uri"]
+    ds, features = copy_with_features(small_data, root)
     cfg = load_config(None, [*SMALL, f"models.clip={small_data.models['clip']}"])
-    torch.manual_seed(0)
-    dims = ModelDims(**model_dims_from(read_manifest(features)), hidden=16, cvacpt_weight=0.0)
-    weights = MELModel(dims).state_dict()
+    model, _ = seeded_model(features, root / "seeded.pt", seed=0, config=cfg, hidden=16, cvacpt_weight=0.0)
+    weights, dims = model.state_dict(), model.dims
     models = {}
     for name, scale in (("good", 1.0), ("huge", 1e10)):     # huge: finite weights, scores overflow to inf / NaN
         state = {"model": {k: v * scale if v.is_floating_point() else v for k, v in weights.items()},

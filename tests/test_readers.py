@@ -196,30 +196,23 @@ def test_start_up_checks_are_cheap(small_data):
 @pytest.fixture(scope="module")
 def with_features(small_data, tmp_path_factory) -> tuple[Path, str]:
     """A copy of the small dataset with CLIP features (local engine, no Ray) and a mined k=4 pool."""
-    from mel_ray.config import FeaturesConfig
-    from mel_ray.features import extract_features
+    from seeded_models import copy_with_features
+
     from mel_ray.negatives import mine_negatives
 
-    root = tmp_path_factory.mktemp("with-features")
-    ds = small_data.copy(root)
-    features = extract_features(ds, small_data.models["clip"], FeaturesConfig(num_gpus=0), engine="local",
-                                quiet=True)
+    ds, features = copy_with_features(small_data, tmp_path_factory.mktemp("with-features"))
     mine_negatives(ds, k=4, num_workers=0)
-    return Path(ds), Path(features["uri"]).name
+    return Path(ds), Path(features).name
 
 
 @pytest.fixture(scope="module")
 def frozen_model(with_features, tmp_path_factory) -> str:
     """A real (untrained) frozen-mode model.pt that fits the feature set: evaluate reads the checkpoint first (its
     encoder picks the feature set), so the damaged set is what fails, not a missing model."""
-    from mel_ray.checkpoints import export_model
-    from mel_ray.feature_store import model_dims_from, read_manifest
-    from mel_ray.model import MELModel, ModelDims
+    from seeded_models import seeded_model
 
     ds, key = with_features
-    dims = ModelDims(**model_dims_from(read_manifest(str(ds / "features" / key))), hidden=8)
-    path = tmp_path_factory.mktemp("frozen-model") / "model.pt"
-    return str(export_model({"model": MELModel(dims).state_dict(), "dims": dims.to_dict()}, {"models": {}}, path))
+    return seeded_model(str(ds / "features" / key), tmp_path_factory.mktemp("frozen-model") / "model.pt", hidden=8)[1]
 
 
 def _damaged_copy(with_features, tmp_path: Path, rel: str, mutate) -> Path:
