@@ -281,7 +281,7 @@ class EvalConfig(Section):
     scorer (the dev evaluation inside training runs on the training workers' own devices, train.use_gpu)."""
 
     num_gpus: NumGpus = "auto"              # per KB shard / scorer actor; scores stay fp32 (the tie policy is exact)
-    cache_gb: float = Field(1.0, ge=0)      # per KB shard: entity sides kept between mention batches; 0: recompute
+    cache_gb: float = Field(1.0, ge=0)      # per KB shard or link scorer: entity sides kept across batches; 0: off
     in_flight: int = Field(2, ge=1)         # mention batches queued at each shard (no global wait per batch)
     batch_size: int = Field(256, ge=1)      # mentions per shard call
 

@@ -173,14 +173,17 @@ class MentionEncoder:
 
 class KBScorer:
     """The trained model and the KB's memory-mapped entity features; a mention batch -> its top-k entities,
-    with the evaluation's kernel (mel_ray.scoring.rank_counts, no gold)."""
+    with the evaluation's kernel (mel_ray.scoring.rank_counts, no gold). The entity sides are computed at the
+    first batch and kept for the next ones up to `cache_bytes` (eval.cache_gb; mel_ray.scoring.EntitySides),
+    the rest recomputed per batch."""
 
     def __init__(self, features_uri: str, state: dict, top_k: int, entity_chunk: int, threads: int,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, cache_bytes: int = 0):
         import torch
 
         from mel_ray.checkpoints import build_model
         from mel_ray.feature_store import EntityStore
+        from mel_ray.scoring import EntitySides
 
         torch.set_num_threads(threads)
         if use_gpu:
@@ -188,10 +191,11 @@ class KBScorer:
         device = torch.device("cuda" if use_gpu else "cpu")
         self.torch, self.store = torch, EntityStore(features_uri)
         self.model = build_model(state).to(device).eval()
-        self.top_k, self.entity_chunk = top_k, entity_chunk
+        self.top_k = top_k
+        self.sides = EntitySides(self.store.chunk, 0, self.store.num_entities, entity_chunk, cache_bytes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mel_ray.scoring import NonFiniteScores, chunks_of, rank_counts
+        from mel_ray.scoring import NonFiniteScores, rank_counts
 
         torch = self.torch
         mentions = {k: torch.from_numpy(np.asarray(batch[k], dtype=np.float32)) for k in FLOAT_COLUMNS}
@@ -199,8 +203,7 @@ class KBScorer:
         mentions["n_views"] = torch.from_numpy(np.asarray(batch["n_views"], dtype=np.int64))
         n = len(batch["mention_id"])
         try:
-            _, ids, scores = rank_counts(self.model, mentions, None,
-                                         chunks_of(self.store.chunk, 0, self.store.num_entities, self.entity_chunk),
+            _, ids, scores = rank_counts(self.model, mentions, None, self.sides.chunks(self.model),
                                          mention_batch=max(1, n), topk=self.top_k)
             nonfinite = np.zeros(n, dtype=bool)
         except NonFiniteScores as err:      # marked, not raised: the driver counts every batch's, then stops
@@ -253,11 +256,12 @@ def inputs_key(model_state: dict, kb_features_uri: str, mentions: pa.Table, top_
 def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 10, config: dict | None = None,
          tracking_uri: str | None = None, batch_size: int = 64, entity_chunk: int = 1024, concurrency: int = 1,
          use_gpu: bool = False, cache_dir: str | None = None, scorer_gpus: float | str = "auto",
-         candidates: int | None = None) -> dict[str, Any]:
+         candidates: int | None = None, cache_gb: float = 1.0) -> dict[str, Any]:
     """use_gpu (link.use_gpu): the diffusion and CLIP actors; scorer_gpus (eval.num_gpus, "auto" = 1 where the
-    cluster has GPUs): the KB scorer actors, as evaluate's shards. candidates: None = exact (every KB entity
-    scored by the matcher); C = retrieve, then rerank (mel_ray/eval/candidates.py): approximate, and the report
-    says so."""
+    cluster has GPUs): the KB scorer actors, as evaluate's shards; cache_gb (eval.cache_gb): entity sides each
+    exact scorer keeps between mention batches (0: recompute). candidates: None = exact (every KB entity scored
+    by the matcher); C = retrieve, then rerank (mel_ray/eval/candidates.py): approximate, and the report says
+    so."""
     import ray
 
     from mel_ray.dataset import load_dataset
@@ -296,6 +300,11 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
 
     manifest = read_manifest(features)
     require_matching_features(state, manifest, features, model)
+    cache_bytes = 0
+    if candidates is None and cache_gb > 0:      # a budget below one chunk: one line, before Ray starts
+        from mel_ray.eval.evaluate import cache_budget, side_bytes_per_entity
+
+        cache_bytes = cache_budget(cache_gb, entity_chunk, side_bytes_per_entity(state, features), "link")
     weights = ray.put(encoder_state(state["model"])) if fine_tuned else None
     text_weights = text_encoder_state(state["model"]) if fine_tuned else None
     text_weights = ray.put(text_weights) if text_weights else None
@@ -320,7 +329,7 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
                                                "text_length": text_length, "use_gpu": use_gpu, "views": views,
                                                "output": output, "view_key": view_key, "weights": weights,
                                                "text_encoder": text_encoder, "text_weights": text_weights})
-    scorer, scorer_kwargs = KBScorer, {"use_gpu": scorer_gpus > 0}
+    scorer, scorer_kwargs = KBScorer, {"use_gpu": scorer_gpus > 0, "cache_bytes": cache_bytes}
     if candidates is not None:                   # retrieve, then rerank (mel_ray/eval/candidates.py)
         from mel_ray.eval.candidates import CandidateScorer
 
@@ -360,7 +369,7 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
                          **{k: stats.get(k, 0) for k in ("no_image", "missing", "undecodable")}},
               "views": {k: stats.get("synthetic", {}).get(k, 0) for k in ("used", "missing", "undecodable")},
               "seconds": round(time.perf_counter() - t0, 2), "skipped": False,
-              **approximate_fields(candidates)}
+              "cache_gb_per_scorer": cache_bytes / 2**30, **approximate_fields(candidates)}
     storage.write_json(report_uri, report)              # last: its presence means links.parquet is complete
     how = "" if candidates is None else f" (APPROXIMATE: top-{candidates} first-stage candidates reranked)"
     print(f"[link] wrote {storage.join(output, LINKS)}{how}: {len(results)} mentions x top-{top_k}; images "

@@ -488,7 +488,7 @@ def link_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:
                       tracking_uri=tracking.tracking_uri(cfg.tracking.mlflow_uri, str(Path(root).absolute())),
                       batch_size=lc.batch_size, entity_chunk=lc.entity_chunk, concurrency=lc.concurrency,
                       use_gpu=lc.use_gpu, cache_dir=cfg.models.cache_dir, scorer_gpus=cfg.eval.num_gpus,
-                      candidates=lc.candidates)
+                      candidates=lc.candidates, cache_gb=cfg.eval.cache_gb)
         note = f"{report['linked']} mentions linked -> {under(root, lc.output)}/links.parquet"
         return Outcome(report, not report["skipped"], note, {"output": under(root, lc.output),
                                                              "linked": report["linked"], "images": report["images"]})

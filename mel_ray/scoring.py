@@ -124,6 +124,30 @@ def prepare_chunk(model: MELModel, chunk: dict) -> PreparedChunk:
     return PreparedChunk(_rows(chunk), side)
 
 
+class EntitySides:
+    """The entity chunks [start, stop) of a KB (`fetch(a, b)` -> raw features), each handed out as a
+    PreparedChunk; the first ones are kept up to `budget` bytes, the rest recomputed at every pass. What a KB
+    scorer holds between mention batches (evaluate's shards, link's scorers), so that an entity side is computed
+    once per process instead of once per batch; budget 0 keeps nothing. The model must not change between passes
+    (it is given at the first one and kept)."""
+
+    def __init__(self, fetch: Callable[[int, int], dict], start: int, stop: int, size: int, budget: int):
+        self.fetch, self.start, self.stop, self.size, self.budget = fetch, start, stop, size, budget
+        self.kept: dict[int, PreparedChunk] = {}
+        self.kept_bytes = 0
+
+    def chunks(self, model: MELModel) -> Iterator[tuple[int, PreparedChunk]]:
+        for a in range(self.start, self.stop, self.size):
+            if a in self.kept:
+                yield a, self.kept[a]
+                continue
+            prepared = prepare_chunk(model, self.fetch(a, min(self.stop, a + self.size)))
+            if self.kept_bytes + prepared.nbytes <= self.budget:
+                self.kept[a] = prepared
+                self.kept_bytes += prepared.nbytes
+            yield a, prepared
+
+
 def _rows(chunk: dict) -> int:
     return next(v for v in chunk.values() if isinstance(v, torch.Tensor)).shape[0]
 

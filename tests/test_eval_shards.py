@@ -67,6 +67,28 @@ def test_pipelined_cached_shards_equal_brute_force(scored, tmp_path):
     assert streamed["shard_restarts"] == cached["shard_restarts"] == 0
 
 
+def test_entity_sides_keep_what_the_budget_holds_and_score_as_raw_chunks(scored):
+    """scoring.EntitySides (the cache of evaluate's shards and link's scorers): a budget of 2.5 chunks keeps the
+    first 2, hands the same objects out at the next pass, and ranks exactly as the raw chunks do."""
+    from mel_ray.scoring import EntitySides, chunks_of, rank_counts
+
+    ds, features, model_pt = scored
+    model = build_model(load_checkpoint(model_pt)).eval()
+    store = EntityStore(features)
+    mentions = mention_tensors(features, ds, "test")
+    gold = store.gather(mentions["gold"].numpy())
+    per_entity = side_bytes_per_entity(load_checkpoint(model_pt), features)
+    sides = EntitySides(store.chunk, 0, store.num_entities, 16, int(2.5 * 16 * per_entity))
+    first = dict(sides.chunks(model))
+    assert sorted(sides.kept) == [0, 16] and sides.kept_bytes <= 2.5 * 16 * per_entity
+    second = dict(sides.chunks(model))
+    assert all(second[a] is first[a] for a in (0, 16)) and all(second[a] is not first[a] for a in (32, 48))
+    cached = rank_counts(model, mentions, gold, sides.chunks(model), topk=10)
+    raw = rank_counts(model, mentions, gold, chunks_of(store.chunk, 0, store.num_entities, 16), topk=10)
+    assert np.array_equal(cached[0], raw[0]) and np.array_equal(cached[1], raw[1])
+    assert np.allclose(cached[2], raw[2], rtol=0, atol=1e-6)
+
+
 def test_killed_shard_is_restarted_and_its_batches_rerun(scored, tmp_path):
     """SIGKILL a KB shard's process after the first merged batch: Ray restarts it, its queued batches run again,
     and the ranks and predictions are those of an undisturbed run."""

@@ -15,7 +15,7 @@ import torch
 
 from mel_ray import cli, storage
 from mel_ray.config import load_config
-from mel_ray.errors import DataError
+from mel_ray.errors import DataError, UsageError
 
 pytestmark = pytest.mark.slow
 SETTINGS = ["synthesize.views=2", "synthesize.steps=2", "synthesize.size=32", "model.hidden=16"]
@@ -91,6 +91,39 @@ def test_links_equal_exact_full_kb_evaluation_and_rerun_skips(linked_setup, caps
     assert cli.main(["link", "--model", s["model"], "--kb", s["ds"], "--mentions", str(s["jsonl"]),
                      "--output", str(out)]) == 0
     assert '"skipped": true' in capsys.readouterr().out
+
+
+def test_scorers_keep_entity_sides_across_batches_and_link_the_same(linked_setup):
+    """eval.cache_gb for link's exact scorer: a budget holding 1.5 of the KB's 4 chunks (one kept, three
+    recomputed per batch of 8 mentions) links exactly as the evaluation ranks; a budget below one chunk is one
+    line naming the setting."""
+    import shutil
+
+    from mel_ray.checkpoints import load_checkpoint
+    from mel_ray.eval.evaluate import side_bytes_per_entity
+    from mel_ray.feature_store import find_features
+    from mel_ray.link import link
+
+    s = linked_setup
+    per_entity = side_bytes_per_entity(load_checkpoint(s["model"]), find_features(s["ds"], several="first"))
+    chunk = 16                                                   # the small KB: 60 entities = 4 chunks
+    out = s["root"] / "out-cached"
+    if (s["root"] / "out" / "synthetic").exists():                # the first test's views: not drawn again
+        shutil.copytree(s["root"] / "out" / "synthetic", out / "synthetic")
+    report = link(s["model"], s["ds"], str(s["jsonl"]), str(out), top_k=10, batch_size=8, entity_chunk=chunk,
+                  cache_gb=1.5 * chunk * per_entity / 2**30)
+    assert report["cache_gb_per_scorer"] * 2**30 == pytest.approx(1.5 * chunk * per_entity, abs=1)
+    links = _links(out)
+    assert set(links) == set(s["predictions"]) and len(links) > 8           # several batches per scorer
+    for mention_id, ranked in links.items():
+        expected = s["predictions"][mention_id]
+        assert [r["entity_id"] for r in ranked] == expected["top_entity_ids"], mention_id
+        assert torch.allclose(torch.tensor([r["score"] for r in ranked]), torch.tensor(expected["top_scores"]),
+                              atol=1e-4)
+    with pytest.raises(UsageError, match=r"^link: eval.cache_gb=\S+ cannot hold one entity chunk of 16 entities"):
+        link(s["model"], s["ds"], str(s["jsonl"]), str(s["root"] / "out-small-cache"), entity_chunk=chunk,
+             cache_gb=0.5 * chunk * per_entity / 2**30)
+    assert not (s["root"] / "out-small-cache").exists()
 
 
 def test_parquet_input_missing_images_and_bad_fields(linked_setup):

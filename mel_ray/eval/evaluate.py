@@ -27,8 +27,8 @@ from mel_ray.errors import NonFiniteError, UsageError
 from mel_ray.feature_store import EntityStore, mention_tensors, read_manifest
 from mel_ray.runtime import init_ray
 from mel_ray.scoring import (
+    EntitySides,
     NonFiniteScores,
-    PreparedChunk,
     describe_rows,
     merge_topk,
     metrics_from_ranks,
@@ -62,20 +62,8 @@ class KBShard:
         self.model = None                    # built from the first batch's state (see `score`)
         self.start, self.stop = start, min(stop, self.store.num_entities)
         self.entity_chunk, self.mention_batch = entity_chunk, mention_batch
-        self.cache_bytes, self.cached_bytes = cache_bytes, 0
-        self.cache: dict[int, PreparedChunk] = {}
+        self.sides = EntitySides(self.store.chunk, self.start, self.stop, entity_chunk, cache_bytes)
         self.pid = os.getpid()               # a restarted shard is a new process: the driver counts restarts by it
-
-    def _chunks(self):
-        for a in range(self.start, self.stop, self.entity_chunk):
-            if a in self.cache:
-                yield a, self.cache[a]
-                continue
-            prepared = prepare_chunk(self.model, self.store.chunk(a, min(self.stop, a + self.entity_chunk)))
-            if self.cached_bytes + prepared.nbytes <= self.cache_bytes:
-                self.cache[a] = prepared
-                self.cached_bytes += prepared.nbytes
-            yield a, prepared
 
     def score(self, mentions: dict, state_box: list) -> tuple[int, tuple | NonFiniteScores]:
         """(this process's pid, counts / top ids / top scores, or the NonFiniteScores: returned, not raised, so
@@ -90,7 +78,7 @@ class KBShard:
             self.model = build_model(ray.get(state_box[0])).to(self.device).eval()
         gold = self.store.gather(mentions["gold"].numpy())
         try:
-            return self.pid, rank_counts(self.model, mentions, gold, self._chunks(),
+            return self.pid, rank_counts(self.model, mentions, gold, self.sides.chunks(self.model),
                                          mention_batch=self.mention_batch, topk=TOPK)
         except NonFiniteScores as err:
             return self.pid, err
@@ -102,12 +90,12 @@ def side_bytes_per_entity(state: dict, features_uri: str) -> int:
     return prepare_chunk(build_model(state), store.chunk(0, min(1, store.num_entities))).nbytes
 
 
-def cache_budget(cache_gb: float, entity_chunk: int, per_entity: int) -> int:
+def cache_budget(cache_gb: float, entity_chunk: int, per_entity: int, command: str = "evaluate") -> int:
     """eval.cache_gb in bytes; 0 turns the cache off; a budget that cannot hold one chunk is a mistake."""
     budget = int(cache_gb * 2**30)
     if 0 < budget < per_entity * entity_chunk:
         need = per_entity * entity_chunk / 2**30
-        raise UsageError(f"evaluate: eval.cache_gb={cache_gb:g} cannot hold one entity chunk of {entity_chunk} "
+        raise UsageError(f"{command}: eval.cache_gb={cache_gb:g} cannot hold one entity chunk of {entity_chunk} "
                          f"entities ({need:.3g} GiB of entity sides); raise it, or set 0 to recompute every batch")
     return budget
 
