@@ -13,7 +13,8 @@ Fixtures (all lazy: a test pays only for the servers it asks for):
                              It is launched in the background as soon as collection shows that a selected
                              test needs it, so its ~10-15 s start overlaps with other tests.
 * `ray_local` (session)   -> the RayContext of one shared local Ray instance (address="local", 2 CPUs,
-                             no dashboard, token authentication on, temp dir under the session tmp dir).
+                             the dashboard (State API) on a free loopback port, token authentication on,
+                             temp dir under the session tmp dir).
                              It depends on `s3_server` so Ray workers inherit the S3 environment.
 * `session_env` (session) -> a pytest.MonkeyPatch for environment changes that last the whole session.
 * `session_tmp` (session) -> the session's private tmp dir (server and Ray logs).
@@ -216,7 +217,12 @@ def ray_local(s3_server):
     context = ray.init(
         address="local",             # never attach to another cluster on this machine (`ray start`)
         num_cpus=2,
-        include_dashboard=False,
+        # as runtime.init_ray: the dashboard serves the State API, without which Ray Train's PlacementGroupCleaner
+        # logs "Failed to query Ray Train Controller actor state" every second after a training ends (forwarded
+        # here, such lines once landed in another test's captured stderr) and cannot release a dead run's group
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=services.free_port(),
         object_store_memory=1024**3,
         _temp_dir=str(_STATE["root"] / "ray"),
         log_to_driver=True,
