@@ -51,13 +51,16 @@ ANY_ENCODER = "any"     # find_features: do not filter by encoder
 
 def find_features(dataset_uri: str, features_uri: str | None = None, *, model: str | None = None,
                   cache_dir: str | None = None, several: str = "error", encoder: str | None = ANY_ENCODER,
-                  text_encoder: str | None = None) -> str:
+                  text_encoder: str | None = None, text_encoder_named: bool | None = None) -> str:
     """The feature set to use: `features_uri` when given, else the complete set under DATASET/features/
     (made with the CLIP `model`, same fingerprint, when given, and then only sets whose texts were encoded by
     `text_encoder` (models.text_encoder, same fingerprint; None = CLIP's text tower); made by the encoder whose
     fingerprint is `encoder` when given: None = the base CLIP, a fingerprint = that fine-tuned encoder,
-    mel_ray.model.encoder). Several candidates are an error unless several="first" (link: it reads only the
-    KB's entity features; the first key in sorted order is taken)."""
+    mel_ray.model.encoder). text_encoder_named (frozen training, which reads no model file): True / False =
+    prefer the sets whose texts were / were not encoded by a text encoder (models.text_encoder set / unset), by
+    the manifest alone; when there is none such, the other sets stay candidates, so the caller's own check
+    (require_text_encoder) names the mismatch; None = no preference. Several candidates are an error unless
+    several="first" (link: it reads only the KB's entity features; the first key in sorted order is taken)."""
     if features_uri:
         return features_uri
     if several not in ("error", "first"):
@@ -67,7 +70,7 @@ def find_features(dataset_uri: str, features_uri: str | None = None, *, model: s
         if storage.exists(root) else []
     other = 0
     manifests = {k: read_manifest(storage.join(root, k)) for k in keys} if model is not None or \
-        encoder != ANY_ENCODER else {}
+        encoder != ANY_ENCODER or text_encoder_named is not None else {}
     if model is not None:
         from mel_ray.features import model_fingerprint
         from mel_ray.models import DEFAULT_CACHE
@@ -81,6 +84,9 @@ def find_features(dataset_uri: str, features_uri: str | None = None, *, model: s
     if encoder != ANY_ENCODER:
         by_encoder = [k for k in keys if manifests[k].get("settings", {}).get("encoder_checkpoint") == encoder]
         other_encoders, keys = len(keys) - len(by_encoder), by_encoder
+    if text_encoder_named is not None:
+        by_texts = [k for k in keys if bool(manifests[k].get("settings", {}).get("text_encoder")) == text_encoder_named]
+        keys = by_texts or keys
     if len(keys) == 1 or (keys and several == "first"):
         return storage.join(root, keys[0])
     made = f" made with {model}" if model is not None else ""

@@ -341,7 +341,8 @@ def _find_features(cfg: Config) -> str:
     from mel_ray.verify import require_dataset
 
     require_dataset(cfg.data.dataset)   # a missing or damaged dataset says so, rather than "no feature sets"
-    return find_features(cfg.data.dataset, None, encoder=None)     # the base CLIP's sets: what frozen training reads
+    # the base CLIP's sets, with texts by models.text_encoder where one is named: what frozen training reads
+    return find_features(cfg.data.dataset, None, encoder=None, text_encoder_named=bool(cfg.models.text_encoder))
 
 
 def train_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None = None,

@@ -43,6 +43,30 @@ def test_the_only_complete_set_or_a_clear_error(tmp_path):
         find_features(str(ds))
 
 
+def _texts_by(dataset: Path, key: str, text_encoder: str | None) -> None:
+    _feature_set(dataset, key, None)
+    manifest = dataset / "features" / key / "manifest.json"
+    settings = {"text_encoder": text_encoder} if text_encoder else {}
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "settings": settings}))
+
+
+def test_frozen_training_prefers_the_sets_whose_texts_its_config_names(tmp_path):
+    """A release with a CLIP-text set and a BERT-text set: models.text_encoder set / unset picks one (by the
+    manifest, no model file read); with no set of the wanted kind the other stays a candidate, so training's
+    require_text_encoder names the mismatch instead of "no feature sets"."""
+    ds = tmp_path / "ds"
+    _texts_by(ds, "clip-text", None)
+    assert find_features(str(ds), encoder=None, text_encoder_named=True) == str(ds / "features" / "clip-text")
+    _texts_by(ds, "bert-text", "fingerprint-of-a-bert")
+    with pytest.raises(UsageError, match=r"2 complete feature sets \(bert-text, clip-text\)"):
+        find_features(str(ds), encoder=None)                                       # no preference: ambiguous
+    assert find_features(str(ds), encoder=None, text_encoder_named=True) == str(ds / "features" / "bert-text")
+    assert find_features(str(ds), encoder=None, text_encoder_named=False) == str(ds / "features" / "clip-text")
+    _texts_by(ds, "bert-text-2", "fingerprint-of-another-bert")
+    with pytest.raises(UsageError, match=r"2 complete feature sets \(bert-text, bert-text-2\)"):
+        find_features(str(ds), encoder=None, text_encoder_named=True)
+
+
 def test_the_set_made_with_a_model(tmp_path):
     ds = tmp_path / "ds"
     clip_a, clip_b = _model(tmp_path / "a", b"weights a"), _model(tmp_path / "b", b"weights b")

@@ -216,11 +216,15 @@ def test_frozen_mismatches_are_one_line(frozen, melbench, tiny_models, tmp_path)
     """A checkpoint trained on BERT features against CLIP-text features (other widths), and training on BERT
     features with models.text_encoder unset: one line each, naming the setting and the file."""
     from mel_ray.eval.evaluate import evaluate
+    from mel_ray.feature_store import find_features
     from mel_ray.train.run import train
 
     features, result = frozen
     clip_text = extract_features(melbench, tiny_models["clip"], FeaturesConfig(num_gpus=0, text_length=TEXT_LENGTH),
                                  engine="local", quiet=True)
+    # both sets now in the release: frozen training's finder takes the one its models.text_encoder names
+    assert find_features(melbench, encoder=None, text_encoder_named=True) == features["uri"]
+    assert find_features(melbench, encoder=None, text_encoder_named=False) == clip_text["uri"]
     with pytest.raises(UsageError) as err:
         evaluate(melbench, clip_text["uri"], result["checkpoint"], "test")
     line = str(err.value)

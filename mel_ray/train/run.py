@@ -155,7 +155,9 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     require_dataset(dataset_uri)        # every input checked here, on the driver, before any worker reads it
     finetune = cfg.model.encoder == "finetune"
     if not finetune:
-        features_uri = find_features(dataset_uri, features_uri, encoder=None)   # frozen: the base CLIP's
+        # frozen: the base CLIP's sets, texts by models.text_encoder where one is named
+        features_uri = find_features(dataset_uri, features_uri, encoder=None,
+                                     text_encoder_named=bool(cfg.models.text_encoder))
         require_features(features_uri, dataset_uri)
         require_text_encoder(read_manifest(features_uri), cfg.models.text_encoder, features_uri)
     negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)

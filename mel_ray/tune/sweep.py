@@ -259,7 +259,8 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     from mel_ray.verify import require_dataset, require_features
 
     require_dataset(dataset_uri)        # every input checked on the driver before a trial starts
-    features_uri = find_features(dataset_uri, features_uri, encoder=None)
+    features_uri = find_features(dataset_uri, features_uri, encoder=None,
+                                 text_encoder_named=bool(cfg.models.text_encoder))
     require_features(features_uri, dataset_uri)
     require_text_encoder(read_manifest(features_uri), cfg.models.text_encoder, features_uri)
     negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
