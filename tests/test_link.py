@@ -66,6 +66,17 @@ def _links(output: Path) -> dict[str, list[dict]]:
     return out
 
 
+def _assert_links_are_the_evaluations(links: dict[str, list[dict]], predictions: dict[str, dict]) -> None:
+    """Every mention linked, its top-10 = the exact evaluation's (ranks 1..10, same entities, same scores)."""
+    assert set(links) == set(predictions)
+    for mention_id, ranked in links.items():
+        expected = predictions[mention_id]
+        assert [r["rank"] for r in ranked] == list(range(1, 11))
+        assert [r["entity_id"] for r in ranked] == expected["top_entity_ids"], mention_id
+        assert torch.allclose(torch.tensor([r["score"] for r in ranked]), torch.tensor(expected["top_scores"]),
+                              atol=1e-4)
+
+
 def test_links_equal_exact_full_kb_evaluation_and_rerun_skips(linked_setup, capsys):
     from mel_ray.link import link
 
@@ -75,13 +86,7 @@ def test_links_equal_exact_full_kb_evaluation_and_rerun_skips(linked_setup, caps
     assert report["linked"] == len(s["rows"]) and not report["skipped"]
     assert report["views_per_mention"] == 2 and report["views_drawn"] == 2 * len(s["rows"])
     links = _links(out)
-    assert set(links) == set(s["predictions"])
-    for mention_id, ranked in links.items():
-        expected = s["predictions"][mention_id]
-        assert [r["rank"] for r in ranked] == list(range(1, 11))
-        assert [r["entity_id"] for r in ranked] == expected["top_entity_ids"], mention_id
-        assert torch.allclose(torch.tensor([r["score"] for r in ranked]), torch.tensor(expected["top_scores"]),
-                              atol=1e-4)
+    _assert_links_are_the_evaluations(links, s["predictions"])
     # the views a person can look at, under the output
     assert len(list((out / "synthetic").rglob("*.png"))) == 2 * len(s["rows"])
     before = (out / "links.parquet").stat().st_mtime_ns
@@ -114,12 +119,8 @@ def test_scorers_keep_entity_sides_across_batches_and_link_the_same(linked_setup
                   cache_gb=1.5 * chunk * per_entity / 2**30)
     assert report["cache_gb_per_scorer"] * 2**30 == pytest.approx(1.5 * chunk * per_entity, abs=1)
     links = _links(out)
-    assert set(links) == set(s["predictions"]) and len(links) > 8           # several batches per scorer
-    for mention_id, ranked in links.items():
-        expected = s["predictions"][mention_id]
-        assert [r["entity_id"] for r in ranked] == expected["top_entity_ids"], mention_id
-        assert torch.allclose(torch.tensor([r["score"] for r in ranked]), torch.tensor(expected["top_scores"]),
-                              atol=1e-4)
+    assert len(links) > 8                                                   # several batches per scorer
+    _assert_links_are_the_evaluations(links, s["predictions"])
     with pytest.raises(UsageError, match=r"^link: eval.cache_gb=\S+ cannot hold one entity chunk of 16 entities"):
         link(s["model"], s["ds"], str(s["jsonl"]), str(s["root"] / "out-small-cache"), entity_chunk=chunk,
              cache_gb=0.5 * chunk * per_entity / 2**30)

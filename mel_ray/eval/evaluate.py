@@ -61,7 +61,7 @@ class KBShard:
         self.store = EntityStore(features_uri)
         self.model = None                    # built from the first batch's state (see `score`)
         self.start, self.stop = start, min(stop, self.store.num_entities)
-        self.entity_chunk, self.mention_batch = entity_chunk, mention_batch
+        self.mention_batch = mention_batch
         self.sides = EntitySides(self.store.chunk, self.start, self.stop, entity_chunk, cache_bytes)
         self.pid = os.getpid()               # a restarted shard is a new process: the driver counts restarts by it
 
