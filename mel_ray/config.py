@@ -7,6 +7,7 @@ batch 128. Secrets (S3 keys, tokens) never belong here: they come from the envir
 from __future__ import annotations
 
 import functools
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -80,7 +81,9 @@ NumGpus = Annotated[float | Literal["auto"], PlainValidator(_num_gpus)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # allow_inf_nan=False: no setting means anything at inf or NaN (train.lr=inf would diverge on step one)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -330,6 +333,43 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses what it would otherwise accept silently or crash on: a key given twice in one
+    mapping (YAML keeps the last, so the first value is dropped without a word) and an integer longer than
+    Python converts from text (sys.get_int_max_str_digits(): a ValueError, not a YAML error)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {redact.excerpt(key, 80)} (first at line {seen[key].line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of more than {sys.get_int_max_str_digits()} digits", node.start_mark) from None
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+def load_yaml(text: str) -> Any:
+    """`text` as YAML with _StrictLoader's refusals; RecursionError (thousands of nested brackets) is a YAMLError."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -352,11 +392,13 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
             raise UsageError(f"--set {redact.excerpt(item, MAX_EXCERPT)}: expected KEY=VALUE with a dotted key, "
                              "e.g. --set train.lr=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as err:
-            mark = getattr(err, "problem", None) or type(err).__name__
-            raise UsageError(f"--set {key}: value {redact.excerpt(raw, MAX_EXCERPT)} is not valid YAML ({mark}); "
-                             "quote it, e.g. --set 'tracking.experiment=\"a: b\"'") from None
+            problem = getattr(err, "problem", None) or str(err) or type(err).__name__
+            hint = ("" if isinstance(err, yaml.constructor.ConstructorError) or problem == "nested too deeply" else
+                    "; quote it, e.g. --set 'tracking.experiment=\"a: b\"'")
+            raise UsageError(f"--set {key}: value {redact.excerpt(raw, MAX_EXCERPT)} is not valid YAML "
+                             f"({problem}){hint}") from None
         parsed.append((key, value))
     return parsed
 
@@ -384,8 +426,12 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         line = data.count(b"\n", 0, err.start) + 1
         raise UsageError(f"{path}: config is not valid UTF-8: byte 0x{data[err.start]:02x} at line {line}") from None
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = load_yaml(text) or {}
     except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        if mark is not None and problem:
+            raise UsageError(f"{path}: invalid YAML at line {mark.line + 1} column {mark.column + 1}: "
+                             f"{' '.join(problem.split())}") from None
         raise UsageError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(tree, dict):
         raise UsageError(f"{path}: top level must be a mapping of sections")
@@ -407,3 +453,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(tree)
     except ValidationError as err:
         raise UsageError(_format_errors(err, source)) from None
+    except RecursionError:
+        raise UsageError(f"{source}: a value is nested too deeply") from None

@@ -22,8 +22,11 @@ from typing import Any
 
 MASK = "[redacted]"
 
-# scheme://userinfo@ : userinfo is everything up to the last "@" before the host part ends
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s@'\"<>]*(?:@[^/?#\s@'\"<>]*)*)@")
+# scheme://userinfo@ : the userinfo is everything from "://" up to the LAST "@" of the same word, whatever it
+# holds. Not a URI parser on purpose: real secrets hold "/", "?", "#" or an unescaped "@" (AWS secret keys often
+# hold "/"), and a parser then finds the host inside the secret and prints the rest. A path that holds an "@"
+# is masked too (shown as [redacted]@...): showing too little is the safe side.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s\"<>`]*)@")
 # key=value in a query string (or a fragment: OAuth implicit flows put tokens there)
 _QUERY_PARAM = re.compile(r"(?P<lead>[?&#;])(?P<key>[^=&#;\s'\"<>]+)=(?P<value>[^&#;\s'\"<>]*)")
 _SECRET_PARAM_WORDS = ("signature", "credential", "token", "password", "passwd", "pwd", "secret", "apikey",
@@ -50,6 +53,15 @@ def _mask_userinfo(match: re.Match[str]) -> str:
     return f"{match.group('scheme')}{MASK}@"
 
 
+def strip_userinfo(uri: str) -> str:
+    """`uri` without its userinfo (what a client may connect to: S3 credentials are the AWS_* keys)."""
+    return _USERINFO.sub(lambda m: m.group("scheme"), uri)
+
+
+def has_userinfo(uri: str) -> bool:
+    return _USERINFO.search(uri) is not None
+
+
 def uri(value: object) -> str:
     """A URI (or a path) with userinfo and secret-looking query values replaced by `[redacted]`."""
     return text(value)
@@ -73,7 +85,14 @@ def excerpt(value: object, limit: int = 200) -> str:
     """
     import reprlib
 
-    r = reprlib.Repr()
+    class _Repr(reprlib.Repr):
+        def repr_int(self, x: int, level: int) -> str:
+            try:
+                return super().repr_int(x, level)
+            except ValueError:   # more digits than Python converts to text (sys.get_int_max_str_digits)
+                return f"<an integer of about {int(x.bit_length() * 0.30103) + 1} digits>"
+
+    r = _Repr()
     r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 8, 8, 8, 8
     r.maxstring, r.maxother, r.maxlong = limit, limit, 60
     out = text(r.repr(value))

@@ -64,6 +64,8 @@ def _reason(err: BaseException) -> str:
         return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '?')} s"
     if "name or service not known" in low or "nodename nor servname" in low or "name resolution" in low:
         return "host not found"
+    if "invalid url" in low:   # requests' word for userinfo that holds "/", "?" or "#" (the host is lost)
+        return "not a valid URL (percent-encode / ? # @ in a user name or password, e.g. / as %2F)"
     if re.search(r"error code 401\b", text) or "unauthorized" in low:
         return "401 unauthorized (check the credentials)"
     if re.search(r"error code 403\b", text) or "forbidden" in low:

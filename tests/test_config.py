@@ -81,6 +81,50 @@ def test_bad_files(tmp_path):
         load_config(_yaml(tmp_path, "- a\n- b\n"))
 
 
+BIG = "9" * 5000   # past Python's int-from-text limit (sys.get_int_max_str_digits(), 4300)
+
+
+@pytest.mark.parametrize("text, line", [
+    ("train:\n  lr: 1.0e-3\n  lr: 0.5\n", "invalid YAML at line 3 column 3: duplicate key 'lr' (first at line 2)"),
+    ("train: {epochs: 2}\nmodel: {}\ntrain: {lr: 1}\n",
+     "invalid YAML at line 3 column 1: duplicate key 'train' (first at line 1)"),
+    ("tune:\n  k: [2, 4]\n  train: {epochs: 1, epochs: 2}\n",
+     "invalid YAML at line 3 column 22: duplicate key 'epochs' (first at line 3)"),
+    (f"train:\n  epochs: {BIG}\n", "invalid YAML at line 2 column 11: an integer of more than 4300 digits"),
+    (f"tune:\n  k: [1, {BIG}]\n", "invalid YAML at line 2 column 10: an integer of more than 4300 digits"),
+    ("train: " + "[" * 5000 + "]" * 5000 + "\n", "invalid YAML: nested too deeply"),
+    ("train:\n  lr: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n", "invalid YAML: nested too deeply"),
+])
+def test_yaml_that_would_be_read_wrongly_or_crash_is_refused(tmp_path, text, line):
+    path = _yaml(tmp_path, text)
+    with pytest.raises(UsageError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {line}"
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train={lr: 1, lr: 2}", "--set train: value '{lr: 1, lr: 2}' is not valid YAML (duplicate key 'lr' (first at "
+                             "line 1))"),
+    (f"train.epochs={BIG}", "is not valid YAML (an integer of more than 4300 digits)"),
+    ("train.lr=" + "[" * 5000 + "]" * 5000, "is not valid YAML (nested too deeply)"),
+])
+def test_set_values_are_held_to_the_same_rules(item, message):
+    with pytest.raises(UsageError) as info:
+        load_config(None, [item])
+    assert message in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("item, key", [("train.lr=inf", "train.lr"), ("train.lr=.nan", "train.lr"),
+                                       ("train.encoder_lr=.inf", "train.encoder_lr"),
+                                       ("eval.cache_gb=-.inf", "eval.cache_gb"), ("tune.lr=[1e-3, .inf]", "tune.lr.1"),
+                                       ("model.cvacpt_weight=.nan", "model.cvacpt_weight"),
+                                       ("train.cpus_per_worker=1e999", "train.cpus_per_worker")])
+def test_no_setting_takes_inf_or_nan(item, key):
+    with pytest.raises(UsageError) as info:
+        load_config(None, [item])
+    assert str(info.value).startswith(f"<defaults>: '{key}': Input should be a finite number")
+
+
 def test_set_overrides_are_typed(tmp_path):
     path = _yaml(tmp_path, "train:\n  lr: 1.0e-3\n")
     cfg = load_config(path, ["train.lr=0.5", "train.epochs=3", "train.use_gpu=true", "negatives.k=4",

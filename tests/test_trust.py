@@ -22,6 +22,7 @@ from mel_ray.dataset import load_dataset
 from mel_ray.errors import DataError, UsageError
 
 SECRET = "S3cr3t-PASSWORD-42"
+SLASHED = "wJalr/K7MDENG/bPxRfi?#EXAMPLE@KEY"   # AWS secret keys hold "/"; passwords may hold "?", "#", "@"
 
 
 def free_port() -> int:
@@ -57,6 +58,10 @@ def ingest_mimic(tmp_path: Path, capsys, name: str = "ds", files: dict | None = 
      "API request to http://[redacted]@127.0.0.1:9/api/2.0/x failed"),
     (f"http://h/?password={SECRET}#access_token={SECRET}", "http://h/?password=[redacted]#access_token=[redacted]"),
     (f"s3://u:{SECRET}@bucket/k", "s3://[redacted]@bucket/k"),
+    (f"s3://AKIAEXAMPLE:{SLASHED}@mybucket/data", "s3://[redacted]@mybucket/data"),
+    (f"http://alice:{SLASHED}@127.0.0.1:9/", "http://[redacted]@127.0.0.1:9/"),
+    (f"error: 'http://alice:pa/ss5LEAK@h:9/x' refused", "error: 'http://[redacted]@h:9/x' refused"),
+    (f"two: s3://k:a/b@b1/x and http://u:c/d@h/y.", "two: s3://[redacted]@b1/x and http://[redacted]@h/y."),
     ("s3://bucket/key?versionId=3", "s3://bucket/key?versionId=3"),
     ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
     ("write to me@example.org", "write to me@example.org"),
@@ -89,13 +94,18 @@ def test_excerpt_is_bounded_for_an_alias_bomb():
     ("s3:///ds", "s3:///ds: malformed s3:// URI: no bucket (expected s3://bucket/prefix)"),
     (f"s3://u:{SECRET}@bucket/ds", ("s3://[redacted]@bucket/ds: malformed s3:// URI: credentials do not belong "
                                    "in the URI (set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")),
+    (f"s3://AKIAEXAMPLE:{SLASHED}@mybucket/data", ("s3://[redacted]@mybucket/data: malformed s3:// URI: credentials "
+                                                  "do not belong in the URI (set AWS_ACCESS_KEY_ID / "
+                                                  "AWS_SECRET_ACCESS_KEY)")),
+    (f"https://u:{SLASHED}@host/ds", ("https://[redacted]@host/ds: unsupported URI scheme 'https' (use a local "
+                                     "path, file:///path or s3://bucket/prefix)")),
     ("file://otherhost/ds", "file://otherhost/ds: malformed file:// URI (expected file:///absolute/path)"),
 ])
 def test_unsupported_and_malformed_uris_are_refused(tmp_path, monkeypatch, capsys, uri, line):
     monkeypatch.chdir(tmp_path)
     code, out, err = run(capsys, "info", uri)
     assert (code, err.splitlines()) == (2, [f"error: {line}"])
-    assert SECRET not in out + err
+    assert SECRET not in out + err and not any(part in out + err for part in SLASHED.split("/"))
     code, out, err = run(capsys, "make-demo-data", "--output", uri, "--entities", "3", "--mentions", "3")
     assert (code, err.splitlines()) == (2, [f"error: {line}"])
     assert list(tmp_path.iterdir()) == []     # nothing written under a folder named after the URI
@@ -295,7 +305,7 @@ def test_unreachable_tracking_server_fails_fast_without_the_password(tmp_path, m
     import time
 
     port = free_port()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@127.0.0.1:{port}/")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:pa/ss{SECRET}@127.0.0.1:{port}/")
     for key in tracking.HTTP_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(tmp_path)
@@ -304,8 +314,8 @@ def test_unreachable_tracking_server_fails_fast_without_the_password(tmp_path, m
                          "--output", "links")
     assert time.monotonic() - t0 < 60
     assert (code, err.splitlines()[-1:]) == (1, [
-        ("error: MLflow tracking: connection refused (after 2 retries; check tracking.mlflow_uri / "
-        "MLFLOW_TRACKING_URI)")])
+        ("error: MLflow tracking: not a valid URL (percent-encode / ? # @ in a user name or password, e.g. / as "
+         "%2F) (after 2 retries; check tracking.mlflow_uri / MLFLOW_TRACKING_URI)")])
     assert SECRET not in out + err
     # the same through tracking.start_run (train, tune), with the config's URI
     with pytest.raises(tracking.TrackingError) as exc, \
@@ -319,12 +329,14 @@ def test_password_in_tracking_uri_never_reaches_params_or_tags(mlflow_server, mo
     from mlflow.tracking import MlflowClient
 
     uri = mlflow_server.replace("http://", f"http://alice:{SECRET}@")   # the test server ignores basic auth
-    cfg = load_config(None, [f"tracking.mlflow_uri={uri}", f"data.dataset=s3://bucket/ds?X-Amz-Signature={SECRET}"])
+    cfg = load_config(None, [f"tracking.mlflow_uri={uri}", f"data.dataset=s3://bucket/ds?X-Amz-Signature={SECRET}",
+                             f"link.kb=s3://AKIA:{SLASHED}@bucket/r"])
     with tracking.start_run("trust", "r", uri, tags={"source": uri}) as run_:
         tracking.log_params_flat(cfg)
     run = MlflowClient(mlflow_server).get_run(run_.info.run_id)
     shown = json.dumps({"params": run.data.params, "tags": run.data.tags})
-    assert SECRET not in shown
+    assert SECRET not in shown and not any(part in shown for part in SLASHED.split("/"))
+    assert run.data.params["link.kb"] == "s3://[redacted]@bucket/r"
     assert run.data.params["tracking.mlflow_uri"] == mlflow_server.replace("http://", "http://[redacted]@")
     assert run.data.tags["source"] == mlflow_server.replace("http://", "http://[redacted]@")
 
@@ -337,12 +349,13 @@ def test_s3_endpoint_with_userinfo_works_and_is_never_shown(s3_server, s3_bucket
     assert storage.read_bytes(f"{s3_bucket}/x.txt") == b"hi"
     code, out, err = run(capsys, "info", f"{s3_bucket}/nothing-here")
     assert code == 2 and SECRET not in out + err
-    dead = f"http://user:{SECRET}@127.0.0.1:{free_port()}"
+    dead = f"http://user:{SLASHED}@127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
     monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 1)
     code, out, err = run(capsys, "info", f"{s3_bucket}/ds")
     assert code == 1 and len(err.splitlines()) == 1 and SECRET not in out + err
+    assert not any(part in out + err for part in SLASHED.split("/"))
     assert err.startswith(f"error: {s3_bucket}/ds/manifest.json: could not check existence:")
 
 
