@@ -102,18 +102,84 @@ def validate(data: bytes, name: str) -> dict[str, Any]:
 
 
 def _load_failure(data: bytes, err: BaseException) -> str:
-    """What torch.load's failure means, in a few words: a rejected pickle, a damaged file, or no torch file."""
-    import re
-
-    text = str(err)
-    rejected = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if rejected:
-        return (f"it holds {rejected.group(1)[:120]}, which torch.load(weights_only=True) refuses to load (only "
-                "tensors, numbers, strings, lists and dicts are read; arbitrary pickles never are)")
+    """What torch.load's failure means, in a few words: a pickle that asks to run code, a damaged file, or no torch
+    file. Read from the pickle's own opcodes, not torch's message (its wording changes and it advises
+    weights_only=False, which is exactly what must never be done with such a file)."""
+    callables = [name for name in pickled_callables(data) if not _torch_may_call(name)]
+    if callables:
+        more = f" and {len(callables) - 1} more" if len(callables) > 1 else ""
+        return (f"it asks to run code when loaded ({callables[0][:120]}{more}): refused (model files are read as "
+                "weights only: tensors, numbers, strings, lists and dicts; a pickle never runs)")
     if not data.startswith((b"PK\x03\x04", b"\x80\x02")):        # torch.save's zip / legacy pickle formats
         return f"not a file torch.save wrote ({EXPECTED})"
-    detail = re.search(r"WeightsUnpickler error: *\n*\s*(.+)", text)
-    return f"the file is damaged or truncated ({_first_line(detail.group(1) if detail else err)})"
+    return f"the file is damaged or truncated ({_torch_reason(err)})"
+
+
+def _torch_may_call(name: str) -> bool:
+    return name.startswith("torch.") or name in ("collections.OrderedDict", "_codecs.encode", "builtins.set",
+                                                 "builtins.frozenset", "builtins.bytearray", "builtins.complex")
+
+
+def pickled_callables(data: bytes, max_pickles: int = 8) -> list[str]:
+    """The callables (module.name) that the pickles in `data` would call on load, read with pickletools without
+    running anything: GLOBAL / INST / STACK_GLOBAL, the last with its strings followed through the memo. `data` is
+    a torch zip (every *.pkl member) or a stream of pickles (torch's legacy format holds several in a row); a
+    stream that stops parsing (truncated, not a pickle) yields what was read up to there."""
+    import pickletools
+    import zipfile
+
+    streams = [data]
+    if data.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                streams = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError):   # damaged zip: nothing to read
+            return []
+    names: list[str] = []
+    for stream in streams:
+        start = 0
+        for _ in range(max_pickles):
+            end = _callables_of_one_pickle(pickletools, stream, start, names)
+            if end is None or end >= len(stream):
+                break
+            start = end
+    return names
+
+
+def _callables_of_one_pickle(pickletools: Any, stream: bytes, start: int, names: list[str]) -> int | None:
+    """Append the callables of the pickle at `stream[start:]` to `names`; the offset after its STOP, or None."""
+    memo: dict[int, Any] = {}
+    pushed: list[Any] = []       # the values the opcodes pushed, enough to follow STACK_GLOBAL's two strings
+    view = io.BytesIO(stream)
+    view.seek(start)
+    try:
+        for op, arg, _pos in pickletools.genops(view):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                names.append(".".join(str(x) for x in pushed[-2:]))
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = pushed[-1] if pushed else None
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed.append(memo.get(arg))
+            elif op.name == "STOP":
+                return view.tell()
+            else:
+                pushed.append(arg)
+    except (ValueError, EOFError, IndexError, KeyError, UnicodeDecodeError):   # not (or no longer) a pickle
+        return None
+    return None
+
+
+def _torch_reason(err: BaseException) -> str:
+    """torch's own words for the failure, without its advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if not any(
+        word in line for word in ("weights_only", "Weights only load failed", "Please file an issue",
+                                  "Check the documentation", "trusted source"))]
+    return _first_line(useful[0] if useful else type(err).__name__)
 
 
 def _first_line(err: BaseException | str, limit: int = 160) -> str:

@@ -67,9 +67,9 @@ CASES = {
     "missing-key.pt": ({"state_dict": "W-", "dims": DIMS.to_dict()},
                        "weights do not match the model its 'dims' describe: 1 missing (first: tglu.ln_t.bias)"),
     "rejected-pickle.pt": ({"state_dict": "W", "dims": DIMS.to_dict(), "x": Foreign},
-                           (f"not a mel-ray checkpoint: it holds {Foreign.__module__}.Foreign, which "
-                           "torch.load(weights_only=True) refuses to load (only tensors, numbers, strings, lists "
-                           "and dicts are read; arbitrary pickles never are)")),
+                           (f"not a mel-ray checkpoint: it asks to run code when loaded ({Foreign.__module__}."
+                            "Foreign): refused (model files are read as weights only: tensors, numbers, strings, "
+                            "lists and dicts; a pickle never runs)")),
     "nan-weights.pt": ({"state_dict": "NaN", "dims": DIMS.to_dict()},
                        ("weights are not finite: 1 of 66 tensors hold NaN or inf (first: cmfu.w_g.weight); the model "
                        "cannot be evaluated or used")),
@@ -115,10 +115,11 @@ def test_truncated_and_pickled_files(tmp_path):
         truncated = tmp_path / f"cut{cut}.pt"
         truncated.write_bytes(data[:cut])
         with pytest.raises(DataError, match=r"^" + str(truncated) + r": not a mel-ray checkpoint: the file is damaged "
-                           r"or truncated \(.+\)$"):
+                           r"or truncated \(.+\)$") as info:
             load_checkpoint(str(truncated))
+        assert "weights_only" not in str(info.value)     # torch's advice to load it unsafely is not repeated
     plain = tmp_path / "plain.pt"          # pickle.dumps of a dict of tensors: not what torch.save writes
-    plain.write_bytes(pickle.dumps({"state_dict": collections.OrderedDict(), "x": Foreign()}))
+    plain.write_bytes(pickle.dumps({"state_dict": collections.OrderedDict([("w", 1)])}, protocol=4))
     with pytest.raises(DataError, match="not a mel-ray checkpoint: not a file torch.save wrote"):
         load_checkpoint(str(plain))
     assert sorted(load_checkpoint(str(good))) == ["config", "dims", "model"]
@@ -127,6 +128,48 @@ def test_truncated_and_pickled_files(tmp_path):
     folder.mkdir()
     torch.save(state, folder / "state.pt")
     assert load_checkpoint(str(folder))["config"] is None
+
+
+class _RunsAShell:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+class _CallsEval:
+    def __reduce__(self):
+        return eval, ("__import__('os').getpid()",)
+
+
+@pytest.mark.parametrize("writer", ["torch-zip", "torch-legacy", "pickle-0", "pickle-2", "pickle-4", "pickle-5"])
+@pytest.mark.parametrize("payload", ["os.system", "eval"])
+def test_a_pickle_that_asks_to_run_code_is_refused_as_such(tmp_path, writer, payload):
+    """Whatever torch says (its wording varies by pickle protocol, and it advises weights_only=False), the user is
+    told what the file is: it asks to run code, and it was refused. Nothing runs."""
+    import io
+
+    marker = tmp_path / "PWNED"
+    evil = _RunsAShell(marker) if payload == "os.system" else _CallsEval()
+    content = {"state_dict": {"w": torch.zeros(2)}, "dims": DIMS.to_dict(), "x": evil}
+    buffer = io.BytesIO()
+    if writer.startswith("torch"):
+        torch.save(content, buffer, _use_new_zipfile_serialization=writer == "torch-zip")
+    else:
+        buffer.write(pickle.dumps(content, protocol=int(writer.split("-")[1])))
+    path = tmp_path / "model.pt"
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(DataError) as info:
+        load_checkpoint(str(path))
+    line = str(info.value)
+    called = "posix.system" if payload == "os.system" else "eval"
+    assert re.fullmatch(rf"{re.escape(str(path))}: not a mel-ray checkpoint: it asks to run code when loaded "
+                        rf"\((__builtin__\.|builtins\.)?{re.escape(called)}\): refused \(model files are read as "
+                        r"weights only: tensors, numbers, strings, lists and dicts; a pickle never runs\)", line), line
+    assert "weights_only" not in line and "damaged" not in line
+    assert not marker.exists()
 
 
 def _cli(tmp_path: Path, capsys, *args: str) -> tuple[int, list[str]]:
