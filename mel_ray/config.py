@@ -365,7 +365,7 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_y
 def load_yaml(text: str) -> Any:
     """`text` as YAML with _StrictLoader's refusals; RecursionError (thousands of nested brackets) is a YAMLError."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
 

@@ -103,8 +103,8 @@ def test_yaml_that_would_be_read_wrongly_or_crash_is_refused(tmp_path, text, lin
 
 
 @pytest.mark.parametrize("item, message", [
-    ("train={lr: 1, lr: 2}", "--set train: value '{lr: 1, lr: 2}' is not valid YAML (duplicate key 'lr' (first at "
-                             "line 1))"),
+    ("train={lr: 1, lr: 2}", ("--set train: value '{lr: 1, lr: 2}' is not valid YAML (duplicate key 'lr' (first "
+                              "at line 1))")),
     (f"train.epochs={BIG}", "is not valid YAML (an integer of more than 4300 digits)"),
     ("train.lr=" + "[" * 5000 + "]" * 5000, "is not valid YAML (nested too deeply)"),
 ])
