@@ -222,3 +222,29 @@ def test_link_candidates_are_the_candidate_scoring_path(setup, tmp_path, capsys)
     for i, mention_id in enumerate(s["mentions"]["mention_id"]):
         assert [r["entity_id"] for r in links[mention_id]] == kernel["top_ids"][i].tolist(), mention_id
         np.testing.assert_allclose([r["score"] for r in links[mention_id]], kernel["top_scores"][i], atol=1e-4)
+
+
+def test_read_only_arrays_from_ray_become_tensors_without_a_warning():
+    """ray.get and Ray Data hand out read-only arrays; torch.from_numpy on one prints a raw UserWarning (once per
+    process: hence a fresh interpreter with warnings as errors)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import numpy as np
+        from mel_ray.eval.candidates import _link_batch_tensors, writable_tensor
+        from mel_ray.link import FLOAT_COLUMNS
+        def frozen(a):
+            a.flags.writeable = False
+            return a
+        t = writable_tensor(frozen(np.arange(6, dtype=np.int64)))
+        t[0] = 7                                  # a copy: the read-only original is untouched
+        batch = {k: frozen(np.zeros((2, 3), dtype=np.float32)) for k in FLOAT_COLUMNS}
+        batch.update(text_mask=frozen(np.ones((2, 3), dtype=bool)), n_views=frozen(np.zeros(2, dtype=np.int64)))
+        out = _link_batch_tensors(batch)
+        print(int(t[0]), sorted(out) == sorted([*FLOAT_COLUMNS, "text_mask", "n_views"]))
+    """)
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode, r.stdout.strip()) == (0, "7 True"), r.stderr[-2000:]

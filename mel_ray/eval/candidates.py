@@ -35,6 +35,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -353,7 +354,7 @@ def evaluate_candidates(dataset_uri: str, features_uri: str, checkpoint_uri: str
         batch_ref = ray.put(batch)
         parts = ray.get([s.first_stage.remote(batch_ref, candidates) for s in shards])
         bad = np.logical_or.reduce([p["nonfinite"] for p in parts])
-        first_ids, first_scores = merge_candidates([(torch.as_tensor(p["ids"]), torch.as_tensor(p["scores"]))
+        first_ids, first_scores = merge_candidates([(writable_tensor(p["ids"]), writable_tensor(p["scores"]))
                                                     for p in parts], candidates)
         first_ids, first_scores = first_ids.numpy(), first_scores.numpy()
         # the rerank: the batch's mentions split evenly over the shards
@@ -421,7 +422,13 @@ def _link_batch_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]
     """A link batch (MentionEncoder's columns) as the model's mention tensors (as link.KBScorer reads them)."""
     from mel_ray.link import FLOAT_COLUMNS
 
-    mentions = {k: torch.from_numpy(np.asarray(batch[k], dtype=np.float32)) for k in FLOAT_COLUMNS}
-    mentions["text_mask"] = torch.from_numpy(np.asarray(batch["text_mask"], dtype=bool))
-    mentions["n_views"] = torch.from_numpy(np.asarray(batch["n_views"], dtype=np.int64))
+    mentions = {k: writable_tensor(batch[k], np.float32) for k in FLOAT_COLUMNS}
+    mentions["text_mask"] = writable_tensor(batch["text_mask"], bool)
+    mentions["n_views"] = writable_tensor(batch["n_views"], np.int64)
     return mentions
+
+
+def writable_tensor(array: np.ndarray, dtype: Any = None) -> torch.Tensor:
+    """A tensor of `array`, copied: arrays from ray.get and Ray Data batches are read-only views of the object
+    store, and torch.from_numpy on those prints a UserWarning (and would share memory torch may write to)."""
+    return torch.from_numpy(np.array(array, dtype=dtype))
