@@ -294,13 +294,37 @@ def read_negatives(dataset_uri: str, k: int) -> pa.Table:
     return storage.read_table(storage.join(dataset_uri, parquet))
 
 
+# Below this many entities the pool is mined in this process whatever the number of workers asked: Ray's start-up
+# (its actors, the index shipped through the object store) costs more than the mining. Measured on 2 cores
+# (docs/benchmarks.md, "JD-CCL negative mining", run 2): 10K entities 1.7 s in-process vs 10-14 s on Ray, 50K
+# 21 s vs 34-55 s, 110K about even.
+RAY_MIN_ENTITIES = 50_000
+
+
+def choose_engine(n_entities: int, num_workers: int | None) -> tuple[int, str]:
+    """(the Ray actors to mine with, 0 = in this process; a line saying which and why)."""
+    if num_workers == 0:
+        return 0, f"in-process ({n_entities:,} entities; --workers 0)"
+    if n_entities < RAY_MIN_ENTITIES:
+        return 0, (f"in-process: {n_entities:,} entities < {RAY_MIN_ENTITIES:,}, where Ray's start-up costs more "
+                   f"than it saves{f' (--workers {num_workers} not used)' if num_workers else ''}")
+    if num_workers is None:
+        _ensure_ray()
+        import ray
+
+        num_workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return num_workers, f"{num_workers} Ray actors (one per CPU of the cluster) for {n_entities:,} entities"
+    return num_workers, f"{num_workers} Ray actors for {n_entities:,} entities"
+
+
 def mine_negatives(dataset_uri: str, k: int = 16, seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
                    num_workers: int | None = None, force: bool = False,
                    frequent_bits: int | None = None) -> dict[str, Any]:
     """Mine the dataset's hard-negative pool; returns the manifest written last.
 
     num_workers: None = one Ray actor per CPU of the Ray cluster (Ray is initialised if needed; set
-    RAY_ADDRESS to use a cluster); 0 = in this process without Ray; n >= 1 = n actors.
+    RAY_ADDRESS to use a cluster); 0 = in this process without Ray; n >= 1 = n actors. Below RAY_MIN_ENTITIES
+    entities the pool is mined in this process whatever num_workers says (manifest: algorithm.engine says why).
     A complete output for the same (entities file, k, seed, algorithm version) is kept as it is unless
     `force`; a recomputation writes byte-identical Parquet.
     """
@@ -338,11 +362,8 @@ def mine_negatives(dataset_uri: str, k: int = 16, seed: int = 0, block_size: int
     if not np.array_equal(ids, np.arange(n)):
         raise DataError(entities_uri, "entity_id must be dense 0..N-1 in row order", field="entity_id")
     _check_args(k, n, block_size, num_workers, dataset_uri)
-    if num_workers is None:
-        _ensure_ray()
-        import ray
-
-        num_workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    num_workers, engine = choose_engine(n, num_workers)
+    log.info("negatives: %s", engine)
     t_read = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -378,6 +399,7 @@ def mine_negatives(dataset_uri: str, k: int = 16, seed: int = 0, block_size: int
             "name": "exact-jaccard-topk",
             "block_size": block_size,
             "num_workers": p["num_workers"],
+            "engine": engine,
             "n_blocks": p["n_blocks"],
             "frequent_bits": p["frequent_bits"],
             "n_groups": p["n_groups"],

@@ -214,7 +214,8 @@ def mine(cfg: Config, dataset: str, *, num_workers: int | None = None, force: bo
                               force=force)
     counts = {k: manifest[k] for k in ("n_entities", "n_without_attributes", "n_short") if k in manifest}
     ran = not manifest.get("skipped")
-    note = f"{'mined' if ran else 'already mined'} top-{n.k}: {counts}"
+    engine = manifest.get("algorithm", {}).get("engine")
+    note = f"{'mined' if ran else 'already mined'} top-{n.k}: {counts}{f' ({engine})' if ran and engine else ''}"
     return Outcome(manifest, ran, note, {"output": manifest.get("output"), **counts})
 
 
@@ -277,16 +278,30 @@ def features_stage(cfg: Config, root: str | os.PathLike = ".", synthetic: str | 
 # ------------------------------------------------------------------------------------------ train, evaluate
 
 
-def run_name(cfg: Config, dataset: str, features: str, base: str = "pipeline", negatives: str | None = None) -> str:
+def run_name(cfg: Config, dataset: str, features: str, base: str = "pipeline", negatives: str | None = None,
+             tracking_target: str | None = None) -> str:
     """Ray Train run (and MLflow run) name: the same settings and inputs give the same name, so a resubmitted
     job finds its checkpoints and its marker; other settings never restore a run trained with different ones.
-    negatives: an explicit negatives/k{K}.parquet URI (default: the one negatives.k names; not in the key)."""
+    negatives: an explicit negatives/k{K}.parquet URI (default: the one negatives.k names; not in the key).
+    tracking_target: where the run is tracked (tracking_target()): a run finished in one MLflow store is not
+    "already trained" for another, whose users would never see it."""
     inputs = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
               "negatives": cfg.negatives.model_dump(mode="json"), "dataset": dataset, "features": features,
               "experiment": cfg.tracking.experiment}
+    if tracking_target:
+        inputs["tracking"] = tracking_target
     if negatives:
         inputs["negatives_uri"] = negatives
     return f"{base}-{settings_key(inputs, length=10)}"
+
+
+def tracking_target(cfg: Config, root: str | os.PathLike) -> tuple[str, str]:
+    """(the tracking URI to connect to, the same without credentials): the second names the store in run names
+    and markers, so a new password is the same store and nothing secret is written beside the checkpoints."""
+    from mel_ray import tracking
+
+    uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, str(Path(root).absolute()))
+    return uri, redact.strip_userinfo(uri)
 
 
 def run_folder(cfg: Config, name: str) -> str:
@@ -315,16 +330,18 @@ def train_model(cfg: Config, dataset: str, features: str | None, root: str | os.
     synthetic = finetune_views(cfg, dataset) if finetuning(cfg) else None
     if finetuning(cfg):
         features = f"pixels+views:{synthetic}"      # the run's name follows what it reads
-    name = run_name(cfg, dataset, features, base, negatives)
+    live_uri, store = tracking_target(cfg, root)
+    name = run_name(cfg, dataset, features, base, negatives, store)
     marker = storage.join(run_folder(cfg, name), TRAIN_MARKER)
     if storage.exists(marker):
-        result = storage.read_json_object(marker)
-        return Outcome(result, False, f"already trained: MLflow run {result['run_id']}", _train_info(result, name))
+        result = {**storage.read_json_object(marker), "tracking_uri": live_uri}
+        return Outcome(result, False, f"already trained: MLflow run {result['run_id']} at {redact.uri(store)}",
+                       _train_info(result, name))
     result = train(cfg, dataset, features_uri=None if finetuning(cfg) else features, negatives_uri=negatives,
                    storage_path=cfg.tracking.storage, run_name=name, tracking_dir=str(Path(root).absolute()),
                    synthetic_key=synthetic)
     kept = {k: result[k] for k in ("run_id", "tracking_uri", "best", "checkpoint", "features_uri", "negatives_uri")}
-    storage.write_json(marker, json.loads(json.dumps(kept, default=float)))
+    storage.write_json(marker, json.loads(json.dumps({**kept, "tracking_uri": store}, default=float)))
     best = result["best"]
     note = (f"best dev MRR {best.get('dev_MRR', float('nan')):.4f} (epoch {best['epoch']}), "
             f"MLflow run {result['run_id']}")
@@ -402,17 +419,20 @@ def evaluate_stage(cfg: Config, root: str | os.PathLike = ".", features: str | N
 
     cfg = resolve_paths(cfg, root)
     require_dataset(cfg.data.dataset)
+    live_uri, store = tracking_target(cfg, root)
     if finetuning(cfg):             # named as train_model names it; the features come from the training's marker
-        name = run_name(cfg, cfg.data.dataset, f"pixels+views:{finetune_views(cfg, cfg.data.dataset)}", base)
+        name = run_name(cfg, cfg.data.dataset, f"pixels+views:{finetune_views(cfg, cfg.data.dataset)}", base,
+                        tracking_target=store)
     else:
         features = under(root, features) if features else _find_features(cfg)
         require_features(features, cfg.data.dataset)
-        name = run_name(cfg, cfg.data.dataset, features, base)
+        name = run_name(cfg, cfg.data.dataset, features, base, tracking_target=store)
     if trained is None:
         marker = storage.join(run_folder(cfg, name), TRAIN_MARKER)
         if not storage.exists(marker):
-            raise UsageError(f"{marker}: no finished training for this config; run the train job first")
-        trained = storage.read_json_object(marker)
+            raise UsageError(f"{marker}: no finished training for this config with tracking at "
+                             f"{redact.uri(store)}; run the train job first")
+        trained = {**storage.read_json_object(marker), "tracking_uri": live_uri}
     return _timed("evaluate", evaluate_model, cfg, cfg.data.dataset, features, trained, name, split)
 
 

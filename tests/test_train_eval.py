@@ -133,3 +133,33 @@ def test_killed_worker_resumes_from_the_last_checkpoint(prepared, trained):
     assert history[0]["restarts"] == 0 and history[1]["restarts"] == 1   # epoch 2 ran after a restart
     uninterrupted = trained[2]["history"][-1]["dev_MRR"]
     assert abs(history[-1]["dev_MRR"] - uninterrupted) < 0.15
+
+
+def test_a_finished_run_is_trained_again_for_another_tracking_store_only(prepared, mlflow_server, tmp_path):
+    """The skip considers where tracking goes: a run finished in one MLflow store is not 'already trained' for
+    another (whose users would never see it); the same store with other credentials is the same store, and the
+    marker beside the checkpoints never holds the credentials."""
+    from mlflow.tracking import MlflowClient
+
+    from mel_ray import pipeline
+
+    root, features = prepared
+    dataset = str(root / "ds")
+    one_epoch = [*TRAIN, "train.epochs=1", f"tracking.storage={tmp_path / 'runs'}"]
+    local = load_config(None, one_epoch)                    # the session's sqlite store (MLFLOW_TRACKING_URI)
+    first = pipeline.train_model(pipeline.resolve_paths(local, tmp_path), dataset, features, tmp_path)
+    again = pipeline.train_model(pipeline.resolve_paths(local, tmp_path), dataset, features, tmp_path)
+    assert first.ran and not again.ran and again.value["run_id"] == first.value["run_id"]
+    assert again.note == f"already trained: MLflow run {first.value['run_id']} at {os.environ['MLFLOW_TRACKING_URI']}"
+
+    server = load_config(None, [*one_epoch, "tracking.mlflow_uri=" + mlflow_server.replace("//", "//alice:S3CRET@")])
+    moved = pipeline.train_model(pipeline.resolve_paths(server, tmp_path), dataset, features, tmp_path)
+    assert moved.ran and moved.value["run_id"] != first.value["run_id"]
+    assert MlflowClient(mlflow_server).get_run(moved.value["run_id"]).info.status == "FINISHED"
+    markers = list((tmp_path / "runs").rglob(pipeline.TRAIN_MARKER))
+    assert len(markers) == 2 and not any("S3CRET" in m.read_text() for m in markers)
+
+    new_password = load_config(None, [*one_epoch, "tracking.mlflow_uri=" + mlflow_server.replace("//", "//bob:x@")])
+    same_store = pipeline.train_model(pipeline.resolve_paths(new_password, tmp_path), dataset, features, tmp_path)
+    assert not same_store.ran and same_store.value["run_id"] == moved.value["run_id"]
+    assert same_store.value["tracking_uri"] == mlflow_server.replace("//", "//bob:x@")   # the live URI, to log to

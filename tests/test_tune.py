@@ -117,3 +117,11 @@ def test_killed_sweep_resumes_and_logs_parent_and_children(prepared, ray_local):
     again = run_sweep(load_config(None, sweep), ds, features_uri=features, storage_path=str(runs))
     assert again["skipped"] and again["parent_run_id"] == result["parent_run_id"]
     assert len(_children(client, "tune-test", result["parent_run_id"])) == 2
+    # ... but not "skipped" for another tracking store, whose users would see no run: it says why and what to do
+    other = f"sqlite:///{root / 'other.db'}"
+    with pytest.raises(UsageError) as err:
+        run_sweep(load_config(None, [*sweep, f"tracking.mlflow_uri={other}"]), ds, features_uri=features,
+                  storage_path=str(runs))
+    assert str(err.value) == (f"sweep 't' already finished with MLflow tracking at sqlite:///{mlflow_dir / 'mlflow.db'}"
+                              f", and tracking now goes to {other}: to run it again there, set another tune.name or "
+                              f"remove {runs / 't'}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mel_ray import console, storage
+from mel_ray import console, redact, storage
 from mel_ray.config import Config
 from mel_ray.errors import DataError, UsageError, unwrap
 
@@ -160,7 +160,7 @@ def _parent_run(cfg: Config, tracking_uri: str, experiment_path: str) -> str:
     from mel_ray import tracking
 
     state = _sweep_state(experiment_path)
-    if state.get("parent_run_id") and state.get("tracking_uri") == tracking_uri:
+    if state.get("parent_run_id") and state.get("tracking_uri") == redact.strip_userinfo(tracking_uri):
         return state["parent_run_id"]
     client = MlflowClient(tracking_uri)
     experiment_id = tracking.ensure_experiment(cfg.tracking.experiment, tracking_uri)
@@ -168,8 +168,8 @@ def _parent_run(cfg: Config, tracking_uri: str, experiment_path: str) -> str:
     params = [Param(k, v) for k, v in tracking.safe_params(cfg).items()]
     for i in range(0, len(params), 100):               # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=params[i:i + 100])
-    storage.write_json(storage.join(experiment_path, SWEEP_STATE),
-                       {"parent_run_id": run_id, "tracking_uri": tracking_uri})
+    storage.write_json(storage.join(experiment_path, SWEEP_STATE),     # never the credentials: beside the results
+                       {"parent_run_id": run_id, "tracking_uri": redact.strip_userinfo(tracking_uri)})
     return run_id
 
 
@@ -272,11 +272,18 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, tracking_dir)
     init_ray()
     state = _sweep_state(experiment_path)
-    if state.get("done") and state.get("tracking_uri") == uri:
+    store = redact.strip_userinfo(uri)
+    if state.get("done") and state.get("tracking_uri") == store:
         print(state["table"])
         if len(cfg.tune.seeds) > 1:
             print(state.get("arms_table", ""))
-        return {**state, "skipped": True, "experiment_path": experiment_path}
+        return {**state, "tracking_uri": uri, "skipped": True, "experiment_path": experiment_path}
+    if state.get("done"):
+        # its trials' runs live in the other store; restoring the finished Tune experiment would not log them here
+        raise UsageError(redact.text(
+            f"sweep '{cfg.tune.name}' already finished with MLflow tracking at {state.get('tracking_uri')}, and "
+            f"tracking now goes to {store}: to run it again there, set another tune.name or remove "
+            f"{experiment_path}"))
     _check_resources(cfg)
     parent = _parent_run(cfg, uri, experiment_path)
 
@@ -354,7 +361,7 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
                "arms_table": arms_md, "best": best}
     if not failed:      # a finished sweep is not run again (a failed one resumes its errored trials)
         storage.write_json(storage.join(experiment_path, SWEEP_STATE),
-                           _json_safe({**summary, "done": True}))
+                           _json_safe({**summary, "tracking_uri": store, "done": True}))
     return {**summary, "skipped": False, "experiment_path": experiment_path}
 
 
