@@ -7,7 +7,9 @@ eval, tune and link read features through.
 * `EntityStore`: all entity features of a set, memory-mapped once per node. Entity rows are needed at random
   (gold entities and their hard negatives) on every training step and by every KB shard of an evaluation, so
   they are converted once per node into an uncompressed Arrow IPC file under $MEL_RAY_NODE_CACHE and
-  memory-mapped: every worker on the node shares the same page cache and nothing is shipped per batch;
+  memory-mapped: every worker on the node shares the same page cache and nothing is shipped per batch. The
+  entry records what it copies (each shard's size, times and sha256) and is checked on every use: a shard
+  rewritten since is copied again (`open_entity_cache`);
 * `mention_dataset` (Ray Data, streamed: training) and `mention_tensors` (a whole split in memory: evaluation),
   both with each mention's `gold` entity id joined from the dataset;
 * `load_pools`: the mined JD-CCL negatives per entity.
@@ -21,17 +23,20 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from mel_ray import storage
+from mel_ray import redact, storage
 from mel_ray.dataset import load_dataset
 from mel_ray.errors import DataError, UsageError
-from mel_ray.keys import settings_key
+from mel_ray.keys import settings_key, sha256_hex
 
 if TYPE_CHECKING:
     import torch
@@ -201,37 +206,143 @@ def arrow_to_tensors(table: pa.Table | pa.RecordBatch, shapes: dict) -> dict[str
     return out
 
 
+# ------------------------------------------------------------------------------------- the node cache
+
+CACHE_FILE = "entities.arrow"
+CACHE_RECORD = "entities.json"      # what the cached file copies; written after it, checked on every use
+CACHE_COLUMNS = ["entity_id", *TENSOR_COLUMNS, "has_image"]
+# A file's times can stay the same across two writes within one tick of a coarse clock (kernel jiffies, S3's whole
+# seconds; git's "racy clean" files): a stamp taken less than this after the file's last change proves nothing,
+# so that file is hashed instead until its stamp has settled.
+RACY_NS = 2 * 10**9
+
+
+def open_entity_cache(features_uri: str, manifest: dict, cache_root: Path) -> pa.Table:
+    """The entity features of a set, memory-mapped from CACHE_ROOT/<key>/entities.arrow: built once per node, and
+    rebuilt whenever it no longer copies what the set holds now (`_cache_is_current`), so a shard damaged or
+    rewritten after a first run is read again, never served from the old copy.
+
+    Check, rebuild and map happen under one lock: the node's other workers wait and reuse the entry, and none can
+    map an entry that another one (reading a copy of the set at another URI) replaces between check and map."""
+    key = manifest.get("key") or settings_key({"uri": features_uri})
+    folder = cache_root / key
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _cache_is_current(folder, features_uri, manifest):
+            _build_cache(folder, features_uri, manifest)
+        # the mapping keeps the file's bytes even when a later rebuild replaces the file
+        return pa.ipc.open_file(pa.memory_map(str(folder / CACHE_FILE), "r")).read_all()
+
+
+def _stamp(uri: str) -> dict:
+    """What a rewrite of the file changes: size and mtime everywhere, and on a local disk also ctime and inode,
+    which no user can set back (mtime can be: touch -d, os.utime)."""
+    fs, path = storage.resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        st = os.stat(path)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(uri)
+    return {"size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def _settled(stamp: dict, taken_ns: int) -> bool:
+    return max(stamp["mtime_ns"], stamp.get("ctime_ns", 0)) < taken_ns - RACY_NS
+
+
+def _manifest_sha(manifest: dict) -> str:
+    return sha256_hex(json.dumps(manifest, sort_keys=True).encode())
+
+
+def _read_record(folder: Path) -> dict | None:
+    """The entry's record; None when there is none or it is not one this code wrote (an older cache, damage)."""
+    try:
+        record = json.loads((folder / CACHE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("cache"), dict) and isinstance(record.get("shards"), list) \
+        and all(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("stamp"), dict) and isinstance(e.get("taken_ns"), int) for e in record["shards"])
+    return record if ok else None
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    tmp = folder / f"{CACHE_RECORD}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, folder / CACHE_RECORD)
+
+
+def _cache_is_current(folder: Path, features_uri: str, manifest: dict) -> bool:
+    """The entry copies this set as it is now: same URI and manifest, its own file untouched since it was written,
+    and every shard unchanged since it was copied. A shard's stamp that matches and has settled is proof enough
+    (no byte read: a big KB is not re-read at every worker start); any other shard is hashed and compared with the
+    sha256 of the bytes that were copied: the same bytes (a file touched, restored, or written just before it was
+    cached) keep the entry and refresh the stamp, other bytes make it stale. A stale entry is rebuilt, not an
+    error: the set is what is true, and damage inside it is `mel-ray verify --deep`'s and the scores' check."""
+    record = _read_record(folder)
+    shards = manifest["tables"]["entities"]["shards"]
+    if record is None or record.get("features") != features_uri or record.get("manifest_sha256") != \
+            _manifest_sha(manifest) or [e["name"] for e in record["shards"]] != shards:
+        return False
+    try:
+        if _stamp(str(folder / CACHE_FILE)) != record["cache"]:
+            return False                # the cached file itself was written to or replaced since
+        refreshed = False
+        for entry in record["shards"]:
+            uri = storage.join(features_uri, entry["name"])
+            taken, now = time.time_ns(), _stamp(uri)
+            if now == entry["stamp"] and _settled(now, entry["taken_ns"]):
+                continue
+            if now["size"] != entry["stamp"].get("size") or sha256_hex(storage.read_bytes(uri)) != entry["sha256"]:
+                return False
+            entry["stamp"], entry["taken_ns"], refreshed = now, taken, True
+    except FileNotFoundError:
+        return False                    # rebuilding names what is missing
+    if refreshed:
+        _write_record(folder, record)
+    return True
+
+
+def _build_cache(folder: Path, features_uri: str, manifest: dict) -> None:
+    """Copy the entity shards into one Arrow IPC file, recording each shard's stamp (taken before it is read, so
+    a write during the read leaves a stamp that no longer matches) and the sha256 of the bytes copied."""
+    target, tmp = folder / CACHE_FILE, folder / f"{CACHE_FILE}.tmp-{os.getpid()}"
+    entries, writer = [], None
+    try:
+        for name in manifest["tables"]["entities"]["shards"]:
+            uri = storage.join(features_uri, name)
+            taken, stamp = time.time_ns(), _stamp(uri)
+            data = storage.read_bytes(uri)
+            try:
+                part = pq.read_table(pa.BufferReader(data), columns=CACHE_COLUMNS)
+            except pa.ArrowInvalid as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise DataError(redact.uri(uri), f"not a readable Parquet file: {reason}") from None
+            entries.append({"name": name, "sha256": sha256_hex(data), "stamp": stamp, "taken_ns": taken})
+            if writer is None:
+                writer = pa.ipc.new_file(str(tmp), part.schema)
+            writer.write_table(part)
+        if writer is None:
+            raise DataError(redact.uri(storage.join(features_uri, MANIFEST)), "tables.entities lists no shards")
+        writer.close()
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _write_record(folder, {"features": features_uri, "manifest_sha256": _manifest_sha(manifest),
+                           "shards": entries, "cache": _stamp(str(target))})
+
+
 class EntityStore:
-    """All entity features of a features folder, memory-mapped from a node-local Arrow file."""
+    """All entity features of a features folder, memory-mapped from a node-local Arrow file (`open_entity_cache`)."""
 
     def __init__(self, features_uri: str, cache_root: str = NODE_CACHE):
         self.manifest = read_manifest(features_uri)
         self.shapes = self.manifest["shapes"]
-        path = self._ensure_local(features_uri, Path(cache_root))
-        self.table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        self.table = open_entity_cache(features_uri, self.manifest, Path(cache_root))
         self.num_entities = self.table.num_rows
-
-    def _ensure_local(self, features_uri: str, cache_root: Path) -> Path:
-        key = self.manifest.get("key") or settings_key({"uri": features_uri})
-        target = cache_root / key / "entities.arrow"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.parent / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)        # one worker per node converts; the others wait and reuse
-            if not target.exists():
-                shards = self.manifest["tables"]["entities"]["shards"]
-                columns = ["entity_id", *TENSOR_COLUMNS, "has_image"]
-                tmp = target.with_suffix(f".tmp-{os.getpid()}")
-                writer = None
-                for shard in shards:
-                    part = storage.read_table(storage.join(features_uri, shard), columns=columns)
-                    if writer is None:
-                        writer = pa.ipc.new_file(str(tmp), part.schema)
-                    writer.write_table(part)
-                writer.close()
-                os.replace(tmp, target)
-        return target
 
     def gather(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
         """Rows for the given entity ids (entity_id == row number by the dataset contract)."""

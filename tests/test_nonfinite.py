@@ -197,6 +197,39 @@ def test_a_nan_dev_score_is_never_kept_as_best(prepared, tmp_path, capsys, monke
     assert state["best_mrr"] == -1.0 and state["nonfinite"] in lines[0]
 
 
+def _poison_entities(features: str) -> None:
+    """Every entity's text_global NaN, each shard rewritten in place (the node cache holds the clean copy)."""
+    from mel_ray.feature_store import read_manifest
+
+    for shard in read_manifest(features)["tables"]["entities"]["shards"]:
+        path = Path(features) / shard
+        table = pq.read_table(path)
+        col = table.column("text_global").combine_chunks()
+        nan = pa.array(np.full(len(col.values), np.nan, dtype=np.float16), type=col.type.value_type)
+        i = table.schema.get_field_index("text_global")
+        table = table.set_column(i, table.schema.field(i), pa.FixedSizeListArray.from_arrays(nan, col.type.list_size))
+        pq.write_table(table, path, compression="zstd")
+
+
+def test_evaluate_reads_rewritten_entity_shards_not_a_stale_node_cache(prepared, tmp_path, capsys):
+    """issue 22: evaluate once (the node caches the entity features), rewrite the entity shards with NaN
+    text_global, evaluate again: the non-finite scores are reported, not the clean metrics of the cached copy.
+    (Variants without Ray, on EntityStore: tests/test_feature_store.py.)"""
+    p = prepared
+    ds = str(tmp_path / "ds")
+    shutil.copytree(p["ds"], ds)
+    features = str(Path(ds) / Path(p["features"]).relative_to(p["ds"]))
+    model = p["models"]["good"]
+    base = ["evaluate", "--dataset", ds, "--features", features, "--checkpoint", model]
+    code, clean, lines = run_cli(tmp_path, capsys, *base)
+    assert (code, lines) == (0, []) and "H@1" in clean
+    _poison_entities(features)
+    code, stdout, lines = run_cli(tmp_path, capsys, *base)
+    assert (code, lines) == (2, [(f"error: {model}: split 'test': 18 of 18 mentions got non-finite scores (NaN or "
+                                  "inf) against the KB; no metrics reported")])
+    assert "H@1" not in stdout
+
+
 @pytest.mark.slow
 def test_a_diverging_tune_trial_is_failed_and_gives_no_number(prepared, tmp_path, capsys):
     """A sweep over lr 1e-3 / 1e30 x seeds 1, 2: the diverging trials are failed with their one line, their rows
