@@ -19,6 +19,8 @@ environment when imported):
   trigger one per actor (ray-project/ray#57733, a false alarm about its own constructor arguments; README).
 
 `--verbose` (MEL_RAY_VERBOSE=1 for jobs and subprocesses) keeps today's behaviour: everything on the terminal.
+
+Every handler `setup` creates redacts credentials (mel_ray.redact) in all it writes, tracebacks included.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from mel_ray import redact
 
 VERBOSE = "MEL_RAY_VERBOSE"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -72,6 +76,21 @@ class _TerminalFilter(logging.Filter):
                                                    and record.name.split(".")[0] == "mel_ray")
 
 
+class _RedactingFormatter(logging.Formatter):
+    """The whole written line redacted (mel_ray.redact): the message, and also the traceback and stack that a
+    filter on the record's message never sees (Ray logs a failed actor's traceback, URIs and all)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact.text(super().format(record))
+
+
+def _redacting(handler: logging.Handler, fmt: str) -> logging.Handler:
+    """Every handler this module creates redacts what it writes, whoever set it up (the CLI, a job, a test)."""
+    handler.setFormatter(_RedactingFormatter(fmt))
+    handler.addFilter(redact.RedactingFilter())       # the record too, for handlers after this one
+    return handler
+
+
 class _TorchvisionFallbackFilter(logging.Filter):
     """transformers 5 names its torchvision backend `CLIPImageProcessor` and, without torchvision (which mel-ray
     does not install), falls back to the PIL backend with a warning. The PIL backend is the one the features
@@ -112,18 +131,15 @@ def setup(path: str | os.PathLike | None, *, verbose: bool = False) -> Path | No
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     if verbose or path is None:
-        terminal = _Stderr()
-        terminal.setFormatter(logging.Formatter(FORMAT))
+        terminal = _redacting(_Stderr(), FORMAT)
         _state["handlers"] = [terminal]
         root.addHandler(terminal)
         return None
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    file = logging.FileHandler(path, encoding="utf-8")
+    file = _redacting(logging.FileHandler(path, encoding="utf-8"), FORMAT)
     file.setLevel(logging.INFO)           # Ray Data's logger passes DEBUG (its scheduler's state, every loop)
-    file.setFormatter(logging.Formatter(FORMAT))
-    terminal = _Stderr()
-    terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    terminal = _redacting(_Stderr(), "%(levelname)s %(name)s: %(message)s")
     terminal.addFilter(_TerminalFilter())
     _state.update(file=file, handlers=[file, terminal])
     root.addHandler(file)

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mel_ray import console
+from mel_ray import console, redact
 from mel_ray.cli import run_guarded
 from mel_ray.config import Config, load_config
 
@@ -64,4 +64,5 @@ def run_job(stage: Callable[[Config], Any], doc: str | None, argv: list[str] | N
         report(stage(cfg))
         return 0
 
-    return run_guarded(main, argv if argv is not None else sys.argv[1:])
+    with redact.redacted_output():   # as mel-ray's CLI: no credential in anything the job prints, --verbose too
+        return run_guarded(main, argv if argv is not None else sys.argv[1:])

@@ -17,8 +17,11 @@ inputs is skipped; an interrupted one draws only the views that are missing.
 
 Mentions are prepared and encoded by the features stage's own functions (`prepare_unit`, `Encoder`), one
 mention per unit (one CLIP forward per mention, so its features do not depend on batching) and with its
-failure policy: an image that is missing or undecodable is counted and the mention is linked with a blank
-image (has_image false), never replaced by noise; a view that cannot be read is left out and counted.
+failure policy: an image that is missing (or a folder) or undecodable is counted and the mention is linked with a
+blank image (has_image false), never replaced by noise; a view that cannot be read is left out and counted. Image
+URIs are checked on the driver before any work: one the storage layer cannot read (a scheme other than a local
+path, file:// or s3://, credentials inside the URI) is one line naming the file and record, without the
+credentials.
 Scorers rank whole mention batches against the KB in entity chunks with the evaluation's kernel
 (mel_ray.scoring.rank_counts): memory is bounded by batch x chunk, never mentions x KB; the entity side is
 recomputed per mention batch (use large `batch_size` for large KBs). Mentions whose scores are NaN or inf are
@@ -84,6 +87,7 @@ def read_mentions(path: str) -> pa.Table:
                             field="image")
         if image:
             valid_unicode(image, path, record, "image")
+            _check_image_uri(image, path, record)
         if image and "://" not in image and not Path(image).is_absolute():
             image = storage.join(base, image)
         mention_id = row.get("mention_id")
@@ -99,6 +103,39 @@ def read_mentions(path: str) -> pa.Table:
     if not records:
         raise DataError(path, "no mentions")
     return pa.table(out, schema=pa.schema([(k, pa.string()) for k in out]))
+
+
+def _check_image_uri(image: str, path: str, record: str) -> None:
+    """An image URI the actors could not read (a scheme storage does not read, credentials inside the URI) is
+    refused here, on the driver, before any view is drawn; storage's message shows it without its credentials."""
+    try:
+        storage.check_uri(image)
+    except storage.URIError as err:
+        raise DataError(path, str(err), record=record, field="image") from None
+
+
+def _folder_images(mentions: pa.Table) -> set[str]:
+    """The image URIs of `mentions` that name a folder. A folder is a missing image (docs/data-contract.md), but
+    storage cannot tell so when the encoder reads it (it fails its actor), hence one look per image here, on the
+    driver, before any work; threads, as on S3 each look is a request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uris = sorted({uri for uri in mentions.column("image").to_pylist() if uri})
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return {uri for uri, is_dir in zip(uris, pool.map(storage.is_dir, uris)) if is_dir}
+
+
+def _without_folder_images(mentions: pa.Table, folders: set[str]) -> tuple[pa.Table, int]:
+    """`mentions` with the folder images nulled (the encoder then gives them its blank image), and how many
+    mentions that concerns: the driver moves them from the report's no_image to missing."""
+    images = mentions.column("image").to_pylist()
+    n = sum(1 for uri in images if uri in folders)
+    if not n:
+        return mentions, 0
+    log.warning("link: %d mention image(s) are folders, not files: counted as missing, linked without an image "
+                "(e.g. %s)", n, min(folders))
+    column = pa.array([None if uri in folders else uri for uri in images], pa.string())
+    return mentions.set_column(mentions.schema.get_field_index("image"), "image", column), n
 
 
 def _excerpt(value: Any, limit: int = 60) -> str:
@@ -276,6 +313,7 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     state = load_linker(model, config, tracking_uri)
     cfg = state["config"]
     mentions = read_mentions(mentions_path)
+    encoded, folders = _without_folder_images(mentions, _folder_images(mentions))
     require_dataset(kb)                          # the KB's manifest, footers, schemas, counts: one line, exit 2
     if candidates is not None:                   # retrieve, then rerank: a count the KB can give, >= top_k
         from mel_ray.eval.candidates import check_link_candidates
@@ -321,7 +359,7 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     # half a CPU per actor on CPU: the encoder and scorer pools then leave a whole CPU for Ray Data's own tasks
     # even on a 2-CPU machine (they would otherwise wait for each other forever)
     actor_cpus = 1 if use_gpu else 0.5
-    blocks = [mentions.slice(a, batch_size) for a in range(0, mentions.num_rows, batch_size)]
+    blocks = [encoded.slice(a, batch_size) for a in range(0, encoded.num_rows, batch_size)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(MentionEncoder, batch_size=batch_size, concurrency=concurrency,
                         num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus,
@@ -353,6 +391,9 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     qids, names = entities.column("qid").to_pylist(), entities.column("name").to_pylist()
     out: dict[str, list] = {f.name: [] for f in LINKS_SCHEMA}
     stats = merge_stats([json.loads(row["stats"]) for row in results.values()])
+    if folders:                                        # sent as "no image" (see _without_folder_images)
+        stats["no_image"] = stats.get("no_image", 0) - folders
+        stats["missing"] = stats.get("missing", 0) + folders
     for m, mention, text in zip(mentions.column("mention_id").to_pylist(), mentions.column("mention").to_pylist(),
                                 mentions.column("text").to_pylist()):
         row = results[m]

@@ -22,6 +22,7 @@ import json
 import os
 import posixpath
 import re
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,10 @@ S3_MAX_ATTEMPTS = int(os.environ.get("MEL_RAY_S3_MAX_ATTEMPTS", "6"))
 
 class StorageError(OSError):
     """An object-store or filesystem operation failed after retries; names the URI, never credentials."""
+
+
+class NotAFileError(StorageError, IsADirectoryError):
+    """read_bytes of a folder (or S3 prefix): the data contract counts an image URI that names one as missing."""
 
 
 class URIError(UsageError, StorageError):
@@ -64,7 +69,8 @@ def check_uri(uri: str | os.PathLike) -> str:
         raise URIError(f"{shown!r}: malformed URI (holds a NUL byte)")
     if is_s3(uri):
         bucket = uri[len("s3://"):].split("/", 1)[0]
-        if "@" in bucket:
+        # a bucket name never holds ":" or "@": either one means "key:secret@" (the secret may hold "/")
+        if "@" in bucket or ":" in bucket:
             raise URIError(f"{shown}: malformed s3:// URI: credentials do not belong in the URI "
                            "(set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
         if not _BUCKET.match(bucket):
@@ -93,14 +99,13 @@ def _s3_settings() -> tuple:
     env = os.environ
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
     if endpoint:
-        endpoint = _USERINFO.sub(r"\1", endpoint)   # never sent or shown: S3 credentials are the AWS_* keys
+        endpoint = redact.strip_userinfo(endpoint)   # never sent or shown: S3 credentials are the AWS_* keys
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
     # credentials are part of the cache key only so that a change of identity is picked up
     return (endpoint, region, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"),
             env.get("AWS_SESSION_TOKEN"), env.get("AWS_PROFILE"))
 
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 _S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
 
 
@@ -179,11 +184,13 @@ def read_bytes(uri: str) -> bytes:
         raise
     except OSError as err:
         try:
-            missing = fs.get_file_info(path).type == pafs.FileType.NotFound
+            kind = fs.get_file_info(path).type
         except OSError:
-            missing = False
-        if missing:
+            kind = None
+        if kind == pafs.FileType.NotFound:
             raise FileNotFoundError(uri) from err
+        if kind == pafs.FileType.Directory:
+            raise NotAFileError(redact.text(f"{uri}: could not read: a folder, not a file")) from err
         raise _wrap(uri, "read", err) from err
 
 
@@ -232,6 +239,8 @@ def parse_json(data: bytes, uri: str) -> Any:
         raise DataError(uri, f"invalid JSON: line {err.lineno} column {err.colno}: {err.msg}") from None
     except RecursionError:
         raise DataError(uri, "invalid JSON: nested too deeply") from None
+    except ValueError:   # int() past sys.get_int_max_str_digits(): no field of ours holds such a number
+        raise DataError(uri, f"invalid JSON: an integer of more than {sys.get_int_max_str_digits()} digits") from None
 
 
 def read_json_object(uri: str, what: str = "") -> dict:
@@ -256,6 +265,8 @@ def write_table(uri: str, table: pa.Table, row_group_size: int | None = None) ->
 
 
 def read_table(uri: str, columns: list[str] | None = None, memory_map: bool = False) -> pa.Table:
+    """The Parquet file at `uri`; one that is truncated, not Parquet or lacks `columns` is a DataError naming it
+    (pyarrow says so with ArrowInvalid, a ValueError, which would otherwise reach the user as a traceback)."""
     fs, path = resolve(uri)
     try:
         if isinstance(fs, pafs.LocalFileSystem):
@@ -263,8 +274,20 @@ def read_table(uri: str, columns: list[str] | None = None, memory_map: bool = Fa
         return pq.read_table(path, columns=columns, filesystem=fs)
     except FileNotFoundError:
         raise
+    except pa.ArrowInvalid as err:
+        raise DataError(redact.uri(uri), f"not a readable Parquet file: {_arrow_reason(err)}") from None
     except OSError as err:
         raise _wrap(uri, "read Parquet", err) from err
+
+
+def _arrow_reason(err: Exception) -> str:
+    """pyarrow's message on one line, without its "Could not open Parquet input source '<path>': " prefix (the
+    error names the file already) and without the schema dump it appends to a missing column."""
+    reason = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(err)).strip()
+    missing = re.match(r"No match for FieldRef\.Name\((.*?)\)", reason)
+    if missing:
+        return f"no column {missing.group(1)!r}"
+    return reason.splitlines()[0] if reason else type(err).__name__
 
 
 def delete(uri: str, missing_ok: bool = True) -> None:

@@ -81,6 +81,35 @@ def test_verbose_keeps_everything_on_the_terminal(tmp_path, monkeypatch, capfd):
         console.reset()
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_every_handler_redacts_credentials_tracebacks_included(tmp_path, capfd, verbose):
+    """setup() alone (as jobs call it, without the CLI's install_log_filter): what the log file and the terminal
+    get has no credential, neither in a message, nor in a logged traceback (how Ray reports a failed actor), nor
+    from a library logger that tidy() routes to the file."""
+    secret, slashed = "S3cretLEAK42", "pa/ss5LEAK"          # a secret holding "/" (issue 22) too
+    uri, other = f"s3://AKIAKEY:{secret}@bucket/x.png", f"http://alice:{slashed}@127.0.0.1:9/x.png"
+    path = console.setup(tmp_path / "logs" / "link.log", verbose=verbose)
+    try:
+        # quiet: Ray Data's logger, which tidy() routes to the file; verbose: one that propagates to the terminal
+        # (Ray's own console handlers are left alone then; the CLI redacts the streams they write to)
+        own = logging.getLogger("some_library.data" if verbose else "ray.data")
+        propagate, own.propagate = own.propagate, verbose
+        console.tidy()
+        logging.getLogger("mel_ray.link").warning("image %s is a folder", uri)
+        try:
+            raise OSError(f"could not read {other}")
+        except OSError:
+            own.exception("an actor failed")                   # message clean, the traceback holds the URI
+            logging.getLogger("some_library").exception("failed")
+        written = capfd.readouterr().err + (path.read_text() if path else "")
+    finally:
+        console.reset()
+        own.propagate = propagate
+    assert "is a folder" in written and "an actor failed" in written and "could not read" in written
+    assert secret not in written and slashed not in written and "AKIAKEY" not in written
+    assert "[redacted]@bucket/x.png" in written and "[redacted]@127.0.0.1:9/x.png" in written
+
+
 def test_cli_and_jobs_pick_their_log_file(tmp_path):
     parser = cli.build_parser()
     args = parser.parse_args(["demo", "--output", str(tmp_path / "out")])

@@ -348,11 +348,13 @@ def test_corrupt_and_missing_images_are_counted_and_flagged(world, tmp_path):
     Path(ds.resolve_uri(bad_ent["image_uris"][0])).write_bytes(b"\x89PNG\r\n\x1a\n garbage, not an image")
     train = ds.mentions("train").to_pylist()
     with_img = [i for i, m in enumerate(train) if m["image_uri"]]
-    corrupt, gone = with_img[0], with_img[1]
-    shared = {ds.resolve_uri(train[corrupt]["image_uri"]), ds.resolve_uri(train[gone]["image_uri"])}
+    corrupt, gone, folder = with_img[0], with_img[1], with_img[2]
+    shared = {ds.resolve_uri(train[i]["image_uri"]) for i in (corrupt, gone, folder)}
     assert not {ds.resolve_uri(u) for e in ents for u in e["image_uris"]} & shared
     Path(ds.resolve_uri(train[corrupt]["image_uri"])).write_bytes(os.urandom(300))
     Path(ds.resolve_uri(train[gone]["image_uri"])).unlink()
+    Path(ds.resolve_uri(train[folder]["image_uri"])).unlink()
+    Path(ds.resolve_uri(train[folder]["image_uri"])).mkdir()      # a folder is no image: counted as missing
     # synthetic views: one undecodable (its manifest sha256 updated to match), one replaced by a valid
     # image whose bytes no longer match the manifest's sha256
     multi = [i for i, m in enumerate(train) if len(world.synthetic.get(m["mention_id"], [])) >= 2]
@@ -370,17 +372,17 @@ def test_corrupt_and_missing_images_are_counted_and_flagged(world, tmp_path):
     assert c["entities"]["undecodable"] == 1 and c["entities"]["examples"]["undecodable"] == \
         [ds.resolve_uri(bad_ent["image_uris"][0])]
     t = c["mentions/train"]
-    assert t["undecodable"] == 1 and t["missing"] == 1
-    assert t["examples"]["missing"] == [ds.resolve_uri(train[gone]["image_uri"])]
+    assert t["undecodable"] == 1 and t["missing"] == 2
+    assert t["examples"]["missing"] == [ds.resolve_uri(train[i]["image_uri"]) for i in sorted((gone, folder))]
     assert t["synthetic"]["undecodable"] == 1 and t["synthetic"]["mismatched"] == 1
     assert t["synthetic"]["used"] == t["synthetic"]["listed"] - 2
-    assert t["with_image"] == len(with_img) - 2
+    assert t["with_image"] == len(with_img) - 3
     ef = load_features(out["uri"], "entities", columns=["has_image"])
     assert not ef["has_image"][bad_ent["entity_id"]]
     assert ef["has_image"].sum() == sum(bool(e["image_uris"]) for e in ents) - 1
     mf = load_features(out["uri"], "mentions/train")
-    assert not mf["has_image"][corrupt] and not mf["has_image"][gone]
-    assert mf["has_image"].sum() == len(with_img) - 2
+    assert not mf["has_image"][corrupt] and not mf["has_image"][gone] and not mf["has_image"][folder]
+    assert mf["has_image"].sum() == len(with_img) - 3
     for row, view in ((multi[0], v_bad), (multi[1], v_swap)):
         views = [r["view"] for r in world.synthetic[train[row]["mention_id"]]]
         kept = [v for v in views if v != view["view"]]

@@ -301,3 +301,25 @@ def test_token_auth_is_enforced(ray_head):
     with pytest.raises(urllib.error.HTTPError) as err:   # no bearer token: refused
         urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)
     assert err.value.code in (401, 403)
+
+
+def test_job_output_is_redacted_with_verbose_too(tmp_path, capsys, monkeypatch):
+    """A job prints through the same redacting streams as mel-ray's CLI: a secret (with "/") in anything the
+    stage prints or logs never reaches the terminal, --verbose included."""
+    import logging
+
+    from mel_ray.jobs import run_job
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  name: x\n")
+
+    def secret_stage(cfg):
+        print("reading s3://AKIA:wJalr/K7MD/bPxKEY@bucket/ds")
+        logging.getLogger("ray.data").warning("retrying http://alice:pa/ss5LEAK@127.0.0.1:9/api")
+        return {"ok": True}
+
+    assert run_job(secret_stage, "A test job.", ["--config", str(config), "--verbose"]) == 0
+    out, err = capsys.readouterr()
+    assert "reading s3://[redacted]@bucket/ds" in out and "http://[redacted]@127.0.0.1:9/api" in err
+    assert not any(part in out + err for part in ("wJalr", "K7MD", "bPxKEY", "pa/ss", "ss5LEAK"))

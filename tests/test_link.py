@@ -6,6 +6,7 @@ mention_id, so the same seeds and views) must give the top-10 that exact full-KB
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -131,19 +132,24 @@ def test_parquet_input_missing_images_and_bad_fields(linked_setup):
     from mel_ray.link import link
 
     s = linked_setup
-    rows = [dict(r) for r in s["rows"][:4]]
+    rows = [dict(r) for r in s["rows"][:6]]
     corrupt = s["root"] / "corrupt.jpg"
     corrupt.write_bytes(b"not an image")
+    (s["root"] / "a-folder.jpg").mkdir()
     rows[0]["image"] = str(corrupt)
     rows[1]["image"] = str(s["root"] / "nowhere.jpg")
+    rows[2]["image"] = str(s["root"] / "a-folder.jpg")     # a folder is a missing image (docs/data-contract.md)
+    rows[3]["image"] = "a-folder.jpg/"                     # the same, relative to the mentions file
     path = s["root"] / "new.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     report = link(s["model"], s["ds"], str(path), str(s["root"] / "out-pq"), top_k=5, batch_size=3)
-    assert report["linked"] == 4
-    assert report["images"]["undecodable"] == 1 and report["images"]["missing"] == 1
+    assert report["linked"] == 6
+    assert report["images"]["undecodable"] == 1 and report["images"]["missing"] == 3
+    assert report["images"]["no_image"] == sum(r["image"] is None for r in rows)
     links = _links(s["root"] / "out-pq")
+    assert set(links) == {r["mention_id"] for r in rows}
     # untouched mentions link exactly as from JSONL (their views were drawn again, with the same seeds)
-    for r in rows[2:]:
+    for r in rows[4:]:
         assert [x["entity_id"] for x in links[r["mention_id"]]] == \
             s["predictions"][r["mention_id"]]["top_entity_ids"][:5]
 
@@ -155,3 +161,91 @@ def test_parquet_input_missing_images_and_bad_fields(linked_setup):
     with pytest.raises(DataError, match=r"field 'text'"):
         link(s["model"], s["ds"], str(bad), str(s["root"] / "out-bad"))
     assert not storage.exists(str(s["root"] / "out-bad" / "links.parquet"))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cli_link(s: dict, mentions: Path, output: Path, *extra: str) -> int:
+    return cli.main(["link", "--model", s["model"], "--kb", str(s["ds"]), "--mentions", str(mentions),
+                     "--output", str(output), *extra])
+
+
+def test_damaged_parquet_mentions_are_one_line(linked_setup, tmp_path, capsys):
+    """Truncated, empty or not Parquet at all: `error: FILE: not a readable Parquet file: ...`, exit 2."""
+    s = linked_setup
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist(s["rows"]), good)
+    data = good.read_bytes()
+    for name, content in (("truncated", data[:len(data) // 2]), ("cut-footer", data[:-3]), ("empty", b""),
+                          ("jsonl", s["jsonl"].read_bytes())):
+        path = tmp_path / f"{name}.parquet"
+        path.write_bytes(content)
+        assert _cli_link(s, path, tmp_path / "out", "--log-file", str(tmp_path / "link.log")) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: not a readable Parquet file: "), err
+    assert not (tmp_path / "out").exists()
+
+
+# image URIs the actors could not read: (image, what the one line says); none may show its credentials
+UNUSABLE_IMAGES = [
+    ("gs://bucket/x.png", "unsupported URI scheme 'gs'"),
+    ("https://example.org/x.png", "unsupported URI scheme 'https'"),
+    ("s3://AKIAKEY:S3cretLEAK42@bucket/x.png", "credentials do not belong in the URI"),
+    ("s3://AKIAKEY:wJalr/K7MDENG/LEAK42@bucket/x.png", "credentials do not belong in the URI"),   # "/" in it
+    ("http://alice:S3cretLEAK42@127.0.0.1:9/x.png", "unsupported URI scheme 'http'"),
+    ("http://alice:pa/ss5LEAK42@127.0.0.1:9/x.png", "unsupported URI scheme 'http'"),              # "/" in it
+    ("file://alice:S3cretLEAK42@host/x.png", "malformed file:// URI"),
+]
+
+
+def test_unusable_image_uris_are_one_line_before_any_work(linked_setup, tmp_path):
+    """Checked on the driver as the file is read: within a second, before Ray draws a view or writes a file."""
+    from mel_ray.link import link
+
+    s = linked_setup
+    for image, says in UNUSABLE_IMAGES:
+        rows = [dict(r) for r in s["rows"][:3]]
+        rows[1]["image"] = image
+        path = _write_jsonl(tmp_path / "mentions.jsonl", rows)
+        start = time.perf_counter()
+        with pytest.raises(DataError) as err:
+            link(s["model"], s["ds"], str(path), str(tmp_path / "out"))
+        assert time.perf_counter() - start < 1.0, image
+        line = str(err.value)
+        assert line.startswith(f"{path}: record line 2: field 'image': ") and says in line, line
+        for secret in ("LEAK42", "AKIAKEY", "alice"):
+            assert secret not in line, line
+    assert not (tmp_path / "out").exists()                 # no synthetic view drawn, nothing written
+
+
+def test_image_credentials_reach_neither_the_terminal_nor_the_log_file(linked_setup, tmp_path, capsys):
+    s = linked_setup
+    log_file = tmp_path / "logs" / "link.log"
+    for image in ("s3://AKIAKEY:S3cretLEAK42@bucket/x.png", "http://alice:pa/ss5LEAK42@127.0.0.1:9/x.png"):
+        path = _write_jsonl(tmp_path / "mentions.jsonl", [{**s["rows"][0], "image": image}])
+        assert _cli_link(s, path, tmp_path / "out", "--log-file", str(log_file)) == 2
+        out = capsys.readouterr()
+        assert f"error: {path}: record line 1: field 'image': " in out.err
+        written = out.out + out.err + log_file.read_text()
+        assert "LEAK42" not in written and "AKIAKEY" not in written and "alice" not in written
+
+
+@pytest.mark.parametrize("field", ["mention_id", "text", "image"])
+def test_integers_over_python_s_digit_limit_are_one_line(linked_setup, tmp_path, field):
+    """A 5000-digit number (Python refuses int <-> str conversions over 4300 digits) in any field: one line that
+    names the file and line, without the number."""
+    from mel_ray.link import link
+
+    s = linked_setup
+    row = {k: v for k, v in {"text": "A sentence about Paris.", "mention": "Paris"}.items() if k != field}
+    path = tmp_path / "mentions.jsonl"
+    path.write_text(json.dumps(row)[:-1] + f', "{field}": {"7" * 5000}}}\n')
+    with pytest.raises(DataError) as err:
+        link(s["model"], s["ds"], str(path), str(tmp_path / "out"))
+    line = str(err.value)
+    assert line.startswith(f"{path}: ") and "line 1" in line and "\n" not in line and len(line) < 400, line

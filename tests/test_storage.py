@@ -143,6 +143,27 @@ def test_list_files_hides_temp_files_of_killed_writers(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == ["a.bin"]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not_parquet", "missing_column"])
+def test_damaged_parquet_is_one_data_error_naming_the_file(tmp_path, damage):
+    """pyarrow reports these with ArrowInvalid (a ValueError, not an OSError): every reader of a table gets one
+    line naming the file, never a traceback."""
+    from mel_ray.errors import DataError
+
+    path = tmp_path / f"{damage}.parquet"
+    storage.write_table(str(path), pa.table({"text": ["a sentence"] * 50, "mention": ["x"] * 50}))
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "not_parquet": b'{"text": "json"}\n',
+                      "missing_column": data}[damage])
+    columns = ["image"] if damage == "missing_column" else None
+    with pytest.raises(DataError) as err:
+        storage.read_table(str(path), columns=columns)
+    line = str(err.value)
+    assert line.startswith(f"{path}: not a readable Parquet file: ") and "\n" not in line
+    assert line.count(str(path)) == 1                      # pyarrow's own copy of the path is dropped
+    if damage == "missing_column":
+        assert line.endswith("no column 'image'")
+
+
 def test_missing_bucket_is_a_clear_storage_error(s3_server, monkeypatch):
     secret = "Sup3rSecretKeyValue-do-not-print"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto accepts any credentials

@@ -145,7 +145,7 @@ def decode_image(uri: str, size: tuple[int, int], want_sha: str = "") -> tuple[A
 
     try:
         data = storage.read_bytes(uri)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):     # a folder is no image: missing, as the contract says
         return None, "missing"
     if want_sha and sha256_hex(data) != want_sha:
         return None, "mismatched"
