@@ -10,10 +10,13 @@ What is checked (every artefact the stages write under a dataset root, local or 
 * images the tables reference: a relative URI must stay inside the dataset root (no `..` escape) and the
   file must exist (one listing of the tree, no request per image); on a local disk, a referenced file that
   is a symlink must not resolve outside the root.
+* links (local disk): no file that resolves outside the root is read (tables, manifests, shards: one line,
+  "not read"); the listing does not follow folder links out of the root (one line each, "not followed") nor
+  links back up their own path, so it always ends.
 * `negatives/k{K}.parquet` + `k{K}.manifest.json`: both present, the manifest's `k` and `n_entities`, its
   `entities_sha256` against today's entities.parquet (a pool mined from an earlier dataset is stale), the
   pool's schema, one row per entity in order, neighbour ids inside the KB, never the entity itself, at most
-  K of them, as many scores as ids.
+  K of them, as many scores as ids, every score finite (no NaN / inf).
 * `synthetic/<key>/`: `settings.json` and `complete.json` (objects; `complete.json` absent = an unfinished
   run), `manifest.parquet`'s schema, `complete.json`'s image count against its rows, unique
   (mention_id, view), every listed image inside the root and present.
@@ -30,8 +33,9 @@ Three levels, one code path:
 * default (`verify(uri)`): everything above. The dataset tables and negatives pools are read whole (they are
   small: text and ids); of a feature shard only the footer and the id column are read.
 * deep (`verify(uri, deep=True)`, `mel-ray verify --deep`): also the sha256 of every synthetic view against
-  its manifest, every column of every feature shard decoded, and absolute image URIs (`--reference-images`
-  datasets) checked to exist. At WikiMEL scale this reads every byte of the tree (tens of GB of features).
+  its manifest, every column of every feature shard decoded and every float column checked for NaN / inf, and
+  absolute image URIs (`--reference-images` datasets) checked to exist. At WikiMEL scale this reads every byte
+  of the tree (tens of GB of features).
 
 Messages are `FILE: [row R: ][field 'F': ]what is wrong`; when many rows break one rule, the first one is
 named and the rest counted (`(and 41 more rows)`), so one rule gives one line per file.
@@ -45,10 +49,13 @@ import json
 import os
 import posixpath
 import re
+import sys
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -149,6 +156,22 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _nonfinite_rows(col: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
+    """Per row: does it hold a NaN or inf (any of its values, for a list or tensor column)? None: not a float
+    column or a list of floats. Nulls are no values here (check_nulls reports them)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_floating(arr.type):
+        values = arr.fill_null(0).to_numpy(zero_copy_only=False)
+        return ~np.isfinite(values)
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type)) \
+            or not pa.types.is_floating(arr.type.value_type):
+        return None
+    values = pc.list_flatten(arr).fill_null(0).to_numpy(zero_copy_only=False)
+    rows = np.zeros(len(arr), dtype=bool)
+    rows[pc.list_parent_indices(arr).to_numpy()[~np.isfinite(values)]] = True
+    return rows
+
+
 def uri_problem(uri: Any) -> str | None:
     """What is wrong with an image URI stored in a table (None: fine). Relative URIs are resolved against
     the dataset root and must stay inside it; absolute ones are local paths, file:// or s3://."""
@@ -171,6 +194,42 @@ def uri_problem(uri: Any) -> str | None:
         elif part not in ("", "."):
             depth += 1
     return None
+
+
+def _inside(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _local_files(base: str, real_root: str) -> tuple[set[str], list[tuple[str, str]]]:
+    """Files under the local folder `base` ("/"-separated, relative; `.tmp-*` left out) and the folder links
+    that point outside `real_root`, with their targets. A folder link inside the root is followed unless it
+    leads back to a folder already on its own path (a loop); a link out is not followed. So the walk ends,
+    and never reads the disk outside the root (a link to / made the walker of pyarrow walk it all)."""
+    files: set[str] = set()
+    links_out: list[tuple[str, str]] = []
+    stack: list[tuple[str, str, frozenset[str]]] = [("", real_root, frozenset())]
+    while stack:
+        rel, real, on_path = stack.pop()
+        on_path = on_path | {real}
+        try:
+            entries = list(os.scandir(os.path.join(base, *rel.split("/")) if rel else base))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:   # a link loop (ELOOP) or an unreadable link: neither a file nor a folder
+                continue
+            if is_dir:
+                target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                if not _inside(target, real_root):
+                    links_out.append((name, target))
+                elif target not in on_path:
+                    stack.append((name, target, on_path))
+            elif is_file and not entry.name.startswith(".tmp-"):
+                files.add(name)
+    return files, links_out
 
 
 class _Rule:
@@ -210,6 +269,9 @@ class _Checker:
         self.summary: dict[str, Any] = {}
         self.fs, self.base = storage.resolve(self.root)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        # what every file read must really (links resolved) lie inside; object stores have no links
+        self.real_root = os.path.realpath(self.base) if self.local else None
+        self.root_what = "the dataset root"
 
     # ------------------------------------------------------------------ plumbing
 
@@ -233,7 +295,12 @@ class _Checker:
 
     def listing(self) -> set[str]:
         if self.files is None:
-            self.files = set(storage.list_files(self.root))
+            if self.real_root is None:
+                self.files = set(storage.list_files(self.root))
+            else:
+                self.files, links_out = _local_files(self.base, self.real_root)
+                for rel, target in links_out:
+                    self.add(rel, f"a link to a folder outside {self.root_what} ({target!r}): not followed")
         return self.files
 
     def exists(self, rel: str) -> bool:
@@ -241,7 +308,23 @@ class _Checker:
             return rel in self.files
         return storage.exists(self.uri(rel))
 
+    def link_out(self, rel: str) -> str | None:
+        """Where the local file `rel` really is when a link takes it outside the root; None when inside (or S3)."""
+        if self.real_root is None:
+            return None
+        real = os.path.realpath(self.path(rel))
+        return None if _inside(real, self.real_root) else real
+
+    def refuse_link_out(self, rel: str) -> bool:
+        """True (and one problem line) when `rel` is a link out of the root: such a file is not read."""
+        target = self.link_out(rel)
+        if target is not None:
+            self.add(rel, f"a link to a file outside {self.root_what} ({target!r}): not read")
+        return target is not None
+
     def read_bytes(self, rel: str, what: str) -> bytes | None:
+        if self.refuse_link_out(rel):
+            return None
         try:
             data = storage.read_bytes(self.uri(rel))
         except FileNotFoundError:
@@ -274,6 +357,9 @@ class _Checker:
         except RecursionError:
             self.add(rel, "invalid JSON: nested too deeply")
             return None
+        except ValueError:   # int() past sys.get_int_max_str_digits()
+            self.add(rel, f"invalid JSON: an integer of more than {sys.get_int_max_str_digits()} digits")
+            return None
         if not isinstance(obj, dict):
             self.add(rel, f"expected a JSON object, got {_json_type(obj)}")
             return None
@@ -282,6 +368,8 @@ class _Checker:
     def open_parquet(self, rel: str, what: str, data: bytes | None = None) -> pq.ParquetFile | None:
         """The file's footer (data given: from those bytes; else random access, footer only)."""
         if data is None:
+            if self.refuse_link_out(rel):
+                return None
             try:
                 info = self.fs.get_file_info(self.path(rel))
             except OSError as err:
@@ -337,6 +425,14 @@ class _Checker:
             else:
                 good.append(f.name)
         return good
+
+    def check_finite(self, rel: str, table: pa.Table) -> None:
+        """NaN / inf in a float column (features, scores): one line per column with how many rows hold any."""
+        for name in table.column_names:
+            rows = _nonfinite_rows(table.column(name))
+            if rows is not None and rows.any():
+                self.add(rel, f"{int(rows.sum())} of {len(rows)} rows hold NaN or inf (first: row "
+                         f"{int(np.flatnonzero(rows)[0])})", field=name)
 
     def check_nulls(self, rel: str, table: pa.Table, expected: pa.Schema) -> None:
         for f in expected:
@@ -488,7 +584,6 @@ class _Checker:
     def image_uris(self, rel: str, field: str, rows: Iterable[tuple[int, Any]]) -> None:
         escape, missing, link = self.rule(rel, field), self.rule(rel, field), self.rule(rel, field)
         files = self.listing()
-        real_root = os.path.realpath(self.base) if self.local else None
         for i, uri in rows:
             bad = uri_problem(uri)
             if bad:
@@ -499,12 +594,12 @@ class _Checker:
                     missing.hit(i, f"image {uri!r} does not exist")
                 continue
             norm = posixpath.normpath(uri.replace("\\", "/"))
-            if norm not in files:
+            # before the listing: a file under a folder link out of the root is not listed (links out are
+            # not followed), and is a link out, not a missing image
+            if self.link_out(norm) is not None:
+                link.hit(i, f"image {uri!r} is a link to a file outside the dataset root")
+            elif norm not in files:
                 missing.hit(i, f"image {uri!r} does not exist")
-            elif real_root is not None:
-                real = os.path.realpath(self.path(norm))
-                if real != real_root and not real.startswith(real_root + os.sep):
-                    link.hit(i, f"image {uri!r} is a link to a file outside the dataset root")
         for r in (escape, missing, link):
             r.flush()
 
@@ -547,6 +642,7 @@ class _Checker:
         if table is None:
             return
         self.check_nulls(prel, table, OUTPUT_SCHEMA)
+        self.check_finite(prel, table)
         if "entity_id" in good:
             r = self.rule(prel, "entity_id")
             for i, eid in enumerate(table.column("entity_id").to_pylist()):
@@ -615,6 +711,7 @@ class _Checker:
         files = self.listing()
         escape, missing, badsha, mismatch = (self.rule(mrel, "uri"), self.rule(mrel, "uri"),
                                              self.rule(mrel, "sha256"), self.rule(mrel, "sha256"))
+        link = self.rule(mrel, "uri")
         for i, (uri, sha) in enumerate(zip(uris, shas)):
             if uri is None:
                 continue
@@ -625,6 +722,9 @@ class _Checker:
                 escape.hit(i, bad)
                 continue
             norm = posixpath.normpath(uri)
+            if self.link_out(norm) is not None:
+                link.hit(i, f"image {uri!r} is a link to a file outside the dataset root")
+                continue
             if norm not in files:
                 missing.hit(i, f"image {uri!r} does not exist")
                 continue
@@ -638,7 +738,7 @@ class _Checker:
                     continue
                 if got != sha:
                     mismatch.hit(i, f"image {uri!r} has sha256 {got[:12]}..., the manifest says {sha[:12]}...")
-        for r in (escape, missing, badsha, mismatch):
+        for r in (escape, missing, badsha, mismatch, link):
             r.flush()
 
     # ------------------------------------------------------------------ features
@@ -771,7 +871,10 @@ class _Checker:
             return rows
         cols = good if self.level == "deep" else [id_col]
         table = self.read_columns(rel, pf, cols)
-        if table is None or dataset_ids is None:
+        if table is None:
+            return rows
+        self.check_finite(rel, table)          # deep: every column is read
+        if dataset_ids is None:
             return rows
         r = self.rule(rel, id_col)
         for i, v in enumerate(table.column(id_col).to_pylist()):
@@ -871,6 +974,9 @@ def check_features_quick(features_uri: str, dataset_uri: str | None = None) -> l
     # the folder's own name is the key; paths are relative to its parent
     checker.root = parent
     checker.fs, checker.base = storage.resolve(parent)
+    if checker.real_root is not None:   # the folder named may be a link; its shards must stay inside it
+        checker.real_root = os.path.realpath(checker.path(key))
+        checker.root_what = "the features folder"
     mrel = f"{key}/{FEATURES_MANIFEST}"
     if not checker.exists(mrel):
         checker.add(mrel, "missing: not a features folder, or an extract-features run that did not finish")

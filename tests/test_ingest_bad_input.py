@@ -128,6 +128,11 @@ MIMIC_FATAL = [
      "WikiMEL_train.json #0 (id 10))")),
     ("fatal-even-in-nil-sample", set_in(f"{TRAIN}#2", "mentions", ["someone"]),
      "WikiMEL_train.json: record #2 (id 12): field 'mentions': expected a string, got list [\"someone\"]"),
+    # Python refuses to convert integers over 4300 digits (ValueError): a line, not a traceback
+    ("integer-over-4300-digits", replace("kb_entity.json", '[{"qid": "Q1",\n  "id": ' + "9" * 5000 + "}]"),
+     "kb_entity.json: invalid JSON at line 2 column 9: an integer with more than 4300 digits"),
+    ("negative-integer-over-4300-digits", replace(TRAIN, '[{"id": -' + "1" * 4301 + "}]"),
+     "WikiMEL_train.json: invalid JSON at line 1 column 9: an integer with more than 4300 digits"),
 ]
 
 
@@ -271,6 +276,8 @@ MELBENCH_FATAL = [
      "record 's9': expected a JSON object, got string \"oops\""),
     ("image-escapes", mb_set("s2", "imgPath", "../../etc/shadow"),
      "record 's2': field 'imgPath': image path '../../etc/shadow' escapes the image folder ('..')"),
+    ("integer-over-4300-digits", replace("WikiMEL.json", '{"s1": {"answer": ' + "7" * 4301 + "}}"),
+     "invalid JSON at line 1 column 19: an integer with more than 4300 digits"),
 ]
 
 
@@ -312,6 +319,11 @@ JSONL_FATAL = [
     ("image-absolute", jl_set("mentions.jsonl", 0, "image", "/tmp/a.png"),
      "mentions.jsonl: record line 1: field 'image': image path '/tmp/a.png' must be relative to the image folder"),
     ("missing-file", lambda f: f.pop("mentions.jsonl"), "mentions.jsonl: file not found"),
+    ("integer-over-4300-digits", replace("entities.jsonl", '{"qid": "Q1", "name": "x"}\n{"qid": ' + "5" * 4301 + "}\n"),
+     "entities.jsonl: invalid JSON on line 2 column 9: an integer with more than 4300 digits"),
+    # a long float is fine for Python: the line points at the integer after it
+    ("integer-after-long-float", replace("mentions.jsonl", '{"w": 1' + "1" * 5000 + '.5, "id": -' + "3" * 4400 + "}"),
+     "mentions.jsonl: invalid JSON on line 1 column 5018: an integer with more than 4300 digits"),
 ]
 
 
@@ -328,10 +340,12 @@ def test_jsonl_skips_unknown_qid_and_nil(tmp_path, capsys):
     files = jsonl_files()
     files["mentions.jsonl"][0]["qid"] = "Q404"
     files["mentions.jsonl"][1]["qid"] = "nil"
+    files["mentions.jsonl"].append({"id": "d", "mention": "Obama", "sentence": "Obama.", "qid": "Q76",
+                                    "split": "test"})   # one kept: a release with none is refused
     src = write_tree(tmp_path / "src", files)
     code, stdout, _ = run(capsys, "jsonl", src, tmp_path / "ds")
     assert code == 0
-    assert stdout == (f"ingested {tmp_path / 'ds'}: 2 entities, train/dev/test = 0/0/0 mentions, skipped 3 "
+    assert stdout == (f"ingested {tmp_path / 'ds'}: 2 entities, train/dev/test = 0/0/1 mentions, skipped 3 "
                       "(answer_not_in_kb 1, empty_mention 1, nil_answer 1), images missing 0, undecodable 0\n")
 
 
@@ -356,3 +370,139 @@ def test_subprocess_exit_code_and_one_line(tmp_path, fmt, files, mutate, target,
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == f"error: {src}/{line}\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a release is read only from inside the folder the user named, links resolved (every format)
+
+REFUSED = "not read: a release is read only from inside its folder"
+
+
+def passwd_dir(tmp_path: Path) -> Path:
+    """A folder outside the release holding a file a release must never make us copy."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    return folder
+
+
+@pytest.mark.parametrize("folder, target", [
+    ("mention_image", "etc"),         # the attack: an image folder that is a link to /etc, imgPath "passwd"
+    ("kb_image", "etc"),
+    ("mention_images", "../etc"),     # the second spelling, as a relative link
+    ("mention_image", "/"),           # a link to / is refused before anything is walked
+])
+def test_mimic_image_folder_linked_out_of_the_release_is_refused(tmp_path, capsys, folder, target):
+    etc = passwd_dir(tmp_path)
+    files = {k: v for k, v in mimic_files().items() if not k.startswith(f"{folder}/")}
+    files[TRAIN][0]["imgPath"] = "passwd" if target != "/" else str(etc / "passwd").lstrip("/")
+    kb(files)[0]["image_list"] = ["passwd"]
+    src = write_tree(tmp_path / "src", files)
+    (src / folder).symlink_to(etc if target == "etc" else target, target_is_directory=True)
+    out = tmp_path / "ds"
+    real = etc if target != "/" else Path("/")
+    assert run(capsys, "mimic", src, out) == (
+        2, "", f"error: {src}/{folder}: a link to a folder outside the release folder ({str(real)!r}): {REFUSED}\n")
+    assert not (out / MANIFEST).exists()
+    assert not [p for p in out.rglob("*") if p.name == "passwd"]
+
+
+@pytest.mark.parametrize("fmt, name", [
+    ("mimic", "kb_entity.json"),
+    ("mimic", "WikiMEL_test.json"),
+    ("mimic", "qid2id.json"),
+    ("jsonl", "entities.jsonl"),
+    ("jsonl", "mentions.jsonl"),
+])
+def test_annotation_file_linked_out_of_the_release_is_refused(tmp_path, capsys, fmt, name):
+    files = mimic_files() if fmt == "mimic" else jsonl_files()
+    src = write_tree(tmp_path / "src", files)
+    # the outside file is a valid copy: it is refused for where it is, not for what it holds
+    elsewhere = write_tree(tmp_path / "elsewhere", {name: files[name]}) / name
+    (src / name).unlink()
+    (src / name).symlink_to(elsewhere)
+    assert run(capsys, fmt, src, tmp_path / "ds") == (
+        2, "", f"error: {src}/{name}: a link to a file outside the release folder ({str(elsewhere)!r}): {REFUSED}\n")
+    assert not (tmp_path / "ds" / MANIFEST).exists()
+
+
+def test_links_inside_the_release_are_fine(tmp_path, capsys):
+    files = mimic_files()
+    src = write_tree(tmp_path / "src", {("data/" + k if k == "kb_entity.json" else k): v for k, v in files.items()})
+    (src / "kb_entity.json").symlink_to(src / "data" / "kb_entity.json")
+    (src / "mention_images").symlink_to("mention_image", target_is_directory=True)
+    (src / "mention_image").rename(src / "real_mentions")
+    (src / "mention_image").symlink_to(src / "real_mentions", target_is_directory=True)
+    # the user may name the release by a link: containment is against where it really is
+    (tmp_path / "release").symlink_to(src, target_is_directory=True)
+    out = tmp_path / "ds"
+    code, stdout, err = run(capsys, "mimic", tmp_path / "release", out)
+    assert (code, err) == (0, "")
+    assert stdout.endswith("images missing 2, undecodable 0\n")
+    assert (out / "images" / "mentions" / "m10.jpg").read_bytes() == mimic_files()["mention_image/m10.jpg"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "melbench"])
+def test_image_under_a_folder_linked_out_is_counted_missing(tmp_path, capsys, fmt):
+    etc = passwd_dir(tmp_path)
+    files = jsonl_files() if fmt == "jsonl" else melbench_files()
+    if fmt == "jsonl":
+        files["mentions.jsonl"][0]["image"] = "img/etc/passwd"
+        src = write_tree(tmp_path / "src", files)
+        (src / "img" / "etc").symlink_to(etc, target_is_directory=True)
+        extra: tuple[str, ...] = ()
+        fsrc = src
+    else:
+        files["WikiMEL.json"]["s2"]["imgPath"] = "etc/passwd"
+        src = write_tree(tmp_path / "src", files)
+        (src / "imgs" / "etc").symlink_to(etc, target_is_directory=True)
+        extra, fsrc = ("--image-dir", str(src / "imgs")), src / "WikiMEL.json"
+    out = tmp_path / "ds"
+    code, stdout, err = run(capsys, fmt, fsrc, out, *extra)
+    assert (code, err) == (0, "")
+    assert "(1 outside the release)" in stdout
+    assert not [p for p in out.rglob("*") if p.name == "passwd"]
+    report = json.loads((out / "ingest_report.json").read_text())
+    assert report["images"]["mentions"]["outside_release"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["mimic", "jsonl"])
+def test_link_loops_in_a_release_are_never_walked(tmp_path, fmt):
+    """Two links to their own folder make 2^40 paths for a walker that follows links; ingest looks images up
+    one by one instead, so it finishes at once (before: it never did)."""
+    files = mimic_files() if fmt == "mimic" else jsonl_files()
+    src = write_tree(tmp_path / "src", files)
+    folder = src / ("mention_image" if fmt == "mimic" else "img")
+    for name in ("a", "b"):
+        (folder / name).symlink_to(".", target_is_directory=True)
+    (folder / "root").symlink_to("/", target_is_directory=True)
+    proc = subprocess.run([sys.executable, "-m", "mel_ray.cli", "ingest", "--format", fmt, "--input", str(src),
+                           "--output", str(tmp_path / "ds")], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert (tmp_path / "ds" / MANIFEST).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# an empty release: nothing to link
+
+
+@pytest.mark.parametrize("fmt, mutate, file, message", [
+    ("mimic", lambda f: f.update({"kb_entity.json": [], "qid2id.json": {}}), "/kb_entity.json",
+     "no entities: nothing to link"),
+    ("mimic", lambda f: [m.__setitem__("answer", "nil") for n in (TRAIN, DEV, "WikiMEL_test.json") for m in f[n]],
+     "", "no mentions to keep (6 read, all skipped: nil_answer 6): nothing to link"),
+    ("mimic", lambda f: f.update({TRAIN: [], DEV: [], "WikiMEL_test.json": []}),
+     "", "no mentions to keep (none read): nothing to link"),
+    ("jsonl", replace("entities.jsonl", ""), "/entities.jsonl", "no entities: nothing to link"),
+    ("jsonl", replace("mentions.jsonl", "\n"), "/mentions.jsonl", "no mentions to keep (none read): nothing to link"),
+    ("melbench", replace("WikiMEL.json", {}), "/WikiMEL.json", "no entities: nothing to link"),
+])
+def test_empty_release_is_refused(tmp_path, capsys, fmt, mutate, file, message):
+    files = {"mimic": mimic_files, "jsonl": jsonl_files, "melbench": melbench_files}[fmt]()
+    mutate(files)
+    src = write_tree(tmp_path / "src", files)
+    out = tmp_path / "ds"
+    assert run(capsys, fmt, src / "WikiMEL.json" if fmt == "melbench" else src, out) == (
+        2, "", f"error: {src}{file}: {message}\n")
+    assert not (out / MANIFEST).exists()

@@ -141,6 +141,17 @@ def test_invalid_json(ds):
          "Expecting property name enclosed in double quotes")
 
 
+def test_integer_longer_than_python_reads(ds):
+    from mel_ray.dataset import load_dataset
+
+    manifest = ds / "manifest.json"
+    manifest.write_text(manifest.read_text().replace("{", '{"x": ' + "7" * 5000 + ",", 1))
+    _one(ds, f"{ds}/manifest.json: invalid JSON: an integer of more than 4300 digits")
+    with pytest.raises(DataError) as err:
+        load_dataset(str(ds))
+    assert str(err.value) == f"{ds}/manifest.json: invalid JSON: an integer of more than 4300 digits"
+
+
 def test_not_utf8(ds):
     (ds / "ingest_report.json").write_bytes(b'{"format":\n "mim\xffic"}')
     _one(ds, f"{ds}/ingest_report.json: not UTF-8: byte 0xff at offset 16 (line 2)")
@@ -219,6 +230,38 @@ def test_sha256_mismatch_with_deep(ds, tree):
          f"{got[:12]}..., the manifest says {want[:12]}...", "--deep")
 
 
+def _tensor_values(table: pa.Table, name: str, rows, value: float) -> pa.Table:
+    i = table.schema.get_field_index(name)
+    col = table.column(i).combine_chunks()
+    values = col.values.to_numpy(zero_copy_only=False).copy().reshape(len(col), -1)
+    values[rows, 0] = value
+    flat = pa.array(values.reshape(-1), type=col.type.value_type)
+    return table.set_column(i, table.schema.field(i), pa.FixedSizeListArray.from_arrays(flat, col.type.list_size))
+
+
+def test_nan_and_inf_in_features_and_negative_scores(ds, tree):
+    """issue 22: NaN / inf in feature shards and in the pool's scores passed `verify --deep` as "no problems".
+    Each float column is checked; one line per column names how many rows hold any. The pool is read whole at the
+    default level already, so its scores are checked there too; the feature values only with --deep."""
+    entities = ds / "features" / tree.feat_key / "entities" / "part-00001.parquet"
+    _rewrite(entities, lambda t: _tensor_values(_tensor_values(t, "text_global", slice(None), float("nan")),
+                                                "image_local", [5], float("-inf")))
+    mentions = ds / "features" / tree.feat_key / "mentions" / "train" / "part-00000.parquet"
+    _rewrite(mentions, lambda t: _tensor_values(t, "synthetic_global", [2, 3], float("inf")))
+    pool = ds / "negatives" / "k4.parquet"
+    scores = pq.read_table(pool).column("neg_scores").to_pylist()
+    row = next(i for i, v in enumerate(scores) if v)
+    _rewrite(pool, lambda t: _set(t, "neg_scores", row, [float("nan")] * len(scores[row])))
+    pool_line = f"{pool}: field 'neg_scores': 1 of 24 rows hold NaN or inf (first: row {row})"
+    assert _run(ds) == (2, [pool_line, f"1 problem in {ds}"])
+    assert _run(ds, "--deep") == (2, [
+        pool_line,
+        f"{entities}: field 'text_global': 8 of 8 rows hold NaN or inf (first: row 0)",
+        f"{entities}: field 'image_local': 1 of 8 rows hold NaN or inf (first: row 5)",
+        f"{mentions}: field 'synthetic_global': 2 of 8 rows hold NaN or inf (first: row 2)",
+        f"4 problems in {ds}"])
+
+
 def test_relative_image_uri_escaping_the_root(ds):
     _rewrite(ds / "mentions" / "test.parquet", lambda t: _set(t, "image_uri", 0, "../../etc/passwd"))
     _one(ds, f"{ds}/mentions/test.parquet: row 0: field 'image_uri': image URI '../../etc/passwd' resolves "
@@ -235,6 +278,75 @@ def test_image_link_outside_the_root(ds, tmp_path):
     assert rc == 2 and len(lines) == 2
     assert lines[0].startswith(f"{ds}/entities.parquet: row ")
     assert lines[0].endswith(f": field 'image_uris': image {uri!r} is a link to a file outside the dataset root")
+
+
+def _link_out(ds: Path, rel: str, tmp_path: Path) -> Path:
+    """Move DS/rel outside the dataset and leave a link to it: the same bytes, but no longer the dataset's."""
+    target = tmp_path / "elsewhere" / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(ds / rel, target)
+    (ds / rel).symlink_to(target, target_is_directory=target.is_dir())
+    return target
+
+
+@pytest.mark.parametrize("rel", ["mentions/test.parquet", "entities.parquet", "negatives/k4.parquet"])
+def test_table_link_outside_the_root(ds, tmp_path, rel):
+    target = _link_out(ds, rel, tmp_path)
+    line = f"{ds}/{rel}: a link to a file outside the dataset root ({str(target)!r}): not read"
+    _one(ds, line)
+    quick = check_negatives_quick(str(ds), 4) if rel.startswith("negatives/") else check_dataset_quick(str(ds))
+    assert [p.line() for p in quick] == [line]
+
+
+def test_feature_shard_link_outside_its_folder(ds, tree, tmp_path):
+    rel = f"features/{tree.feat_key}/mentions/train/part-00001.parquet"
+    target = _link_out(ds, rel, tmp_path)
+    _one(ds, f"{ds}/{rel}: a link to a file outside the dataset root ({str(target)!r}): not read")
+    assert [p.line() for p in check_features_quick(str(ds / "features" / tree.feat_key), str(ds))] == [
+        f"{ds}/{rel}: a link to a file outside the features folder ({str(target)!r}): not read"]
+
+
+def test_image_folder_link_outside_the_root_is_not_followed(ds, tree, tmp_path):
+    target = _link_out(ds, "images/kb", tmp_path)
+    rc, lines = _run(ds)
+    assert rc == 2 and len(lines) == 3
+    assert lines[0] == f"{ds}/images/kb: a link to a folder outside the dataset root ({str(target)!r}): not followed"
+    assert lines[1].startswith(f"{ds}/entities.parquet: row 0: field 'image_uris': image 'images/kb/")
+    assert lines[1].endswith("is a link to a file outside the dataset root (and 31 more rows)")
+    # synthetic views are images too
+    synth = ds / "synthetic" / tree.synth_key
+    view = next(p for p in synth.rglob("*.png"))
+    view.unlink()
+    view.symlink_to(next(target.rglob("*")))
+    rc, lines = _run(ds)
+    assert rc == 2 and len(lines) == 4
+    assert lines[2].startswith(f"{synth}/manifest.parquet: row ")
+    assert lines[2].endswith("is a link to a file outside the dataset root")
+
+
+def test_links_inside_the_root_are_followed_and_loops_cut(ds, tmp_path):
+    (ds / "images" / "kb").rename(ds / "images" / "kb-real")
+    (ds / "images" / "kb").symlink_to("kb-real", target_is_directory=True)
+    (ds / "images" / "kb-real" / "up").symlink_to("..", target_is_directory=True)
+    (ds / "snapshot").symlink_to(ds, target_is_directory=True)
+    rc, lines = _run(ds)
+    assert rc == 0, lines
+
+
+def test_link_loops_are_never_walked(ds):
+    """Two links to their own folder make 2^40 paths for a walker that follows links, and a link to / the
+    whole disk: verify reports the link out and ends at once (before: it did not)."""
+    import subprocess
+    import sys
+
+    for name in ("a", "b"):
+        (ds / "images" / name).symlink_to(".", target_is_directory=True)
+    (ds / "images" / "root").symlink_to("/", target_is_directory=True)
+    proc = subprocess.run([sys.executable, "-m", "mel_ray.cli", "verify", str(ds)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert (proc.returncode, proc.stdout.splitlines(), proc.stderr) == (2, [
+        f"{ds}/images/root: a link to a folder outside the dataset root ('/'): not followed",
+        f"1 problem in {ds}"], "")
 
 
 def test_many_bad_rows_give_one_line(ds):

@@ -5,12 +5,16 @@ validate every input record (fatal problems raise DataError before anything is w
 then `dataset.write_dataset`, which writes manifest.json last. The input formats, the attribute rule and
 which problems are fatal versus skipped are documented in docs/data-contract.md.
 
-Nothing outside the release is read as its data. Image paths with `..`, absolute paths and URLs are fatal
-(`safe_name`). A local image whose real path (symlinks resolved) lies outside both its image folder
-(kb_image/, mention_image/, the jsonl folder, --image-dir; that folder may itself be a symlink) and the
-release folder is never read, copied or referenced: it is counted as missing, and separately as
-`images.<kb|mentions>.outside_release` with examples under `image_outside_release` in the report.
-`.tmp-*` files that a killed ingest left in DST are removed when DST is written again.
+Nothing outside the release is read as its data. "The release" is the folder the user named (SRC for mimic
+and jsonl, `--image-dir` for melbench's images), links resolved; the same check (`common.outside`) serves
+every format. Image paths with `..`, absolute paths and URLs are fatal (`safe_name`). An annotation file
+(kb_entity.json, a split file, entities.jsonl, ...) or a mimic image folder that is a link out of the release
+is fatal. A local image whose real path lies outside the release is never read, copied or referenced: it is
+counted as missing, and separately as `images.<kb|mentions>.outside_release` with examples under
+`image_outside_release` in the report. Local images are looked up one path at a time, never by listing a
+folder, so a link loop (`mention_image/x -> /`) cannot make ingest walk the disk. A release with no entities
+or no kept mentions is refused: there is nothing to link. `.tmp-*` files that a killed ingest left in DST are
+removed when DST is written again.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 from mel_ray import storage
 from mel_ray.config import IngestConfig
 from mel_ray.dataset import MANIFEST, SPLITS, entities_table, mentions_table, write_dataset
-from mel_ray.errors import UsageError
+from mel_ray.errors import DataError, UsageError
 from mel_ray.ingest import jsonl, melbench, mimic
 from mel_ray.ingest.common import (
     IMAGE_MISSING,
@@ -35,7 +39,9 @@ from mel_ray.ingest.common import (
     Parsed,
     add_example,
     dedupe,
+    is_inside,
     new_report,
+    real_path,
     source_uri,
 )
 
@@ -67,6 +73,7 @@ def ingest(fmt: str, source: str, output: str, *, name: str | None = None,
     report = new_report(fmt, source, output)
     report["options"] = options.model_dump(mode="json", exclude={"format", "input"})   # provenance
     parsed = FORMATS[fmt](source, options, report)
+    require_something_to_link(parsed, source, report)
 
     release = source if fmt != "melbench" else (options.image_dir or source)
     images = _Images(output, options.copy_images, options.check_images, report, release=release)
@@ -89,6 +96,18 @@ def ingest(fmt: str, source: str, output: str, *, name: str | None = None,
     return report
 
 
+def require_something_to_link(parsed: Parsed, source: str, report: dict[str, Any]) -> None:
+    """An empty KB or no usable mention gives a dataset every later stage fails on: refuse it here."""
+    if not parsed.entities:
+        raise DataError(parsed.entities_file or source, "no entities: nothing to link")
+    if not any(parsed.mentions.values()):
+        read = report["rows"]["mentions"]["read"]
+        skipped = report["rows"]["mentions"]["skipped"]
+        why = f"{read} read, all skipped: {', '.join(f'{r} {n}' for r, n in sorted(skipped.items()))}" \
+            if read else "none read"
+        raise DataError(parsed.mentions_file or source, f"no mentions to keep ({why}): nothing to link")
+
+
 @dataclass
 class _Images:
     """Finds, checks and copies (or references) images; each distinct image is handled once."""
@@ -98,7 +117,7 @@ class _Images:
     report: dict[str, Any]
     release: str | None = None
     done: dict[tuple, str | None] = field(default_factory=dict)
-    real_roots: dict[str, list[str]] = field(default_factory=dict)
+    real_release: str | None = None
     written: set[str] = field(default_factory=set)
     listings: dict[str, set[str]] = field(default_factory=dict)
 
@@ -109,20 +128,22 @@ class _Images:
         return self.done[key]
 
     def _exists(self, root: str, rel: str) -> bool:
-        # one listing per image folder instead of one stat per image: 100K stats (S3 HEADs) cost minutes
+        if not storage.is_s3(root):
+            # one stat per image: listing a local folder would walk through its links (and their loops)
+            return os.path.isfile(storage.resolve(source_uri(root, rel))[1])
+        # one listing per S3 image folder instead of one HEAD per image: 100K HEADs cost minutes
         if root not in self.listings:
             self.listings[root] = set(storage.list_files(root)) if storage.is_dir(root) else set()
         return rel in self.listings[root]
 
-    def _outside(self, root: str, src: str) -> bool:
-        """True if the local file `src` really (symlinks resolved) lies outside its image folder and the release."""
-        if storage.is_s3(src):
-            return False   # object stores have no symlinks
-        if root not in self.real_roots:
-            folders = [root] + ([self.release] if self.release and not storage.is_s3(self.release) else [])
-            self.real_roots[root] = [os.path.realpath(storage.resolve(f)[1]) for f in folders]
-        real = os.path.realpath(storage.resolve(src)[1])
-        return not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self.real_roots[root])
+    def _outside(self, src: str) -> bool:
+        """True if the local file `src` really (links resolved) lies outside the release the user named."""
+        real = real_path(src)
+        if real is None or not self.release:
+            return False   # object stores have no links
+        if self.real_release is None:
+            self.real_release = real_path(self.release) or ""
+        return not self.real_release or not is_inside(real, self.real_release)
 
     def _place(self, kind: str, image: Image) -> str | None:
         counts = self.report["images"][kind]
@@ -130,7 +151,7 @@ class _Images:
             if not self._exists(root, rel):
                 continue
             src = source_uri(root, rel)
-            if self._outside(root, src):
+            if self._outside(src):
                 counts["missing"] += 1
                 counts["outside_release"] = counts.get("outside_release", 0) + 1
                 add_example(self.report, IMAGE_OUTSIDE, f"{image.context} (a link to a file outside the release)")

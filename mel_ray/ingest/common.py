@@ -11,8 +11,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import posixpath
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +54,8 @@ class Image:
 class Parsed:
     entities: list[dict[str, Any]] = field(default_factory=list)          # "images": list[Image]
     mentions: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    entities_file: str = ""     # where the entities / mentions came from, for "nothing to link" errors
+    mentions_file: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,8 +95,11 @@ def skip(report: dict[str, Any], table: str, reason: str, example: str) -> None:
 # reading files
 
 
-def read_text(uri: str) -> str:
-    """Whole file as text; a missing file or non-UTF-8 bytes are data errors naming the line."""
+def read_text(uri: str, release: str | None = None) -> str:
+    """Whole file as text; a missing file or non-UTF-8 bytes are data errors naming the line. With `release`
+    (the folder the user named), a file that is really (links resolved) outside it is refused unread."""
+    if release is not None:
+        require_inside(uri, release, "file")
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
@@ -130,6 +137,10 @@ def parse_json(text: str, uri: str, line: int | None = None) -> Any:
     except json.JSONDecodeError as err:
         where = f"on line {line} column {err.colno}" if line else f"at line {err.lineno} column {err.colno}"
         raise DataError(uri, f"invalid JSON {where}: {err.msg}") from None
+    except ValueError:
+        # the only other ValueError json.loads raises: an integer longer than Python converts (a DoS guard)
+        raise DataError(uri, f"invalid JSON{_long_int_where(text, line)}: an integer with more than "
+                             f"{sys.get_int_max_str_digits()} digits") from None
     except _DuplicateKey as err:
         where = f" on line {line}" if line else ""
         raise DataError(uri, f"invalid JSON{where}: duplicate key {str(err)!r} in one object") from None
@@ -138,13 +149,26 @@ def parse_json(text: str, uri: str, line: int | None = None) -> Any:
         raise DataError(uri, f"invalid JSON{where}: nested too deeply") from None
 
 
-def load_json(uri: str) -> Any:
-    return parse_json(read_text(uri), uri)
+def _long_int_where(text: str, line: int | None) -> str:
+    """` on line N column C` / ` at line L column C` of the first integer over the digit limit ("" if unseen)."""
+    limit = sys.get_int_max_str_digits()
+    # possessive and anchored on a non-digit: linear even on a megabyte of digits
+    match = re.search(rf"(?<!\d)-?\d{{{limit + 1},}}+(?![.eE])", text) if limit else None
+    if match is None:
+        return f" on line {line}" if line else ""
+    column = match.start() - text.rfind("\n", 0, match.start())
+    if line:
+        return f" on line {line} column {column}"
+    return f" at line {text.count(chr(10), 0, match.start()) + 1} column {column}"
 
 
-def iter_jsonl(uri: str) -> Iterator[tuple[int, Any]]:
+def load_json(uri: str, release: str | None = None) -> Any:
+    return parse_json(read_text(uri, release), uri)
+
+
+def iter_jsonl(uri: str, release: str | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, value) per non-blank line. Split on "\\n" only: JSON strings may hold U+2028."""
-    for number, line in enumerate(read_text(uri).split("\n"), start=1):
+    for number, line in enumerate(read_text(uri, release).split("\n"), start=1):
         if line.strip():
             yield number, parse_json(line, uri, line=number)
 
@@ -323,3 +347,36 @@ def hash_split(key: str, ratios: tuple[float, float, float]) -> str:
 
 def source_uri(root: str, rel: str) -> str:
     return storage.join(root, *rel.split("/"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# containment: a release is read only from inside the folder the user named. Its own files may be links (a
+# release laid out with links is common), but what a link points at must lie inside that folder too, or a
+# release could make us read /etc/passwd into a dataset. Object stores have no links, so S3 is always inside.
+
+
+def real_path(uri: str) -> str | None:
+    """The local path of `uri` with every link resolved; None for s3://."""
+    if storage.is_s3(uri):
+        return None
+    return os.path.realpath(storage.resolve(uri)[1])
+
+
+def is_inside(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def outside(uri: str, release: str) -> str | None:
+    """Where the local `uri` really is when that is outside the folder `release`; None when inside (or S3)."""
+    real, root = real_path(uri), real_path(release)
+    if real is None or root is None or is_inside(real, root):
+        return None
+    return real
+
+
+def require_inside(uri: str, release: str, what: str) -> None:
+    """DataError naming `uri` (a "file" or "folder" of the release) when it is a link out of `release`."""
+    target = outside(uri, release)
+    if target is not None:
+        raise DataError(uri, f"a link to a {what} outside the release folder ({target!r}): not read: a release is "
+                             "read only from inside its folder")

@@ -42,7 +42,8 @@ def parse(source: str, options: IngestConfig, report: dict[str, Any]) -> Parsed:
     if not storage.is_dir(source):
         raise DataError(source, f"not found or not a folder (the jsonl format is a folder with {ENTITIES_FILE} "
                                 f"and {MENTIONS_FILE})")
-    parsed = Parsed(entities=read_entities(source, options))
+    parsed = Parsed(entities=read_entities(source, options), entities_file=storage.join(source, ENTITIES_FILE),
+                    mentions_file=storage.join(source, MENTIONS_FILE))
     qid_to_id = {e["qid"]: i for i, e in enumerate(parsed.entities)}
     read_mentions(source, qid_to_id, parsed, report)
     return parsed
@@ -52,7 +53,7 @@ def read_entities(source: str, options: IngestConfig) -> list[dict[str, Any]]:
     uri = storage.join(source, ENTITIES_FILE)
     entities: list[dict[str, Any]] = []
     where: dict[str, str] = {}
-    for line, raw in iter_jsonl(uri):
+    for line, raw in iter_jsonl(uri, source):
         record = f"line {line}"
         obj = expect_object(raw, uri, record)
         qid = get_qid(obj, "qid", uri, record)
@@ -79,7 +80,7 @@ def read_entities(source: str, options: IngestConfig) -> list[dict[str, Any]]:
 def read_mentions(source: str, qid_to_id: dict[str, int], parsed: Parsed, report: dict[str, Any]) -> None:
     uri = storage.join(source, MENTIONS_FILE)
     where: dict[str, str] = {}
-    for line, raw in iter_jsonl(uri):
+    for line, raw in iter_jsonl(uri, source):
         record = f"line {line}"
         obj = expect_object(raw, uri, record)
         mid = get_id(obj, "id", uri, record)

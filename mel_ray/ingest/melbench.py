@@ -55,7 +55,7 @@ def parse(source: str, options: IngestConfig, report: dict[str, Any]) -> Parsed:
                 names[clean(qid)] = name
     qid_to_id = {qid: i for i, qid in enumerate(names)}
     parsed = Parsed(entities=[{"qid": q, "name": n or q, "description": "", "attributes": [], "images": []}
-                              for q, n in names.items()])
+                              for q, n in names.items()], entities_file=source, mentions_file=source)
 
     for sample in samples:
         # split by the SAMPLE id, so a sentence's mentions never straddle train and test

@@ -33,6 +33,7 @@ from mel_ray.ingest.common import (
     is_nil,
     label,
     load_json,
+    require_inside,
     safe_name,
     skip,
     split_attributes,
@@ -49,11 +50,15 @@ def parse(source: str, options: IngestConfig, report: dict[str, Any]) -> Parsed:
     if not storage.is_dir(source):
         raise DataError(source, f"not found or not a folder (the mimic format is a folder with {KB_FILE} "
                                 "and *_train.json, *_dev.json, *_test.json)")
-    parsed = Parsed(entities=read_kb(source, options))
+    parsed = Parsed(entities=read_kb(source, options), entities_file=storage.join(source, KB_FILE),
+                    mentions_file=source)
     check_qid2id(source, parsed.entities)
     qid_to_id = {e["qid"]: i for i, e in enumerate(parsed.entities)}
     # look in whichever image folders exist; with none, still name the default so "missing" counts per image
     image_roots = [storage.join(source, d) for d in MENTION_IMAGE_DIRS if storage.is_dir(storage.join(source, d))]
+    for folder in [*image_roots, storage.join(source, KB_IMAGES)]:
+        if storage.is_dir(folder):
+            require_inside(folder, source, "folder")
     image_roots = image_roots or [storage.join(source, MENTION_IMAGE_DIRS[0])]
     seen: dict[str, str] = {}
     for split, fname in split_files(source).items():
@@ -68,7 +73,7 @@ def entity_name(raw: str) -> str:
 
 def read_kb(source: str, options: IngestConfig) -> list[dict[str, Any]]:
     uri = storage.join(source, KB_FILE)
-    data = load_json(uri)
+    data = load_json(uri, source)
     if not isinstance(data, list):
         raise DataError(uri, f"top level must be a JSON list of entity objects, got {describe(data)}")
     kb_root = storage.join(source, KB_IMAGES)
@@ -123,7 +128,7 @@ def check_qid2id(source: str, entities: list[dict[str, Any]]) -> None:
     uri = storage.join(source, QID2ID_FILE)
     if not storage.exists(uri):
         return
-    data = load_json(uri)
+    data = load_json(uri, source)
     if not isinstance(data, dict):
         raise DataError(uri, f"top level must be a JSON object mapping qid to id, got {describe(data)}")
     kb = {e["qid"]: i for i, e in enumerate(entities)}
@@ -156,7 +161,7 @@ def split_files(source: str) -> dict[str, str]:
 def read_split(source: str, fname: str, qid_to_id: dict[str, int], image_roots: list[str],
                seen: dict[str, str], report: dict[str, Any]) -> list[dict[str, Any]]:
     uri = storage.join(source, fname)
-    data = load_json(uri)
+    data = load_json(uri, source)
     if not isinstance(data, list):
         raise DataError(uri, f"top level must be a JSON list of sample objects, got {describe(data)}")
     rows = []
