@@ -308,9 +308,11 @@ def test_job_output_is_redacted_with_verbose_too(tmp_path, capsys, monkeypatch):
     stage prints or logs never reaches the terminal, --verbose included."""
     import logging
 
+    from mel_ray import console
     from mel_ray.jobs import run_job
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(console.VERBOSE, raising=False)      # setup(verbose=True) sets it: gone after the test
     config = tmp_path / "c.yaml"
     config.write_text("data:\n  name: x\n")
 
@@ -319,7 +321,10 @@ def test_job_output_is_redacted_with_verbose_too(tmp_path, capsys, monkeypatch):
         logging.getLogger("ray.data").warning("retrying http://alice:pa/ss5LEAK@127.0.0.1:9/api")
         return {"ok": True}
 
-    assert run_job(secret_stage, "A test job.", ["--config", str(config), "--verbose"]) == 0
+    try:
+        assert run_job(secret_stage, "A test job.", ["--config", str(config), "--verbose"]) == 0
+    finally:
+        console.reset()       # no handler on a stream that closes with this test
     out, err = capsys.readouterr()
     assert "reading s3://[redacted]@bucket/ds" in out and "http://[redacted]@127.0.0.1:9/api" in err
     assert not any(part in out + err for part in ("wJalr", "K7MD", "bPxKEY", "pa/ss", "ss5LEAK"))

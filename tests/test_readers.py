@@ -322,6 +322,7 @@ def failing(*args, **kwargs):            # a data error raised once Ray is up (w
     raise DataError("entities.parquet", "bad data found while mining")
 
 negatives.run_mining = failing
+negatives.RAY_MIN_ENTITIES = 0           # the Ray path at a test's size (small KBs are mined in process)
 sys.exit(cli.main(sys.argv[1:]))
 """
 

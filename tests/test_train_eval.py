@@ -146,11 +146,12 @@ def test_a_finished_run_is_trained_again_for_another_tracking_store_only(prepare
     root, features = prepared
     dataset = str(root / "ds")
     one_epoch = [*TRAIN, "train.epochs=1", f"tracking.storage={tmp_path / 'runs'}"]
-    local = load_config(None, one_epoch)                    # the session's sqlite store (MLFLOW_TRACKING_URI)
+    sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    local = load_config(None, [*one_epoch, f"tracking.mlflow_uri={sqlite}"])
     first = pipeline.train_model(pipeline.resolve_paths(local, tmp_path), dataset, features, tmp_path)
     again = pipeline.train_model(pipeline.resolve_paths(local, tmp_path), dataset, features, tmp_path)
     assert first.ran and not again.ran and again.value["run_id"] == first.value["run_id"]
-    assert again.note == f"already trained: MLflow run {first.value['run_id']} at {os.environ['MLFLOW_TRACKING_URI']}"
+    assert again.note == f"already trained: MLflow run {first.value['run_id']} at {sqlite}"
 
     server = load_config(None, [*one_epoch, "tracking.mlflow_uri=" + mlflow_server.replace("//", "//alice:S3CRET@")])
     moved = pipeline.train_model(pipeline.resolve_paths(server, tmp_path), dataset, features, tmp_path)
