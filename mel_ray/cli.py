@@ -132,7 +132,7 @@ def _cmd_mine_negatives(args: argparse.Namespace) -> int:
     from mel_ray import pipeline
 
     cfg = _config(args, **{"data.dataset": args.dataset, "negatives.k": args.k, "negatives.seed": args.seed,
-                           "negatives.block_size": args.block_size})
+                           "negatives.block_size": args.block_size, "negatives.source": args.source})
     return _report(pipeline.negatives_stage(cfg, root=".", num_workers=args.workers, force=args.force))
 
 
@@ -191,16 +191,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _config(args, **{"eval.num_gpus": args.num_gpus})
     dataset, checkpoint, output = _here(args.dataset), _here(args.checkpoint), _here(args.output)
+    if args.zero_shot and checkpoint:
+        raise UsageError("evaluate: --zero-shot ranks with the encoder alone; leave out --checkpoint (or --zero-shot)")
+    if not args.zero_shot and not checkpoint:
+        raise UsageError("evaluate: give --checkpoint (a trained model) or --zero-shot (the encoder's own ranking)")
     if args.candidates is not None and args.candidates < 1:     # one line here; larger than the KB: evaluate's
         raise UsageError(f"evaluate: --candidates must be at least 1 (got {args.candidates})")
     require_dataset(dataset)             # on the driver, before any KB shard actor starts
-    # the set made by the checkpoint's own encoder (the base CLIP, or its fine-tuned one)
-    features = find_features(dataset, _here(args.features),
-                             encoder=encoder_fingerprint_of(load_checkpoint(checkpoint)))
+    if args.zero_shot:                   # the base encoder's set (texts by models.text_encoder where one is named)
+        features = find_features(dataset, _here(args.features), encoder=None,
+                                 text_encoder_named=True if cfg.models.text_encoder else None)
+    else:                                # the set made by the checkpoint's own encoder (base CLIP or fine-tuned)
+        features = find_features(dataset, _here(args.features),
+                                 encoder=encoder_fingerprint_of(load_checkpoint(checkpoint)))
     require_features(features, dataset)
     report = evaluate(dataset, features, checkpoint, args.split, output_uri=output, num_shards=args.shards,
                       entity_chunk=cfg.train.eval_entity_chunk, mention_batch=cfg.train.eval_mention_batch,
-                      candidates=args.candidates, **eval_settings(cfg.eval))
+                      candidates=args.candidates, ranker="zero-shot" if args.zero_shot else "model",
+                      **eval_settings(cfg.eval))
     print(format_table(report))
     print(f"same-name failures: {report['same_name_failures']['count']} of "
           f"{report['same_name_failures']['of_wrong_top1']} wrong top-1")
@@ -288,8 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=".", help="folder that relative paths in the config are under (default: .)")
     p.set_defaults(func=_cmd_pipeline)
 
-    p = sub.add_parser("mine-negatives", parents=[common], help="JD-CCL: exact top-k Jaccard hard negatives")
+    p = sub.add_parser("mine-negatives", parents=[common],
+                       help="JD-CCL: exact top-k Jaccard (or name-similarity) hard negatives")
     p.add_argument("--dataset", help="default: data.dataset")
+    p.add_argument("--source", choices=["jaccard", "names", "jaccard+names"],
+                   help="rank by attribute Jaccard, name trigram TF-IDF cosine, or Jaccard with the names filling "
+                   "the slots it leaves empty (default: negatives.source)")
     p.add_argument("--k", type=count(1), help="pool size k_max (default: negatives.k)")
     p.add_argument("--seed", type=count(0), help="tie-break seed (default: negatives.seed)")
     p.add_argument("--workers", type=count(0), help="Ray actors (default: one per CPU; 0 = no Ray)")
@@ -327,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="distributed JD-CCL + CVaCPT training on Ray Train")
     p.add_argument("--dataset", help="default: data.dataset")
     p.add_argument("--features", help="features/<key> URI (default: the only one)")
-    p.add_argument("--negatives", help="negatives/k{K}.parquet URI (default: from negatives.k)")
+    p.add_argument("--negatives", help="a mined pool URI (default: the one negatives.k and negatives.source name)")
     p.add_argument("--run-name", default="train",
                    help="run name prefix: the run is <prefix>-<key of settings and inputs>; a finished one is skipped")
     p.set_defaults(func=_cmd_train)
@@ -350,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[common], help="exact full-KB ranking metrics")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--checkpoint", required=True, help="model.pt or a training checkpoint folder")
+    p.add_argument("--checkpoint", help="model.pt or a training checkpoint folder")
+    p.add_argument("--zero-shot", dest="zero_shot", action="store_true", help="no trained model: rank by the cosine "
+                   "of the features' global vectors (text, plus image where both have one): the encoder's floor")
     p.add_argument("--features", help="features/<key> URI (default: the only one)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--shards", type=count(1), default=2, help="KB shards (Ray actors)")

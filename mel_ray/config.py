@@ -129,12 +129,22 @@ class ModelsConfig(Section):
     # (AutoModel + AutoTokenizer; paper Sec. 4.1 names BERT): t_G = its [CLS] state, T_L = its token states;
     # images stay CLIP's. Frozen features and model.encoder=finetune (where it trains, at train.encoder_lr) alike
     text_encoder: str | None = None
+    # how the text encoder's final states become t_G: "cls" = the [CLS] state (BERT, as MIMIC and the paper),
+    # "mean" = their attention-mask-weighted mean (what sentence-transformers models such as all-MiniLM-L6-v2 were
+    # trained to give), "auto" = what the folder's sentence-transformers Pooling module declares, else cls.
+    # Only with models.text_encoder (CLIP's text tower has its own pooled state); in the features key when not cls
+    text_pooling: Literal["auto", "cls", "mean"] = "auto"
 
 
 class NegativesConfig(Section):
     k: int = Field(16, ge=1)                # pool size k_max; training samples its k from it
     seed: int = Field(0, ge=0)
     block_size: int = Field(4096, ge=1)
+    # what the mined pool ranks KB entities by (train.negatives=jaccard/both sample from it, whatever its source):
+    # "jaccard" = JD-CCL, attribute sets (negatives/k{K}); "names" = cosine of character-trigram TF-IDF of the
+    # names, for KBs without attributes (negatives/names_k{K}); "jaccard+names" = the Jaccard pool, each entity's
+    # remaining slots up to k filled from its name ranking, counted per reason (negatives/jaccard_names_k{K})
+    source: Literal["jaccard", "names", "jaccard+names"] = "jaccard"
 
 
 class SynthesizeConfig(Section):

@@ -136,6 +136,13 @@ def read_manifest(features_uri: str) -> dict:
     return storage.read_json_object(storage.join(features_uri, MANIFEST))
 
 
+def text_pooling_of(manifest: dict) -> str:
+    """How the set's t_G was pooled from its text encoder's states (models.text_pooling): "cls" or "mean"; "cls"
+    for sets made before the setting existed and for CLIP's text tower (whose pooled state is its own)."""
+    return ((manifest.get("text_encoder") or {}).get("pooling") or manifest.get("settings", {}).get("text_pooling")
+            or "cls")
+
+
 def model_dims_from(manifest: dict) -> dict:
     """The feature widths a model built on this set needs (mel_ray.model.ModelDims)."""
     s = manifest["shapes"]

@@ -165,7 +165,8 @@ class MentionEncoder:
     prepared and encoded by the features stage's own functions, so bad images are counted and blanked alike."""
 
     def __init__(self, clip: str, cache_dir: str, text_length: int, use_gpu: bool, views: int, output: str,
-                 view_key: str, weights=None, text_encoder: str | None = None, text_weights=None):
+                 view_key: str, weights=None, text_encoder: str | None = None, text_weights=None,
+                 text_pooling: str = "cls"):
         from mel_ray.features import Encoder, load_processor, output_size
 
         self.tokenizer, self.image_cfg = load_processor(clip, cache_dir)
@@ -176,7 +177,7 @@ class MentionEncoder:
         self.size = output_size(self.image_cfg)
         # weights: a fine-tuned model's CLIP (the KB's features were made by it too)
         self.encoder = Encoder(clip, cache_dir, None, use_gpu, self.size, text_length, weights, text_encoder,
-                               text_weights)
+                               text_weights, text_pooling)
         self.text_length, self.views, self.output, self.view_key = text_length, views, output, view_key
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -302,7 +303,7 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     import ray
 
     from mel_ray.dataset import load_dataset
-    from mel_ray.feature_store import find_features, read_manifest
+    from mel_ray.feature_store import find_features, read_manifest, text_pooling_of
     from mel_ray.features.shards import merge_stats
     from mel_ray.models import DEFAULT_CACHE, pin_model
     from mel_ray.runtime import init_ray, resolve_num_gpus
@@ -366,7 +367,9 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
                         fn_constructor_kwargs={"clip": clip, "cache_dir": cache_dir,
                                                "text_length": text_length, "use_gpu": use_gpu, "views": views,
                                                "output": output, "view_key": view_key, "weights": weights,
-                                               "text_encoder": text_encoder, "text_weights": text_weights})
+                                               "text_encoder": text_encoder, "text_weights": text_weights,
+                                               # new mentions' t_G pooled as the KB's was (models.text_pooling)
+                                               "text_pooling": text_pooling_of(manifest)})
     scorer, scorer_kwargs = KBScorer, {"use_gpu": scorer_gpus > 0, "cache_bytes": cache_bytes}
     if candidates is not None:                   # retrieve, then rerank (mel_ray/eval/candidates.py)
         from mel_ray.eval.candidates import CandidateScorer

@@ -301,3 +301,96 @@ def load_text_tokenizer(id_or_path: str, cache_dir: str = DEFAULT_CACHE):
     except Exception as err:  # noqa: BLE001 - OSError, ValueError ... : no tokenizer files there
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UsageError(f"{TEXT_ENCODER_SETTING}={id_or_path}: cannot load its tokenizer ({first})") from None
+
+
+# ----------------------------------------------------------------- how t_G is pooled (models.text_pooling)
+
+TEXT_POOLING_SETTING = "models.text_pooling"
+TEXT_POOLINGS = ("cls", "mean")
+ST_MODULES = "modules.json"                     # a sentence-transformers folder's module list
+ST_POOLING = "sentence_transformers.models.Pooling"
+# sentence-transformers' Pooling config: which of its modes mel-ray computes the same way
+_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                  "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+                  "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+def resolve_text_pooling(text_encoder: str | None, pooling: str = "auto", cache_dir: str = DEFAULT_CACHE) -> str | None:
+    """How t_G is pooled from `text_encoder`'s final states: "cls" or "mean"; None without a text encoder (CLIP's
+    text tower has its own pooled state). "auto": what the folder's sentence-transformers Pooling module declares
+    (mean -> mean, cls -> cls), else cls (a plain BERT folder: the paper's [CLS], as before this setting existed).
+    An explicit pooling without a text encoder, and a declared pooling mel-ray does not compute, are one line."""
+    if not text_encoder:
+        if pooling != "auto":
+            raise UsageError(f"{TEXT_POOLING_SETTING}={pooling} applies to models.text_encoder only (CLIP's text "
+                             f"tower has its own pooled state); set models.text_encoder or leave "
+                             f"{TEXT_POOLING_SETTING}=auto")
+        return None
+    if pooling in TEXT_POOLINGS:
+        return pooling
+    if pooling != "auto":
+        raise UsageError(f"{TEXT_POOLING_SETTING}={pooling!r}: expected auto, cls or mean")
+    return declared_pooling(text_encoder, cache_dir) or "cls"
+
+
+def declared_pooling(text_encoder: str, cache_dir: str = DEFAULT_CACHE) -> str | None:
+    """The pooling a sentence-transformers folder declares (modules.json's Pooling module, its config.json), or
+    None when the folder is not one (no modules.json, or no Pooling module in it)."""
+    modules = _model_file(text_encoder, ST_MODULES, cache_dir)
+    if modules is None:
+        return None
+    listed = _json_file(modules, text_encoder)
+    entries = [m for m in listed if isinstance(m, dict) and m.get("type") == ST_POOLING] \
+        if isinstance(listed, list) else None
+    if entries is None:
+        raise UsageError(f"{text_encoder}/{ST_MODULES}: not a list of sentence-transformers modules; set "
+                         f"{TEXT_POOLING_SETTING}=cls or mean")
+    if not entries:
+        return None
+    relative = f"{str(entries[0].get('path') or '').strip('/')}/config.json".lstrip("/")
+    config_path = _model_file(text_encoder, relative, cache_dir)
+    if config_path is None:
+        raise UsageError(f"{text_encoder}/{relative}: missing, though {ST_MODULES} lists a Pooling module there; "
+                         f"set {TEXT_POOLING_SETTING}=cls or mean")
+    config = _json_file(config_path, text_encoder)
+    modes = sorted({_POOLING_MODES.get(k, k) for k, v in (config.items() if isinstance(config, dict) else [])
+                    if k.startswith("pooling_mode") and v is True})
+    if len(modes) == 1 and modes[0] in TEXT_POOLINGS:
+        return modes[0]
+    raise UsageError(f"{text_encoder}/{relative}: declares pooling {modes or 'none'}, which mel-ray does not "
+                     f"compute; set {TEXT_POOLING_SETTING}=cls or mean")
+
+
+def _json_file(path: str, text_encoder: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UsageError(f"{path}: not readable JSON ({type(err).__name__}); {TEXT_POOLING_SETTING}=auto reads "
+                         f"it from {text_encoder}; fix it or set {TEXT_POOLING_SETTING}=cls or mean") from None
+
+
+def _model_file(id_or_path: str, relative: str, cache_dir: str) -> str | None:
+    """A file of a model folder as a local path, None when the model has no such file. A hub id's file is asked of
+    the hub at the pinned commit (or found in the local cache); an unreachable hub is one line, never a guess."""
+    value = str(id_or_path)
+    if not is_hub_id(value):
+        path = Path(resolve_model(value, cache_dir)) / relative
+        return str(path) if path.is_file() else None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    model_id, _, revision = pin_model(value).partition("@")
+    try:
+        return hf_hub_download(model_id, relative, revision=revision, etag_timeout=HUB_TIMEOUT_S)
+    except RemoteEntryNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001 - offline or refused: the local cache may still know
+        hub_error = err
+    cached = try_to_load_from_cache(model_id, relative, revision=revision)
+    if isinstance(cached, str):
+        return cached
+    if cached is not None:                      # the cache records that the hub has no such file
+        return None
+    raise UsageError(f"{TEXT_POOLING_SETTING}=auto: cannot tell whether {model_id} declares a pooling: {relative} "
+                     f"neither from the hub ({type(hub_error).__name__}) nor in the local Hugging Face cache; set "
+                     f"{TEXT_POOLING_SETTING}=cls or mean")

@@ -9,6 +9,11 @@ and then, last, `negatives/k{K}.manifest.json` (its presence marks the output co
 timings and the algorithm's parameters and work counters. k is the pool size k_max; training samples its
 k hard negatives per positive from this pool.
 
+`--source` (negatives.source) picks the ranking: `jaccard` (this, the default), `names` (name similarity,
+`negatives/names_k{K}`, for KBs without attributes) or `jaccard+names` (`negatives/jaccard_names_k{K}`: the
+Jaccard list, its remaining slots filled from the name ranking, each reason counted). Same schema; the name
+kernel and the fallback are `mel_ray.name_negatives`. The rest of this docstring is about the Jaccard kernel.
+
 Decisions:
 * **Exact.** Every listed score is the true Jaccard (computed in float64 as inter/union of small integers,
   stored as float32) and no unlisted entity scores higher than the k-th listed one. Algorithm and
@@ -65,7 +70,9 @@ from mel_ray.jaccard import (
     mine_rows,
     new_stats,
 )
-from mel_ray.verify import check_negatives_quick, require_dataset
+from mel_ray.name_negatives import ALGORITHM_VERSION as NAMES_ALGORITHM_VERSION
+from mel_ray.name_negatives import VECTORIZER, fill_from_names, name_vectors, run_name_mining
+from mel_ray.verify import POOL_PREFIXES, check_negatives_quick, pool_paths, require_dataset
 
 __all__ = ["OUTPUT_SCHEMA", "brute_force_topk", "mine_negatives", "mine_topk", "output_paths",
            "read_negatives"]
@@ -79,11 +86,15 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("neg_scores", pa.list_(pa.field("item", pa.float32(), nullable=False)), nullable=False),
 ])
 DEFAULT_BLOCK_SIZE = 4096
+SOURCES = tuple(POOL_PREFIXES)      # jaccard, names, jaccard+names (negatives.source)
 
 
-def output_paths(k: int) -> tuple[str, str]:
-    """(Parquet, manifest) paths relative to the dataset root."""
-    return f"{NEGATIVES_DIR}/k{k}.parquet", f"{NEGATIVES_DIR}/k{k}.manifest.json"
+def output_paths(k: int, source: str = "jaccard") -> tuple[str, str]:
+    """(Parquet, manifest) paths relative to the dataset root: negatives/k{K} (jaccard), names_k{K},
+    jaccard_names_k{K}."""
+    if source not in SOURCES:
+        raise UsageError(f"negatives.source must be one of {', '.join(SOURCES)} (got {source!r})")
+    return pool_paths(k, source)
 
 
 # ---------------------------------------------------------------------------------------------- mining
@@ -284,13 +295,14 @@ def negatives_table(counts: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> 
     return table.cast(OUTPUT_SCHEMA)
 
 
-def read_negatives(dataset_uri: str, k: int) -> pa.Table:
-    """The mined pool of a dataset; DataError if it was not mined (or not completely) for this k."""
-    parquet, manifest = output_paths(k)
+def read_negatives(dataset_uri: str, k: int, source: str = "jaccard") -> pa.Table:
+    """The mined pool of a dataset; DataError if it was not mined (or not completely) for this k and source."""
+    parquet, manifest = output_paths(k, source)
     if not storage.exists(storage.join(dataset_uri, manifest)):
+        flag = "" if source == "jaccard" else f" --source {source}"
         raise DataError(storage.join(dataset_uri, manifest),
                         f"no hard negatives mined for k={k}: run `mel-ray mine-negatives --dataset "
-                        f"{dataset_uri} --k {k}`")
+                        f"{dataset_uri} --k {k}{flag}`")
     return storage.read_table(storage.join(dataset_uri, parquet))
 
 
@@ -317,16 +329,33 @@ def choose_engine(n_entities: int, num_workers: int | None) -> tuple[int, str]:
     return num_workers, f"{num_workers} Ray actors for {n_entities:,} entities"
 
 
+def pool_key(source: str, k: int, seed: int, entities_sha256: str) -> dict[str, Any]:
+    """What a complete pool must have been mined with to be kept: every input and algorithm its bytes depend on.
+    The Jaccard pool's key is the one it always had (no source field), so existing pools stay valid."""
+    key: dict[str, Any] = {"k": int(k), "seed": int(seed), "entities_sha256": entities_sha256}
+    if source == "jaccard":
+        return {**key, "algorithm_version": ALGORITHM_VERSION}
+    names = {"names_algorithm_version": NAMES_ALGORITHM_VERSION, "vectorizer": dict(VECTORIZER)}
+    if source == "names":
+        return {"source": source, **key, **names}
+    return {"source": source, **key, "algorithm_version": ALGORITHM_VERSION, **names}
+
+
 def mine_negatives(dataset_uri: str, k: int = 16, seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
                    num_workers: int | None = None, force: bool = False,
-                   frequent_bits: int | None = None) -> dict[str, Any]:
-    """Mine the dataset's hard-negative pool; returns the manifest written last.
+                   frequent_bits: int | None = None, source: str = "jaccard") -> dict[str, Any]:
+    """Mine the dataset's hard-negative pool of `source`; returns the manifest written last.
 
+    source: "jaccard" (JD-CCL: attribute sets, `negatives/k{K}`), "names" (name similarity,
+    `mel_ray.name_negatives`, `negatives/names_k{K}`) or "jaccard+names" (`negatives/jaccard_names_k{K}`: each
+    entity's Jaccard list, its remaining slots up to k filled from its name-similarity list, best first
+    without repeats: JD-CCL's fallback where attributes are missing or shared by fewer than k others; the
+    manifest counts both reasons).
     num_workers: None = one Ray actor per CPU of the Ray cluster (Ray is initialised if needed; set
     RAY_ADDRESS to use a cluster); 0 = in this process without Ray; n >= 1 = n actors. Below RAY_MIN_ENTITIES
     entities the pool is mined in this process whatever num_workers says (manifest: algorithm.engine says why).
-    A complete output for the same (entities file, k, seed, algorithm version) is kept as it is unless
-    `force`; a recomputation writes byte-identical Parquet.
+    Name similarity is always mined in this process. A complete output with the same key (pool_key) is kept as
+    it is unless `force`; a recomputation writes byte-identical Parquet.
     """
     t_start = time.perf_counter()
     dataset_uri = str(dataset_uri)
@@ -334,100 +363,141 @@ def mine_negatives(dataset_uri: str, k: int = 16, seed: int = 0, block_size: int
     ds = load_dataset(dataset_uri)
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise UsageError(f"{dataset_uri}: --k must be an integer >= 1 (got {k!r})")
-    parquet_rel, manifest_rel = output_paths(k)
+    parquet_rel, manifest_rel = output_paths(k, source)
     parquet_uri, manifest_uri = ds.path(*parquet_rel.split("/")), ds.path(*manifest_rel.split("/"))
 
     t = time.perf_counter()
     entities_uri = ds.path(ENTITIES)
     data = storage.read_bytes(entities_uri)
-    fingerprint = hashlib.sha256(data).hexdigest()
-    key = {"k": int(k), "seed": int(seed), "entities_sha256": fingerprint,
-           "algorithm_version": ALGORITHM_VERSION}
+    key = pool_key(source, k, seed, hashlib.sha256(data).hexdigest())
     if not force and storage.exists(manifest_uri):
         try:
             old = storage.read_json_object(manifest_uri)
         except DataError:                          # a damaged manifest: the pool is mined again
             old = {}
         if (all(old.get(name) == value for name, value in key.items()) and storage.exists(parquet_uri)
-                and not check_negatives_quick(dataset_uri, int(k))):    # and a damaged pool too
+                and not check_negatives_quick(dataset_uri, int(k), source)):    # and a damaged pool too
             log.info("negatives: %s is complete for k=%d seed=%d, skipping", parquet_uri, k, seed)
             return {**old, "skipped": True}
+    columns = ["entity_id"] + (["attributes"] if source != "names" else []) + (["name"] if source != "jaccard" else [])
     try:
-        table = pq.read_table(io.BytesIO(data), columns=["entity_id", "attributes"])
+        table = pq.read_table(io.BytesIO(data), columns=columns)
     except (pa.ArrowInvalid, KeyError) as err:
-        raise DataError(entities_uri, f"cannot read entity_id/attributes: {err}") from err
+        raise DataError(entities_uri, f"cannot read {'/'.join(columns)}: {err}") from err
     del data
     n = table.num_rows
     ids = table.column("entity_id").to_numpy()
     if not np.array_equal(ids, np.arange(n)):
         raise DataError(entities_uri, "entity_id must be dense 0..N-1 in row order", field="entity_id")
     _check_args(k, n, block_size, num_workers, dataset_uri)
-    num_workers, engine = choose_engine(n, num_workers)
-    log.info("negatives: %s", engine)
-    t_read = time.perf_counter() - t
+    timings = {"read_s": round(time.perf_counter() - t, 3)}
 
-    t = time.perf_counter()
-    enc = encode_attributes(table.column("attributes"))
+    counts_out: dict[str, int] = {}
+    algorithm: dict[str, Any] = {}
+    if source != "names":
+        jac_counts, jac_ids, jac_scores, sizes, algorithm["jaccard"] = _mine_jaccard(
+            table, k, seed, block_size, num_workers, frequent_bits, timings)
+        counts, ids, scores = jac_counts, jac_ids, jac_scores
+        counts_out.update(n_without_attributes=int(np.count_nonzero(sizes == 0)),
+                          n_short=int(np.count_nonzero((sizes > 0) & (jac_counts < k))),   # with attributes
+                          n_no_candidates=int(np.count_nonzero((sizes > 0) & (jac_counts == 0))))
+    if source != "jaccard":
+        t = time.perf_counter()
+        x = name_vectors(table.column("name").to_pylist())
+        timings["vectorize_s"] = round(time.perf_counter() - t, 3)
+        has_name = np.diff(x.indptr) > 0
+        if source == "names" and not has_name.any():
+            raise DataError(entities_uri, "no entity name has a character trigram to compare: name-similarity "
+                            "negatives need names (use negatives.source=jaccard)", field="name")
+        name_counts, name_ids, name_scores, stats = run_name_mining(x, k, seed)
+        timings["names_mine_s"] = stats.pop("mine_seconds")
+        algorithm["names"] = {"name": "exact-tfidf-cosine-topk", "library": f"scikit-learn {_sklearn_version()}",
+                              **stats}
+        counts_out["n_without_name"] = int(np.count_nonzero(~has_name))
+        if source == "names":
+            counts, ids, scores = name_counts, name_ids, name_scores
+            counts_out.update(n_short=int(np.count_nonzero(has_name & (name_counts < k))),     # with a name
+                              n_no_candidates=int(np.count_nonzero(has_name & (name_counts == 0))))
+        else:
+            counts, ids, scores, filled = fill_from_names((jac_counts, jac_ids, jac_scores),
+                                                          (name_counts, name_ids, name_scores), k)
+            counts_out.update(
+                n_fallback_no_attributes=counts_out["n_without_attributes"],   # every slot offered to names
+                n_fallback_short=counts_out["n_short"],    # with attributes, < k Jaccard candidates: the rest
+                n_filled_from_names=int(filled.sum()),     # pairs the fallback listed
+                n_short=int(np.count_nonzero(counts < k)),           # after the fallback
+                n_no_candidates=int(np.count_nonzero(counts == 0)))  # after the fallback
     del table
-    t_encode = time.perf_counter() - t
-
-    result = run_mining(enc, k, seed, block_size, num_workers, frequent_bits)
 
     t = time.perf_counter()
-    sizes = enc.sizes
-    n_without = int(np.count_nonzero(sizes == 0))
-    n_short = int(np.count_nonzero((sizes > 0) & (result.counts < k)))
-    n_none = int(np.count_nonzero((sizes > 0) & (result.counts == 0)))
     storage.delete(manifest_uri)        # from here on the output is incomplete until the new manifest lands
-    storage.write_table(parquet_uri, negatives_table(result.counts, result.ids, result.scores))
-    t_write = time.perf_counter() - t
-
-    p, st = result.params, result.stats
+    storage.write_table(parquet_uri, negatives_table(counts, ids, scores))
+    timings["write_s"] = round(time.perf_counter() - t, 3)
+    timings["total_s"] = round(time.perf_counter() - t_start, 3)
     manifest = {
         **key,
+        "source": source,
         "dataset": dataset_uri,
         "dataset_name": ds.name,
         "output": parquet_rel,
         "n_entities": n,
-        "n_without_attributes": n_without,
-        "n_short": n_short,                    # with attributes, fewer than k candidates of score > 0
-        "n_no_candidates": n_none,             # with attributes, no candidate of score > 0
-        "n_pairs_listed": int(result.counts.sum()),
+        **counts_out,
+        "n_pairs_listed": int(counts.sum()),
         "zero_scores_listed": False,
         "tie_break": "splitmix64(seed, entity_id, candidate_id) ascending",
-        "algorithm": {
-            "name": "exact-jaccard-topk",
-            "block_size": block_size,
-            "num_workers": p["num_workers"],
-            "engine": engine,
-            "n_blocks": p["n_blocks"],
-            "frequent_bits": p["frequent_bits"],
-            "n_groups": p["n_groups"],
-            "n_tail_attributes": p["n_tail_attributes"],
-            "n_attributes": len(enc.df),
-            "key_group_entries": p["key_group_entries"],
-            "work": {
-                "naive_sum_df2": p["all_df2"],         # cost of the plain sparse product A @ A.T
-                "tail_sum_df2": p["tail_df2"],
-                "tail_product_pairs": st["product_pairs"],
-                "exact_pairs_kept": st["exact_kept"],
-                "group_pairs": st["group_pairs"],
-                "tie_pairs": st["tie_pairs"],
-                "tie_fallback_rows": st["tie_fallback_rows"],
-                "sorted_candidates": st["sorted_candidates"],
-            },
-        },
-        "timings": {
-            "read_s": round(t_read, 3),
-            "encode_s": round(t_encode, 3),
-            "index_s": p["index_seconds"],
-            "mine_s": p["mine_seconds"],
-            "write_s": round(t_write, 3),
-            "total_s": round(time.perf_counter() - t_start, 3),
-        },
+        # the Jaccard pool's manifest keeps its layout (one algorithm); the others name each part
+        "algorithm": algorithm["jaccard"] if source == "jaccard" else algorithm,
+        "timings": timings,
         "mel_ray_version": __version__,
     }
+    if source == "jaccard+names":
+        manifest["order"] = "Jaccard candidates (score desc), then name-similarity ones (cosine desc)"
     storage.write_json(manifest_uri, manifest)
-    log.info("negatives: wrote %s (%d entities, %d without attributes, %d with fewer than k=%d) in %.1fs",
-             parquet_uri, n, n_without, n_short, k, manifest["timings"]["total_s"])
+    counted = ", ".join(f"{name} {value}" for name, value in {"n_entities": n, **counts_out}.items())
+    log.info("negatives: wrote %s (%s) in %.1fs", parquet_uri, counted, timings["total_s"])
     return manifest
+
+
+def _sklearn_version() -> str:
+    import sklearn
+
+    return sklearn.__version__
+
+
+def _mine_jaccard(table: pa.Table, k: int, seed: int, block_size: int, num_workers: int | None,
+                  frequent_bits: int | None, timings: dict):
+    """The exact Jaccard pool of the entities' attribute sets: (counts, ids, scores, attribute set sizes,
+    the manifest's algorithm section); fills timings' encode_s, index_s, mine_s."""
+    n = table.num_rows
+    num_workers, engine = choose_engine(n, num_workers)
+    log.info("negatives: %s", engine)
+    t = time.perf_counter()
+    enc = encode_attributes(table.column("attributes"))
+    timings["encode_s"] = round(time.perf_counter() - t, 3)
+
+    result = run_mining(enc, k, seed, block_size, num_workers, frequent_bits)
+    p, st = result.params, result.stats
+    timings["index_s"], timings["mine_s"] = p["index_seconds"], p["mine_seconds"]
+    algorithm = {
+        "name": "exact-jaccard-topk",
+        "block_size": block_size,
+        "num_workers": p["num_workers"],
+        "engine": engine,
+        "n_blocks": p["n_blocks"],
+        "frequent_bits": p["frequent_bits"],
+        "n_groups": p["n_groups"],
+        "n_tail_attributes": p["n_tail_attributes"],
+        "n_attributes": len(enc.df),
+        "key_group_entries": p["key_group_entries"],
+        "work": {
+            "naive_sum_df2": p["all_df2"],         # cost of the plain sparse product A @ A.T
+            "tail_sum_df2": p["tail_df2"],
+            "tail_product_pairs": st["product_pairs"],
+            "exact_pairs_kept": st["exact_kept"],
+            "group_pairs": st["group_pairs"],
+            "tie_pairs": st["tie_pairs"],
+            "tie_fallback_rows": st["tie_fallback_rows"],
+            "sorted_candidates": st["sorted_candidates"],
+        },
+    }
+    return result.counts, result.ids, result.scores, enc.sizes, algorithm

@@ -211,11 +211,14 @@ def mine(cfg: Config, dataset: str, *, num_workers: int | None = None, force: bo
 
     n = cfg.negatives
     manifest = mine_negatives(dataset, k=n.k, seed=n.seed, block_size=n.block_size, num_workers=num_workers,
-                              force=force)
-    counts = {k: manifest[k] for k in ("n_entities", "n_without_attributes", "n_short") if k in manifest}
+                              force=force, source=n.source)
+    counts = {k: manifest[k] for k in ("n_entities", "n_without_attributes", "n_without_name",
+                                       "n_fallback_no_attributes", "n_fallback_short", "n_short") if k in manifest}
     ran = not manifest.get("skipped")
-    engine = manifest.get("algorithm", {}).get("engine")
-    note = f"{'mined' if ran else 'already mined'} top-{n.k}: {counts}{f' ({engine})' if ran and engine else ''}"
+    algorithm = manifest.get("algorithm", {})
+    engine = algorithm.get("engine") or algorithm.get("jaccard", {}).get("engine")
+    what = f"top-{n.k}" if n.source == "jaccard" else f"top-{n.k} {n.source}"
+    note = f"{'mined' if ran else 'already mined'} {what}: {counts}{f' ({engine})' if ran and engine else ''}"
     return Outcome(manifest, ran, note, {"output": manifest.get("output"), **counts})
 
 
@@ -256,7 +259,8 @@ def encode_features(cfg: Config, dataset: str, key: str | None, checkpoint: str 
 
     manifest = extract_features(dataset, cfg.models.clip, cfg.features, synthetic_key=key,
                                 views=cfg.synthesize.views if key else None, cache_dir=cfg.models.cache_dir,
-                                checkpoint=checkpoint, text_encoder=cfg.models.text_encoder)
+                                checkpoint=checkpoint, text_encoder=cfg.models.text_encoder,
+                                text_pooling=cfg.models.text_pooling)
     run = manifest["run"]
     note = (f"{manifest['uri']}: {run['shards_written']} shards written, {run['shards_skipped']} already there, "
             f"on {device_note(run['num_gpus'])}")
@@ -285,8 +289,11 @@ def run_name(cfg: Config, dataset: str, features: str, base: str = "pipeline", n
     negatives: an explicit negatives/k{K}.parquet URI (default: the one negatives.k names; not in the key).
     tracking_target: where the run is tracked (tracking_target()): a run finished in one MLflow store is not
     "already trained" for another, whose users would never see it."""
+    # negatives.source at its default is left out: runs named before sources existed keep their names
+    negatives_settings = cfg.negatives.model_dump(mode="json", exclude={"source"} if cfg.negatives.source ==
+                                                  "jaccard" else None)
     inputs = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-              "negatives": cfg.negatives.model_dump(mode="json"), "dataset": dataset, "features": features,
+              "negatives": negatives_settings, "dataset": dataset, "features": features,
               "experiment": cfg.tracking.experiment}
     if tracking_target:
         inputs["tracking"] = tracking_target
@@ -375,31 +382,91 @@ def train_stage(cfg: Config, root: str | os.PathLike = ".", features: str | None
                   under(root, negatives) if negatives else None)
 
 
-def evaluate_model(cfg: Config, dataset: str, features: str, trained: dict, name: str, split: str = SPLIT) -> Outcome:
+def evaluate_model(cfg: Config, dataset: str, features: str | None, trained: dict, name: str,
+                   split: str = SPLIT) -> Outcome:
     """Exact full-KB evaluation of the best checkpoint: train.num_workers KB shards of train.cpus_per_worker
-    CPUs each (the resources training just gave back); the metrics are added to the training's MLflow run."""
+    CPUs each (the resources training just gave back); the metrics are added to the training's MLflow run.
+    The encoder's zero-shot floor is evaluated beside it on the same split and compared mention by mention
+    (`zero_shot_floor`); it is part of the report, the marker and the MLflow run."""
     from mel_ray.eval.evaluate import evaluate, shard_settings
 
+    base = features                 # the set frozen training read: where the zero-shot floor ranks
     if finetuning(cfg):             # the fine-tuned encoder's own features, written when training finished
         features = trained["features_uri"]
     folder = run_folder(cfg, name)
     marker = storage.join(folder, EVAL_MARKER.format(split=split))
-    if storage.exists(marker):
+    if storage.exists(marker):      # a marker from before the floor existed has none: it is shown without
         report = storage.read_json_object(marker)
-        note = f"already evaluated on {split}: MRR {report['metrics'].get('MRR', float('nan')):.4f}"
-        return Outcome(report, False, note, {"split": split, "metrics": report["metrics"]})
+        note = f"already evaluated on {split}: {_eval_note(report)}"
+        return Outcome(report, False, note, _eval_info(report, split))
     report = evaluate(dataset, features, trained["checkpoint"], split, output_uri=storage.join(folder, "eval"),
                       **shard_settings(cfg))
+    report["zero_shot"] = zero_shot_floor(cfg, dataset, base, folder, split)
     report = json.loads(json.dumps(report, default=float))
     log_eval_to_mlflow(trained, report, split)
     storage.write_json(marker, report)
-    note = (f"{report['mentions']} {split} mentions x {report['entities']} entities: "
-            f"MRR {report['metrics'].get('MRR', float('nan')):.4f}")
-    return Outcome(report, True, note, {"split": split, "metrics": report["metrics"]})
+    note = f"{report['mentions']} {split} mentions x {report['entities']} entities: {_eval_note(report)}"
+    return Outcome(report, True, note, _eval_info(report, split))
+
+
+ZERO_SHOT_EVAL = "eval_zero_shot"     # beside the run's eval/: the floor's predictions and eval_<split>.json
+
+
+def zero_shot_floor(cfg: Config, dataset: str, base: str | None, folder: str, split: str) -> dict:
+    """The encoder's own ranking (evaluate's zero-shot ranker) of the split the model was just evaluated on, and
+    the comparison paired by mention (model - floor: McNemar exact on H@1, Wilcoxon signed-rank on reciprocal
+    ranks). Frozen: on the features the model read. Finetune: on the BASE encoder's features (the set frozen
+    training would read), not the fine-tuned ones, so the floor is what training started from; when there is no
+    such set (finetune extracts none) the floor is skipped with the reason, never guessed."""
+    from mel_ray.eval import zero_shot
+    from mel_ray.eval.evaluate import evaluate, shard_settings
+
+    which = "the features the model was trained and evaluated on"
+    if finetuning(cfg):
+        which = "the base encoder's features (what frozen training reads), not the fine-tuned encoder's"
+        try:
+            base = _find_features(cfg)
+        except UsageError as err:
+            return {"skipped": f"no base feature set for the zero-shot floor ({err}); run extract-features "
+                               "without --checkpoint to get one"}
+    output = storage.join(folder, ZERO_SHOT_EVAL)
+    floor = evaluate(dataset, base, None, split, output_uri=output, ranker=zero_shot.RANKER, **shard_settings(cfg))
+    model = storage.read_table(storage.join(folder, "eval", f"predictions_{split}.parquet"),
+                               columns=["mention_id", "rank"]).to_pydict()
+    ranks = storage.read_table(storage.join(output, f"predictions_{split}.parquet"),
+                               columns=["mention_id", "rank"]).to_pydict()
+    return {"metrics": floor["metrics"], "mentions": floor["mentions"], "entities": floor["entities"],
+            "encoder": floor["encoder"], "score": floor["score"], "features": base, "features_are": which,
+            "seconds": floor["seconds"], "vs_model": zero_shot.paired_by_mention(model, ranks)}
+
+
+def _eval_note(report: dict) -> str:
+    """'MRR 0.81 H@1 0.74 (zero-shot MRR 0.80 H@1 0.73; model - floor: H@1 +0.01 (p=..), MRR ...)'."""
+    def two(metrics: dict) -> str:
+        return f"MRR {metrics.get('MRR', float('nan')):.4f} H@1 {metrics.get('H@1', float('nan')):.4f}"
+
+    note = two(report["metrics"])
+    floor = report.get("zero_shot") or {}
+    if floor.get("metrics"):
+        from mel_ray.eval.zero_shot import comparison_line
+
+        note += f" (zero-shot {two(floor['metrics'])}; model - zero-shot: {comparison_line(floor['vs_model'])})"
+    elif floor.get("skipped"):
+        note += " (zero-shot floor skipped: no base feature set)"
+    return note
+
+
+def _eval_info(report: dict, split: str) -> dict:
+    info = {"split": split, "metrics": report["metrics"]}
+    if (report.get("zero_shot") or {}).get("metrics"):
+        info["zero_shot_metrics"] = report["zero_shot"]["metrics"]
+    return info
 
 
 def log_eval_to_mlflow(trained: dict, report: dict, split: str) -> None:
-    """`<split>_<metric>` metrics and eval_<split>.json on the training's run, so one run holds dev and test."""
+    """`<split>_<metric>` metrics and eval_<split>.json on the training's run, so one run holds dev and test; the
+    zero-shot floor as `<split>_zero_shot_<metric>` and its paired comparison as `<split>_vs_zero_shot_*` (deltas
+    model - floor, p of McNemar on H@1 and of Wilcoxon on reciprocal ranks where a test could be made)."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -407,8 +474,16 @@ def log_eval_to_mlflow(trained: dict, report: dict, split: str) -> None:
 
     client = MlflowClient(tracking_uri=trained["tracking_uri"])
     now = int(time.time() * 1000)
-    client.log_batch(trained["run_id"], metrics=[Metric(f"{split}_{mlflow_name(k)}", float(v), now, 0)
-                                                 for k, v in report["metrics"].items()])
+    values = {f"{split}_{k}": v for k, v in report["metrics"].items()}
+    floor = report.get("zero_shot") or {}
+    if floor.get("metrics"):
+        paired = floor["vs_model"]
+        values.update({f"{split}_zero_shot_{k}": v for k, v in floor["metrics"].items()})
+        values.update({f"{split}_vs_zero_shot_delta_H@1": paired["delta_H@1"],
+                       f"{split}_vs_zero_shot_delta_MRR": paired["delta_MRR"]})
+        values.update({f"{split}_vs_zero_shot_p_{m}": paired[m]["p"] for m in ("H@1", "MRR")
+                       if isinstance(paired[m]["p"], float)})
+    client.log_batch(trained["run_id"], metrics=[Metric(mlflow_name(k), float(v), now, 0) for k, v in values.items()])
     client.log_text(trained["run_id"], json.dumps(report, indent=2), f"eval_{split}.json")
 
 
@@ -483,12 +558,14 @@ def run_pipeline(cfg: Config, root: str | os.PathLike = ".", base: str = "pipeli
     features = None if finetuning(cfg) else step(features_stage(cfg, root, synthetic=views.value["key"])).value["uri"]
     trained = step(train_stage(cfg, root, features=features, base=base)).value
     report = step(evaluate_stage(cfg, root, features=features, trained=trained, base=base)).value
+    floor = (report.get("zero_shot") or {}).get("metrics")
     print(f"[pipeline] done in {time.perf_counter() - t0:.1f}s: {SPLIT} MRR "
-          f"{report['metrics'].get('MRR', float('nan')):.4f}, MLflow run {trained['run_id']} at "
-          f"{redact.uri(trained['tracking_uri'])}", flush=True)
+          f"{report['metrics'].get('MRR', float('nan')):.4f}"
+          + (f" (zero-shot {floor.get('MRR', float('nan')):.4f})" if floor else "")
+          + f", MLflow run {trained['run_id']} at {redact.uri(trained['tracking_uri'])}", flush=True)
     return {"stages": [r.summary() for r in results], "run_id": trained["run_id"],
             "tracking_uri": trained["tracking_uri"], "checkpoint": trained["checkpoint"],
-            f"{SPLIT}_metrics": report["metrics"]}
+            f"{SPLIT}_metrics": report["metrics"], **({f"{SPLIT}_zero_shot_metrics": floor} if floor else {})}
 
 
 def link_stage(cfg: Config, root: str | os.PathLike = ".") -> StageResult:

@@ -116,8 +116,15 @@ class PreparedChunk:
         return sum(t.element_size() * t.nelement() for unit in self.side.values() for t in unit.values())
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a scorer's work runs: its weights' device (a scorer without weights, the zero-shot one, has a buffer)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def prepare_chunk(model: MELModel, chunk: dict) -> PreparedChunk:
-    device = next(model.parameters()).device
+    device = model_device(model)
     model.eval()
     with torch.no_grad():
         side = model.entity_side(model.entity_features(_on(chunk, device)))
@@ -167,7 +174,7 @@ def rank_counts(model: MELModel, mentions: dict, gold_features: dict | None,
     Raises NonFiniteScores (which mentions) if any score of a mention, its gold's included, is NaN or inf.
     """
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     n = next(v for v in mentions.values() if isinstance(v, torch.Tensor)).shape[0]
     bounds = list(range(0, n, mention_batch)) + [n]
     spans = list(itertools.pairwise(bounds))

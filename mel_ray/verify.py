@@ -13,7 +13,8 @@ What is checked (every artefact the stages write under a dataset root, local or 
 * links (local disk): no file that resolves outside the root is read (tables, manifests, shards: one line,
   "not read"); the listing does not follow folder links out of the root (one line each, "not followed") nor
   links back up their own path, so it always ends.
-* `negatives/k{K}.parquet` + `k{K}.manifest.json`: both present, the manifest's `k` and `n_entities`, its
+* `negatives/[names_|jaccard_names_]k{K}.parquet` + `.manifest.json` (the pools of negatives.source jaccard,
+  names, jaccard+names): both present, the manifest's `k`, `source` and `n_entities`, its
   `entities_sha256` against today's entities.parquet (a pool mined from an earlier dataset is stale), the
   pool's schema, one row per entity in order, neighbour ids inside the KB, never the entity itself, at most
   K of them, as many scores as ids, every score finite (no NaN / inf).
@@ -72,7 +73,10 @@ from mel_ray.dataset import (
 )
 from mel_ray.errors import DataError, one_line
 
-NEGATIVES_RE = re.compile(r"^negatives/k(\d+)\.(parquet|manifest\.json)$")
+# a pool's source (negatives.source) -> the prefix of its files under negatives/ (the Jaccard pool keeps the
+# names it always had, so existing pools stay valid)
+POOL_PREFIXES = {"jaccard": "", "names": "names_", "jaccard+names": "jaccard_names_"}
+NEGATIVES_RE = re.compile(r"^negatives/(names_|jaccard_names_)?k(\d+)\.(parquet|manifest\.json)$")
 FEATURES_MANIFEST = "manifest.json"
 SYNTH_MANIFEST = "manifest.parquet"
 SYNTH_SETTINGS = "settings.json"
@@ -605,10 +609,10 @@ class _Checker:
 
     # ------------------------------------------------------------------ negatives
 
-    def negatives(self, k: int, has_parquet: bool = True, has_manifest: bool = True) -> None:
+    def negatives(self, k: int, has_parquet: bool = True, has_manifest: bool = True, source: str = "jaccard") -> None:
         from mel_ray.negatives import OUTPUT_SCHEMA
 
-        prel, mrel = f"negatives/k{k}.parquet", f"negatives/k{k}.manifest.json"
+        prel, mrel = pool_paths(k, source)
         manifest = None
         if not has_manifest:
             self.add(mrel, "missing: an unfinished mine-negatives run (its Parquet is not usable; rerun it)")
@@ -618,6 +622,9 @@ class _Checker:
         if manifest is not None:
             if manifest.get("k") != k or isinstance(manifest.get("k"), bool):
                 self.add(mrel, f"k {manifest.get('k')!r} but the file is named k{k}", field="k")
+            if manifest.get("source", "jaccard") != source:     # pools written before sources existed: Jaccard
+                self.add(mrel, f"source {manifest.get('source')!r} but the file is named for {source!r}",
+                         field="source")
             if n is not None and manifest.get("n_entities") != n:
                 self.add(mrel, f"n_entities {manifest.get('n_entities')!r} but the dataset has {n} entities",
                          field="n_entities")
@@ -898,15 +905,17 @@ class _Checker:
             return
         files = self.listing()
         self.guarded(MANIFEST, self.dataset)
-        ks: dict[int, set[str]] = {}
+        pools: dict[tuple[str, int], set[str]] = {}
         for rel in files:
             m = NEGATIVES_RE.match(rel)
             if m:
-                ks.setdefault(int(m.group(1)), set()).add(m.group(2))
-        for k in sorted(ks):
-            self.guarded(f"negatives/k{k}.parquet", self.negatives, k, has_parquet="parquet" in ks[k],
-                         has_manifest="manifest.json" in ks[k])
-        self.summary["negatives"] = sorted(ks)
+                pools.setdefault((m.group(1) or "", int(m.group(2))), set()).add(m.group(3))
+        source_of = {prefix: source for source, prefix in POOL_PREFIXES.items()}
+        for prefix, k in sorted(pools):
+            kinds = pools[prefix, k]
+            self.guarded(pool_paths(k, source_of[prefix])[0], self.negatives, k, has_parquet="parquet" in kinds,
+                         has_manifest="manifest.json" in kinds, source=source_of[prefix])
+        self.summary["negatives"] = [f"{prefix}k{k}" for prefix, k in sorted(pools)]
         for key in sorted({rel.split("/")[1] for rel in files if rel.startswith("synthetic/") and rel.count("/") >= 2}):
             self.guarded(f"synthetic/{key}", self.synthetic, key)
         for key in sorted({rel.split("/")[1] for rel in files if rel.startswith("features/") and rel.count("/") >= 2}):
@@ -942,13 +951,19 @@ def check_dataset_quick(uri: str) -> list[Problem]:
     return checker.problems
 
 
-def check_negatives_quick(dataset_uri: str, k: int) -> list[Problem]:
-    """Start-up check of `negatives/k{K}`: manifest, footer, schema, one row per entity (no data read)."""
+def pool_paths(k: int, source: str = "jaccard") -> tuple[str, str]:
+    """(Parquet, manifest) of the negatives pool of `source` (POOL_PREFIXES) and size k, under the dataset root."""
+    stem = f"negatives/{POOL_PREFIXES[source]}k{k}"
+    return f"{stem}.parquet", f"{stem}.manifest.json"
+
+
+def check_negatives_quick(dataset_uri: str, k: int, source: str = "jaccard") -> list[Problem]:
+    """Start-up check of `negatives/[prefix]k{K}`: manifest, footer, schema, one row per entity (no data read)."""
     checker = _Checker(str(dataset_uri), "quick")
     checker.dataset_manifest()
     checker.problems.clear()              # the dataset's own problems are check_dataset_quick's
-    prel, mrel = f"negatives/k{k}.parquet", f"negatives/k{k}.manifest.json"
-    checker.negatives(k, has_parquet=checker.exists(prel), has_manifest=checker.exists(mrel))
+    prel, mrel = pool_paths(k, source)
+    checker.negatives(k, has_parquet=checker.exists(prel), has_manifest=checker.exists(mrel), source=source)
     return checker.problems
 
 
@@ -1003,24 +1018,25 @@ def require_dataset(uri: str) -> None:
     raise_first(check_dataset_quick(uri), str(uri))
 
 
-def require_negatives(dataset_uri: str, k: int, negatives_uri: str | None = None) -> None:
-    """The pool `negatives/k{K}.parquet` of the dataset (or `negatives_uri`, named like one) is sound."""
-    if negatives_uri and storage.join(str(dataset_uri), "negatives", f"k{k}.parquet") != str(negatives_uri):
+def require_negatives(dataset_uri: str, k: int, negatives_uri: str | None = None, source: str = "jaccard") -> None:
+    """The pool of `source` and size k of the dataset (or `negatives_uri`, named like a pool) is sound."""
+    if negatives_uri and storage.join(str(dataset_uri), pool_paths(k, source)[0]) != str(negatives_uri):
         folder, name = _split_uri(str(negatives_uri))
         parent, leaf = _split_uri(folder)
-        match = re.fullmatch(r"k(\d+)\.parquet", name)
-        if leaf != "negatives" or not match:      # not laid out as a pool: find_negatives' own checks only
+        match = NEGATIVES_RE.fullmatch(f"{leaf}/{name}")
+        if not match or match.group(3) != "parquet":    # not laid out as a pool: find_negatives' own checks only
             return
         checker = _Checker(parent, "quick")
         ds = _Checker(str(dataset_uri), "quick")
         ds.dataset_manifest()
         checker.counts = ds.counts
-        k = int(match.group(1))
-        prel, mrel = f"negatives/k{k}.parquet", f"negatives/k{k}.manifest.json"
-        checker.negatives(k, has_parquet=checker.exists(prel), has_manifest=checker.exists(mrel))
+        k = int(match.group(2))
+        source = {prefix: s for s, prefix in POOL_PREFIXES.items()}[match.group(1) or ""]
+        prel, mrel = pool_paths(k, source)
+        checker.negatives(k, has_parquet=checker.exists(prel), has_manifest=checker.exists(mrel), source=source)
         raise_first(checker.problems, parent)
         return
-    raise_first(check_negatives_quick(str(dataset_uri), k), str(dataset_uri))
+    raise_first(check_negatives_quick(str(dataset_uri), k, source), str(dataset_uri))
 
 
 def require_synthetic(dataset_uri: str, key: str) -> None:
@@ -1045,8 +1061,8 @@ def summary_line(uri: str, summary: dict[str, Any]) -> str:
     counts = summary.get("counts", {})
     parts = [f"{counts.get('entities', '?')} entities",
              "train/dev/test = " + "/".join(str(counts.get(s, "?")) for s in SPLITS) + " mentions"]
-    ks = summary.get("negatives") or []
-    parts.append("negatives " + (", ".join(f"k{k}" for k in ks) if ks else "none"))
+    pools = summary.get("negatives") or []
+    parts.append("negatives " + (", ".join(pools) if pools else "none"))
     synth = summary.get("synthetic") or {}
     parts.append(f"{len(synth)} synthetic key{'s' if len(synth) != 1 else ''} ({sum(synth.values())} views)")
     feats = summary.get("features") or {}

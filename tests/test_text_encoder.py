@@ -5,11 +5,16 @@ mel_ray.tiny_models.build_tiny_bert (hidden 24, where the tiny CLIP's text width
 frozen training run; a finetune run whose checkpoint holds the fine-tuned BERT, the feature set its
 `extract-features --checkpoint` makes from it, and link's mention encoder; and the bad inputs, each one line
 naming the setting. The tests that run Ray Train (one frozen run, one finetune run) are marked slow.
+
+models.text_pooling (issue 23): the tiny BERT copied into a sentence-transformers folder by the test
+(modules.json + 1_Pooling/config.json) is mean-pooled under "auto"; a plain BERT folder keeps [CLS] and its keys.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +94,27 @@ def close_to_half(stored: np.ndarray, reference: np.ndarray) -> None:
     np.testing.assert_allclose(stored.astype(np.float32), reference, rtol=2e-3, atol=2e-3)
 
 
+def sentence_folder(bert: str, folder: Path, modes: dict[str, bool] | None = None, pooling: bool = True) -> str:
+    """A copy of the tiny BERT as sentence-transformers writes a model: modules.json (Transformer, then Pooling
+    when `pooling`) and 1_Pooling/config.json with the given pooling_mode_* flags (default: mean only)."""
+    shutil.copytree(bert, folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    if pooling:
+        modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+        flags = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+                 "pooling_mode_mean_sqrt_len_tokens": False, **(modes or {})}
+        (folder / "1_Pooling").mkdir()
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": BERT_HIDDEN,
+                                                                      **flags}))
+    (folder / "modules.json").write_text(json.dumps(modules))
+    return str(folder)
+
+
+def masked_mean(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    weights = mask.astype(np.float32)[..., None]
+    return (states * weights).sum(axis=1) / weights.sum(axis=1)
+
+
 # ------------------------------------------------------------------------------------------ no Ray
 
 
@@ -162,6 +188,93 @@ def test_bad_text_encoders_are_one_line(melbench, tiny_models, tiny_bert, tmp_pa
     assert err[-1].startswith("error: models.text_encoder=") and "not a BERT-family" in err[-1], err
 
 
+def test_text_pooling_is_what_the_folder_declares(tiny_bert, tmp_path):
+    """auto: a sentence-transformers folder's Pooling module (mean -> mean, cls -> cls), else cls; an explicit
+    setting wins; what mel-ray cannot compute, a damaged declaration or a pooling without a text encoder: one line
+    naming the file or the setting."""
+    from mel_ray.models import resolve_text_pooling
+
+    mean = sentence_folder(tiny_bert, tmp_path / "mean")
+    assert resolve_text_pooling(tiny_bert) == "cls"                    # a plain BERT folder: the paper's [CLS]
+    assert resolve_text_pooling(mean) == "mean"
+    assert resolve_text_pooling(mean, "cls") == "cls" and resolve_text_pooling(tiny_bert, "mean") == "mean"
+    cls = sentence_folder(tiny_bert, tmp_path / "cls", {"pooling_mode_cls_token": True,
+                                                         "pooling_mode_mean_tokens": False})
+    assert resolve_text_pooling(cls) == "cls"
+    assert resolve_text_pooling(sentence_folder(tiny_bert, tmp_path / "no-pooling", pooling=False)) == "cls"
+    assert resolve_text_pooling(None) is None                           # CLIP's text tower
+    maxed = sentence_folder(tiny_bert, tmp_path / "max", {"pooling_mode_max_tokens": True,
+                                                           "pooling_mode_mean_tokens": False})
+    with pytest.raises(UsageError, match=r"1_Pooling/config.json: declares pooling \['max'\], which mel-ray does "
+                                         r"not compute; set models.text_pooling=cls or mean$"):
+        resolve_text_pooling(maxed)
+    assert resolve_text_pooling(maxed, "mean") == "mean"
+    (Path(mean) / "1_Pooling" / "config.json").write_text("{not json")
+    with pytest.raises(UsageError, match=r"1_Pooling/config.json: not readable JSON"):
+        resolve_text_pooling(mean)
+    with pytest.raises(UsageError, match=r"^models.text_pooling=mean applies to models.text_encoder only"):
+        resolve_text_pooling(None, "mean")
+    with pytest.raises(UsageError, match=r"models.text_pooling"):
+        load_config(None, ["models.text_pooling=max"])
+
+
+def test_mean_pooled_features_equal_the_finetune_modules_and_cls_keys_stay(melbench, tiny_models, tiny_bert,
+                                                                          tmp_path):
+    """A sentence-transformers folder declaring mean pooling: extract-features stores t_G = the attention-mask-
+    weighted mean of the final states (not [CLS]), its manifest and key say so, and ClipEncoder (finetune) pools
+    the same text to the same vector, also when its checkpoint encodes (extract-features --checkpoint), which
+    refuses another pooling. A plain BERT folder: the key and settings of a [CLS] set, as before the setting."""
+    from mel_ray.checkpoints import export_model
+    from mel_ray.feature_store import load_features, read_manifest
+    from mel_ray.features.inputs import tokenize
+    from mel_ray.features.plan import features_key
+    from mel_ray.model import MELModel, ModelDims
+    from mel_ray.model.encoder import clip_config_of, encoder_sizes, text_config_of
+    from mel_ray.models import load_text_tokenizer, resolve_text_pooling
+
+    clip, cache = tiny_models["clip"], DEFAULT_CACHE
+    st = sentence_folder(tiny_bert, tmp_path / "st")
+    config = FeaturesConfig(num_gpus=0, text_length=TEXT_LENGTH)
+    made = extract_features(melbench, clip, config, engine="local", quiet=True, features_root=str(tmp_path / "f"),
+                            text_encoder=st)
+    assert made["text_encoder"]["pooling"] == "mean" and made["settings"]["text_pooling"] == "mean"
+    stored = load_features(made["uri"], "entities", columns=["text_global"])["text_global"]
+    texts = entity_texts(melbench)
+    cls_states, states = bert_states(st, texts)
+    _, mask = tokenize(load_text_tokenizer(st), texts, TEXT_LENGTH)
+    close_to_half(stored, masked_mean(states, mask))
+    assert np.abs(stored.astype(np.float32) - cls_states).max() > 0.1        # not the [CLS] state
+
+    # the finetune module (dims as train builds them) gives the same vector for the same text
+    clip_config, text_config = clip_config_of(clip, cache), text_config_of(st, cache)
+    dims = ModelDims(**encoder_sizes(clip_config, text_config), hidden=16, encoder="finetune",
+                     encoder_config=clip_config, text_encoder_config=text_config, text_encoder=st,
+                     text_pooling=resolve_text_pooling(st))
+    model = MELModel(dims).eval()
+    model.encoder.load_pretrained(clip, cache)
+    ids, mask = tokenize(load_text_tokenizer(st), texts, TEXT_LENGTH)
+    with torch.no_grad():
+        t_global, _ = model.encoder.text(torch.from_numpy(ids).long(), torch.from_numpy(mask).long())
+    close_to_half(stored, t_global.numpy())
+    # ... and its checkpoint's extract-features --checkpoint pools so too; another pooling is one line
+    checkpoint = export_model({"model": model.state_dict(), "dims": dims.to_dict()}, {"models": {}},
+                              tmp_path / "model.pt")
+    tuned = extract_features(melbench, clip, config, engine="local", quiet=True, features_root=str(tmp_path / "f"),
+                             text_encoder=st, checkpoint=str(checkpoint))
+    close_to_half(load_features(tuned["uri"], "entities", columns=["text_global"])["text_global"], t_global.numpy())
+    assert read_manifest(tuned["uri"])["text_encoder"]["pooling"] == "mean"
+    with pytest.raises(UsageError, match=r"fine-tuned with models.text_pooling=mean, but it resolves to cls here"):
+        extract_features(melbench, clip, config, engine="local", quiet=True, features_root=str(tmp_path / "f"),
+                         text_encoder=st, text_pooling="cls", checkpoint=str(checkpoint))
+
+    # keys: cls (auto on a plain BERT folder, or explicit) is the key a [CLS] set always had; mean is another
+    def key(encoder: str, pooling: str) -> str:
+        return features_key(melbench, clip, text_length=TEXT_LENGTH, text_encoder=encoder, text_pooling=pooling)
+
+    assert key(tiny_bert, "auto") == key(tiny_bert, "cls") != key(tiny_bert, "mean")
+    assert key(st, "auto") == key(st, "mean") != key(st, "cls")
+
+
 # ------------------------------------------------------------------------------- frozen: features, training
 
 
@@ -191,7 +304,8 @@ def test_frozen_features_are_berts_and_train(frozen, melbench, tiny_models, tiny
     assert features["shapes"]["text_local"] == [TEXT_LENGTH, BERT_HIDDEN]
     assert features["shapes"]["image_global"] == [HIDDEN]               # images stay CLIP's
     assert features["settings"]["text_encoder"] == model_fingerprint(tiny_bert)
-    assert features["text_encoder"] == {"id": tiny_bert, "fingerprint": model_fingerprint(tiny_bert)}
+    assert features["text_encoder"] == {"id": tiny_bert, "fingerprint": model_fingerprint(tiny_bert), "pooling": "cls"}
+    assert "text_pooling" not in features["settings"]                   # [CLS]: the key as before the setting
     require_features(features["uri"], melbench)                          # evaluation-ready
     # t_G = BERT's [CLS] final state, T_L = its final states, of MIMIC's entity text
     stored = load_features(features["uri"], "entities", columns=["text_global", "text_local"])
@@ -256,6 +370,7 @@ def test_finetune_trains_bert_and_extracts_with_it(melbench, tiny_models, tiny_b
     assert [h["epoch"] for h in result["history"]] == [1] and "dev_MRR" in result["history"][0]
     state = load_checkpoint(result["checkpoint"])
     assert state["dims"]["text_encoder_config"]["model_type"] == "bert"
+    assert state["dims"]["text_pooling"] == "cls"                       # a plain BERT folder: [CLS], as extracted
     assert (state["dims"]["text_global"], state["dims"]["text_local"]) == (BERT_HIDDEN, BERT_HIDDEN)
     assert not any(k.startswith("encoder.clip.text_model.") for k in state["model"])
     bert = text_encoder_state(state["model"])

@@ -99,8 +99,12 @@ def test_killed_sweep_resumes_and_logs_parent_and_children(prepared, ray_local):
         assert child.data.params["train.epochs"] == "1"          # tune.train over train
     assert [r["status"] for r in result["rows"]] == ["done", "done"]
     assert "| 2 | 2 |" in result["table"] and "| 4 | 2 |" in result["table"]
+    # one zero-shot row (the encoder alone, computed once by the driver), dev and test, and its parent metrics
+    assert result["table"].splitlines()[-1].startswith("| zero-shot | - | 0.") and " - |" not in \
+        result["table"].splitlines()[-1].split("| zero-shot | - |")[1], result["table"]
     parent = client.get_run(result["parent_run_id"])
     assert parent.info.status == "FINISHED" and "best_test_MRR" in parent.data.metrics
+    assert parent.data.metrics["zero_shot_test_MRR"] == result["zero_shot"]["metrics"]["test_MRR"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"ablation.md", "ablation_arms.json", "heatmaps", "best"} <= artifacts
     # without tune.seeds an arm is one trial (train.seed): its mean, no std, no paired test (the reason says why)

@@ -5,6 +5,9 @@ loads the model once, and for each streamed mention batch returns per-mention co
 before the gold one plus its local top-k (mel_ray/scoring.py). The driver sums counts and merges top-k lists, so the
 result equals a full score matrix + stable sort, while no process ever holds mentions x KB scores.
 
+The ranker is the trained model (a checkpoint), or with ranker="zero-shot" the encoder alone: the cosine of the
+feature set's global vectors (mel_ray/eval/zero_shot.py), through the same shards, tie policy, metrics and files.
+
 Non-finite scores stop the evaluation: every shard scores all its batches, marking the mentions whose scores
 are NaN or inf (mel_ray.scoring), and the driver raises a NonFiniteError naming the checkpoint, the split and
 how many mentions were affected; no metric and no prediction file is written from such scores.
@@ -51,8 +54,10 @@ class KBShard:
     (streamed). The model stays fp32 on a GPU too (TF32 off): the tie policy compares scores exactly."""
 
     def __init__(self, features_uri: str, start: int, stop: int, entity_chunk: int, mention_batch: int,
-                 threads: int, cache_bytes: int = 0, use_gpu: bool = False):
+                 threads: int, cache_bytes: int = 0, use_gpu: bool = False, ranker: str = "model"):
         import os
+
+        from mel_ray.eval.zero_shot import RANKER, EntityGlobals
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
@@ -62,7 +67,10 @@ class KBShard:
         self.model = None                    # built from the first batch's state (see `score`)
         self.start, self.stop = start, min(stop, self.store.num_entities)
         self.mention_batch = mention_batch
-        self.sides = EntitySides(self.store.chunk, self.start, self.stop, entity_chunk, cache_bytes)
+        # the zero-shot ranker reads only the global vectors and has_image of the same memory-mapped entities
+        rows = EntityGlobals(self.store) if ranker == RANKER else self.store
+        self.gather = rows.gather
+        self.sides = EntitySides(rows.chunk, self.start, self.stop, entity_chunk, cache_bytes)
         self.pid = os.getpid()               # a restarted shard is a new process: the driver counts restarts by it
 
     def score(self, mentions: dict, state_box: list) -> tuple[int, tuple | NonFiniteScores]:
@@ -75,8 +83,8 @@ class KBShard:
         import ray
 
         if self.model is None:
-            self.model = build_model(ray.get(state_box[0])).to(self.device).eval()
-        gold = self.store.gather(mentions["gold"].numpy())
+            self.model = build_scorer(ray.get(state_box[0])).to(self.device).eval()
+        gold = self.gather(mentions["gold"].numpy())
         try:
             return self.pid, rank_counts(self.model, mentions, gold, self.sides.chunks(self.model),
                                          mention_batch=self.mention_batch, topk=TOPK)
@@ -84,10 +92,20 @@ class KBShard:
             return self.pid, err
 
 
+def build_scorer(state: dict):
+    """What a KB shard scores with: the checkpoint's model, or the zero-shot scorer (zero_shot.zero_shot_state)."""
+    from mel_ray.eval.zero_shot import RANKER, ZeroShotScorer
+
+    return ZeroShotScorer().eval() if state.get("ranker") == RANKER else build_model(state)
+
+
 def side_bytes_per_entity(state: dict, features_uri: str) -> int:
     """Memory of one entity's side (all units' entity parts, fp32): what eval.cache_gb is measured against."""
+    from mel_ray.eval.zero_shot import RANKER, EntityGlobals
+
     store = EntityStore(features_uri)
-    return prepare_chunk(build_model(state), store.chunk(0, min(1, store.num_entities))).nbytes
+    rows = EntityGlobals(store) if state.get("ranker") == RANKER else store
+    return prepare_chunk(build_scorer(state), rows.chunk(0, min(1, store.num_entities))).nbytes
 
 
 def cache_budget(cache_gb: float, entity_chunk: int, per_entity: int, command: str = "evaluate") -> int:
@@ -157,13 +175,17 @@ class _Batch:
         self.a, self.b, self.ref, self.parts = a, b, ref, []
 
 
-def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: str = "test", *,
+def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str | None, split: str = "test", *,
              output_uri: str | None = None, num_shards: int = 2, batch_size: int = 256, entity_chunk: int = 1024,
              mention_batch: int = 64, threads_per_shard: int = 1, cpus_per_shard: float = 1.0,
              num_gpus: float | str = "auto", cache_gb: float = 1.0, in_flight: int = 2,
-             progress=None, candidates: int | None = None) -> dict:
+             progress=None, candidates: int | None = None, ranker: str = "model") -> dict:
     """checkpoint_uri: anything mel_ray.checkpoints.load_checkpoint takes (a Ray Train checkpoint folder,
     model.pt, an MLflow run holding one); it is validated on the driver before any shard starts.
+
+    ranker: "model" (the checkpoint's) or "zero-shot": no checkpoint (None), the cosine of the set's global
+    vectors (mel_ray/eval/zero_shot.py); the report then says `"ranker": "zero-shot"` and names the encoder. A set
+    without global vectors is refused with one line.
 
     num_shards: KB shards (Ray actors of cpus_per_shard CPUs and num_gpus GPUs each: eval.num_gpus, "auto" = 1
     where the cluster has GPUs), all alive at once. More than the cluster can place (or than there are
@@ -182,8 +204,18 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
     Raises NonFiniteError (one line: checkpoint, split, how many mentions) when any score is NaN or inf."""
     import ray
 
+    from mel_ray.eval import zero_shot
     from mel_ray.runtime import device_note, resolve_num_gpus
 
+    if ranker not in zero_shot.RANKERS:
+        raise UsageError(f"evaluate: ranker {ranker!r}: expected one of {', '.join(zero_shot.RANKERS)}")
+    if ranker == zero_shot.RANKER and checkpoint_uri is not None:
+        raise UsageError("evaluate: the zero-shot ranker uses no checkpoint; give either a checkpoint or zero-shot")
+    if ranker == zero_shot.MODEL and checkpoint_uri is None:
+        raise UsageError("evaluate: no checkpoint to evaluate (give one, or rank zero-shot)")
+    if ranker == zero_shot.RANKER and candidates is not None:
+        raise UsageError("evaluate: --candidates reranks with a trained matcher; the zero-shot ranking is exact "
+                         "and cheap, leave --candidates out")
     if candidates is not None:          # retrieve, then rerank: its own shards and loop
         from mel_ray.eval.candidates import evaluate_candidates
 
@@ -195,16 +227,22 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
     t0 = time.perf_counter()
     if in_flight < 1:
         raise UsageError(f"evaluate: eval.in_flight must be at least 1 (got {in_flight})")
-    state = load_checkpoint(checkpoint_uri)     # validated here, before Ray and any shard starts
-    require_matching_features(state, read_manifest(features_uri), features_uri, checkpoint_uri)
-    state.pop("config")                     # the shards need weights and dims only
-    state["model"] = build_model(state).state_dict()      # a fine-tuned encoder's weights stay here
+    if ranker == zero_shot.RANKER:
+        state = zero_shot.zero_shot_state(features_uri)       # a set without global vectors: one line, here
+        source = f"zero-shot ranking of {features_uri}"
+    else:
+        state = load_checkpoint(checkpoint_uri)     # validated here, before Ray and any shard starts
+        require_matching_features(state, read_manifest(features_uri), features_uri, checkpoint_uri)
+        state.pop("config")                     # the shards need weights and dims only
+        state["model"] = build_model(state).state_dict()      # a fine-tuned encoder's weights stay here
+        source = checkpoint_uri
     cache_bytes = cache_budget(cache_gb, entity_chunk, side_bytes_per_entity(state, features_uri))
     init_ray()
     num_gpus = resolve_num_gpus("evaluate", num_gpus, "eval.num_gpus")
     ds = load_dataset(dataset_uri)
     n_entities = ds.num_entities
-    mentions = mention_tensors(features_uri, dataset_uri, split)
+    mentions = (zero_shot.mention_globals if ranker == zero_shot.RANKER else mention_tensors)(
+        features_uri, dataset_uri, split)
     n = len(mentions["mention_id"])
     num_shards = fit_shards(num_shards, cpus_per_shard, n_entities, num_gpus)
     bounds = np.linspace(0, n_entities, num_shards + 1).astype(int)
@@ -214,7 +252,7 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
                        max_restarts=MAX_SHARD_RESTARTS, max_task_retries=MAX_SHARD_RESTARTS)(KBShard)
     state_ref = ray.put(state)
     shards = [actor.remote(features_uri, int(a), int(b), entity_chunk, mention_batch, threads_per_shard,
-                           cache_bytes, num_gpus > 0)
+                           cache_bytes, num_gpus > 0, ranker)
               for a, b in itertools.pairwise(bounds) if b > a]
     log.info("evaluate %s: %d mentions x %d entities on %d shards (%s, entity-side cache %.2f GiB each)", split,
              n, n_entities, len(shards), device_note(num_gpus), cache_bytes / 2**30)
@@ -272,18 +310,20 @@ def evaluate(dataset_uri: str, features_uri: str, checkpoint_uri: str, split: st
         for shard in shards:        # their CPUs (GPUs) go back now, not whenever the handles are collected
             ray.kill(shard, no_restart=True)
     if nonfinite.any():
-        raise NonFiniteError(checkpoint_uri, f"split '{split}': {describe_rows(nonfinite)} got non-finite scores "
+        raise NonFiniteError(source, f"split '{split}': {describe_rows(nonfinite)} got non-finite scores "
                              "(NaN or inf) against the KB; no metrics reported", rows=int(nonfinite.sum()))
     ranks = counts + 1
     metrics = metrics_from_ranks(ranks)
     seconds = time.perf_counter() - t0
-    report = {"split": split, "mentions": n, "entities": n_entities, "metrics": metrics,
+    report = {"split": split, "ranker": ranker, "mentions": n, "entities": n_entities, "metrics": metrics,
               "pairs_per_second": n * n_entities / max(seconds, 1e-9), "seconds": seconds,
               "shards": len(shards), "threads_per_shard": threads_per_shard, "gpus_per_shard": num_gpus,
               "cache_gb_per_shard": cache_bytes / 2**30, "in_flight": in_flight,
               "shard_restarts": sum(max(0, len(p) - 1) for p in pids),
               "tie_policy": "rank = 1 + #{score > gold} + #{score == gold and entity_id < gold_id}",
               "same_name_failures": same_name_failures(ds, mentions, top_ids)}
+    if ranker == zero_shot.RANKER:
+        report.update(encoder=state["encoder"], score=zero_shot.SCORE, features=features_uri)
     if output_uri:
         write_predictions(output_uri, split, mentions, ranks, top_ids, top_scores, report)
     return report
@@ -332,6 +372,11 @@ def format_table(report: dict) -> str:
     sep = "|" + "---|" * (len(keys) + 1)
     row = f"| {report['split']} | " + " | ".join(
         f"{m[k]:.2f}" if k == "MR" else f"{100 * m[k]:.2f}" for k in keys) + " |"
+    if report.get("ranker") == "zero-shot":     # the encoder alone: say which, above the numbers
+        encoder = report.get("encoder") or {}
+        named = encoder.get("text_encoder") or encoder.get("clip")
+        pooling = f", {encoder['text_pooling']} pooling" if encoder.get("text_pooling") else ""
+        head = f"zero-shot ranking by {named}{pooling}: {report.get('score')}\n{head}"
     if report.get("approximate"):       # retrieve, then rerank: say so above the numbers
         from mel_ray.eval.candidates import approximate_line
 

@@ -23,12 +23,14 @@ class Encoder:
     units."""
 
     def __init__(self, model: str, cache_dir: str, dtype: str | None, use_gpu: bool, image_size: tuple[int, int],
-                 text_length: int, weights=None, text_encoder: str | None = None, text_weights=None):
+                 text_length: int, weights=None, text_encoder: str | None = None, text_weights=None,
+                 text_pooling: str = "cls"):
         """weights: a fine-tuned encoder's CLIP state dict (or a Ray object ref to one), loaded over `model`'s
         (extract-features --checkpoint); `model` then only gives the architecture and the processor.
 
-        text_encoder: models.text_encoder, a BERT-family model that encodes the texts (t_G = its [CLS] final state,
-        T_L = its final states) instead of CLIP's text tower; text_weights: its fine-tuned weights (or a ref)."""
+        text_encoder: models.text_encoder, a BERT-family model that encodes the texts (t_G = its final states pooled
+        as `text_pooling` says, mel_ray.model.encoder.pool_text: "cls" or "mean"; T_L = its final states) instead of
+        CLIP's text tower; text_weights: its fine-tuned weights (or a ref)."""
         import torch
 
         from mel_ray.models import load_clip
@@ -45,7 +47,7 @@ class Encoder:
             self.device = "cpu"
             self.name = f"cpu/threads={torch.get_num_threads()}"
         self.model, _ = load_clip(model, self.device, dtype, cache_dir)
-        self.text_model = None
+        self.text_model, self.text_pooling = None, text_pooling
         if text_encoder:
             from mel_ray.models import load_text_encoder
 
@@ -84,9 +86,11 @@ class Encoder:
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids).to(self.device)
             mask = torch.from_numpy(attention_mask.astype(np.int64)).to(self.device)
-            if self.text_model is not None:         # BERT-family: [CLS] (state 0) and every final state
+            if self.text_model is not None:         # BERT-family: pooled (cls / mean) and every final state
+                from mel_ray.model.encoder import pool_text
+
                 text = self.text_model(input_ids=ids, attention_mask=mask)
-                tg = text.last_hidden_state[:, 0]
+                tg = pool_text(text.last_hidden_state, mask, self.text_pooling)
             else:
                 text = self.model.get_text_features(input_ids=ids, attention_mask=mask)
                 tg = text.pooler_output

@@ -103,6 +103,7 @@ class Plan:
     tokenizer: Any = None
     weights: Any = None              # a fine-tuned encoder's CLIP weights (extract-features --checkpoint)
     text_encoder: str | None = None  # models.text_encoder (None: CLIP's text tower encodes the texts)
+    text_pooling: str | None = None  # how its t_G is pooled: "cls" / "mean" (models.text_pooling, resolved)
     text_weights: Any = None         # a fine-tuned text encoder's weights (extract-features --checkpoint)
 
 
@@ -149,13 +150,16 @@ def _load_synthetic(ds, key: str, views: int | None) -> tuple[dict[str, list[tup
 
 def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views: int | None, text_length: int,
           dtype: str | None, splits: tuple[str, ...], micro_batch: int, shard_rows: int, features_root: str | None,
-          cache_dir: str, encoder_checkpoint: str | None = None, text_encoder: str | None = None) -> Plan:
+          cache_dir: str, encoder_checkpoint: str | None = None, text_encoder: str | None = None,
+          text_pooling: str = "auto") -> Plan:
     """encoder_checkpoint: the fingerprint of a fine-tuned encoder's weights (mel_ray.model.encoder), part of
     the key and the manifest's settings; None (the base CLIP) leaves both as they always were.
 
     text_encoder: models.text_encoder, a BERT-family model that encodes the texts instead of CLIP's text tower
     (its tokenizer, its widths in `shapes`, its identity in the key and the settings); None leaves all three as
-    they always were."""
+    they always were. text_pooling: models.text_pooling (auto / cls / mean), resolved here
+    (mel_ray.models.resolve_text_pooling); in the key and the settings only when it is not cls, so sets made
+    before the setting existed (all [CLS]) keep their keys."""
     from transformers import CLIPConfig
 
     if text_length < 2:
@@ -178,6 +182,7 @@ def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views:
     elif text_length > config.text_config.max_position_embeddings:
         raise UsageError(f"text_length {text_length} exceeds the model's {config.text_config.max_position_embeddings} "
                          "positions")
+    pooling = models.resolve_text_pooling(text_encoder, text_pooling, cache_dir)
     height, width = output_size(image_cfg)
     vc = config.vision_config
     tokens = (vc.image_size // vc.patch_size) ** 2 + 1
@@ -194,7 +199,7 @@ def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views:
 
     fingerprint = model_fingerprint(model, cache_dir)
     proj = config.projection_dim
-    # with a text encoder: t_G is its [CLS] state and T_L its token states, both its hidden size wide
+    # with a text encoder: t_G is its pooled state ([CLS] or mean) and T_L its token states, both its hidden size wide
     shapes = {"text_global": [text_width if text_encoder else proj], "text_local": [text_length, text_width],
               "text_mask": [text_length], "image_global": [proj], "image_local": [tokens, vc.hidden_size]}
     if synthetic_key:
@@ -214,6 +219,8 @@ def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views:
         settings["encoder_checkpoint"] = encoder_checkpoint
     if text_encoder:
         settings["text_encoder"] = model_fingerprint(text_encoder, cache_dir)
+    if pooling not in (None, "cls"):
+        settings["text_pooling"] = pooling
     settings = json.loads(json.dumps(settings, default=str))     # plain JSON types, as the manifest stores them
     key = settings_key(settings)
     root = features_root or ds.path("features")
@@ -239,17 +246,17 @@ def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views:
     return Plan(uri=storage.join(root, key), key=key, settings=settings, model=model, cache_dir=cache_dir,
                  text_length=text_length, image_size=(height, width), image_cfg=image_cfg, shapes=shapes,
                  micro_batch=micro_batch, shard_rows=shard_rows, n_views=n_s, dtype=dtype, tables=tables,
-                 inputs=inputs, tokenizer=tokenizer, text_encoder=text_encoder or None)
+                 inputs=inputs, tokenizer=tokenizer, text_encoder=text_encoder or None, text_pooling=pooling)
 
 
 def features_key(dataset_uri: str, model: str, *, synthetic_key: str | None = None, views: int | None = None,
                  text_length: int = 40, dtype: str | None = None, micro_batch: int = DEFAULT_MICRO_BATCH,
                  shard_rows: int = DEFAULT_SHARD_ROWS, cache_dir: str = DEFAULT_CACHE,
-                 text_encoder: str | None = None) -> str:
+                 text_encoder: str | None = None, text_pooling: str = "auto") -> str:
     """The folder name under DATASET/features that `extract_features` with these settings writes to."""
     return make_plan(dataset_uri, model, synthetic_key=synthetic_key, views=views, text_length=text_length, dtype=dtype,
                  splits=(), micro_batch=micro_batch, shard_rows=shard_rows, features_root=None,
-                 cache_dir=cache_dir, text_encoder=text_encoder).key
+                 cache_dir=cache_dir, text_encoder=text_encoder, text_pooling=text_pooling).key
 
 
 def make_units(plan: Plan) -> list[dict]:

@@ -155,8 +155,8 @@ def build_manifest(plan: Plan, existing: set[str]) -> dict:
         "key": plan.key,
         "mel_ray_version": __version__,
         "model": {"id": plan.model, "fingerprint": plan.settings["model"]},
-        **({"text_encoder": {"id": plan.text_encoder, "fingerprint": plan.settings["text_encoder"]}}
-           if plan.text_encoder else {}),
+        **({"text_encoder": {"id": plan.text_encoder, "fingerprint": plan.settings["text_encoder"],
+                             "pooling": plan.text_pooling}} if plan.text_encoder else {}),
         "settings": {k: v for k, v in plan.settings.items() if k not in ("model", "inputs", "stage")},
         "inputs": plan.inputs,
         "storage": {"format": "parquet (zstd)", "tensor_layout": "fixed_size_list flattened row-major; shape below",

@@ -38,7 +38,7 @@ from mel_ray.features.plan import (
     make_plan,
     make_units,
 )
-from mel_ray.models import DEFAULT_CACHE, pin_model
+from mel_ray.models import DEFAULT_CACHE, pin_model, resolve_text_pooling
 from mel_ray.verify import require_dataset
 
 
@@ -172,6 +172,7 @@ def _run_ray(plan: Plan, units: list[dict], *, batch_size: int, concurrency: int
                                                "text_length": plan.text_length,
                                                "weights": None if plan.weights is None else ray.put(plan.weights),
                                                "text_encoder": plan.text_encoder,
+                                               "text_pooling": plan.text_pooling or "cls",
                                                "text_weights": None if plan.text_weights is None
                                                else ray.put(plan.text_weights)})
     batches = ds.iter_batches(batch_size=None, batch_format="numpy")
@@ -185,7 +186,7 @@ def _run_local(plan: Plan, units: list[dict], *, use_gpu: bool, quiet: bool) -> 
     threads = torch.get_num_threads()
     try:
         encoder = Encoder(plan.model, plan.cache_dir, plan.dtype, use_gpu, plan.image_size, plan.text_length,
-                          plan.weights, plan.text_encoder, plan.text_weights)
+                          plan.weights, plan.text_encoder, plan.text_weights, plan.text_pooling or "cls")
 
         def rows():
             for unit in units:
@@ -198,11 +199,12 @@ def _run_local(plan: Plan, units: list[dict], *, use_gpu: bool, quiet: bool) -> 
         torch.set_num_threads(threads)
 
 
-def fine_tuned_encoder(checkpoint: str, model: str, cache_dir: str,
-                       text_encoder: str | None = None) -> tuple[dict, dict | None, str]:
+def fine_tuned_encoder(checkpoint: str, model: str, cache_dir: str, text_encoder: str | None = None,
+                       text_pooling: str | None = None) -> tuple[dict, dict | None, str]:
     """(CLIP weights, text encoder weights or None, their fingerprint) of a finetune checkpoint, refused (one line)
-    when it is a frozen-mode checkpoint, its CLIP architecture is not `model`'s, or its text encoder is not
-    `text_encoder`'s architecture (CLIP's text tower when None)."""
+    when it is a frozen-mode checkpoint, its CLIP architecture is not `model`'s, its text encoder is not
+    `text_encoder`'s architecture (CLIP's text tower when None), or it pooled t_G otherwise than `text_pooling`
+    (resolved models.text_pooling: the features must be what the fine-tuned model read)."""
     from mel_ray.checkpoints import load_checkpoint
     from mel_ray.model.encoder import (
         clip_config_of,
@@ -211,7 +213,7 @@ def fine_tuned_encoder(checkpoint: str, model: str, cache_dir: str,
         text_config_of,
         text_encoder_state,
     )
-    from mel_ray.models import TEXT_ENCODER_SETTING
+    from mel_ray.models import TEXT_ENCODER_SETTING, TEXT_POOLING_SETTING
 
     state = load_checkpoint(checkpoint)
     if state["dims"].get("encoder", "frozen") != "finetune":
@@ -234,6 +236,11 @@ def fine_tuned_encoder(checkpoint: str, model: str, cache_dir: str,
     if text_encoder and trained_text != text_config_of(text_encoder, cache_dir):
         raise UsageError(f"{checkpoint}: its fine-tuned text encoder has another architecture than "
                          f"{TEXT_ENCODER_SETTING}={text_encoder}; set it to the text encoder it was trained from")
+    trained_pooling = state["dims"].get("text_pooling") or "cls"        # checkpoints before the setting: [CLS]
+    if text_encoder and text_pooling and text_pooling != trained_pooling:
+        raise UsageError(f"{checkpoint}: its text encoder was fine-tuned with {TEXT_POOLING_SETTING}="
+                         f"{trained_pooling}, but it resolves to {text_pooling} here; set "
+                         f"{TEXT_POOLING_SETTING}={trained_pooling}")
     weights = encoder_state(state["model"])
     text_weights = text_encoder_state(state["model"]) if trained_text else None
     return weights, text_weights, fine_tuned_fingerprint(weights, text_weights)
@@ -244,7 +251,8 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
                      micro_batch: int = DEFAULT_MICRO_BATCH, shard_rows: int = DEFAULT_SHARD_ROWS,
                      num_cpus: float | None = None, decode_num_cpus: float = 0.5, features_root: str | None = None,
                      cache_dir: str = DEFAULT_CACHE, engine: str = "ray", quiet: bool = False,
-                     checkpoint: str | None = None, text_encoder: str | None = None) -> dict:
+                     checkpoint: str | None = None, text_encoder: str | None = None,
+                     text_pooling: str = "auto") -> dict:
     """Write CLIP features of the dataset's entities and mentions (and synthetic views) under
     DATASET/features/<key>/ (or features_root/<key>/); returns the manifest plus `uri` and `run`.
 
@@ -263,8 +271,10 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
     fine-tuned CLIP weights encode everything (`model` gives the processor and the architecture); the set's key
     and manifest carry the encoder's fingerprint, which evaluate and link check against their checkpoint.
     text_encoder: models.text_encoder: a BERT-family model (id, local or s3:// folder) encodes the texts instead
-    of CLIP's text tower (text_global = its [CLS] final state, text_local = its final states; its tokenizer);
+    of CLIP's text tower (text_global = its pooled final states, text_local = its final states; its tokenizer);
     with `checkpoint`, that checkpoint's fine-tuned copy of it. None: CLIP's text tower, keys as they always were.
+    text_pooling: models.text_pooling (auto / cls / mean): how t_G is pooled from the text encoder's states; in the
+    key only when it resolves to something else than cls.
     """
     from mel_ray.runtime import resolve_num_gpus
 
@@ -285,12 +295,13 @@ def extract_features(dataset_uri: str, model: str, cfg: FeaturesConfig, *, synth
     t0 = time.perf_counter()
     model = pin_model(str(model))         # a hub id: the commit the key names and every encoder loads
     text_encoder = pin_model(str(text_encoder)) if text_encoder else None
+    pooling = resolve_text_pooling(text_encoder, text_pooling, cache_dir)
     weights, text_weights, fingerprint = (None, None, None) if checkpoint is None else \
-        fine_tuned_encoder(checkpoint, model, cache_dir, text_encoder)
+        fine_tuned_encoder(checkpoint, model, cache_dir, text_encoder, pooling)
     plan = make_plan(str(dataset_uri), model, synthetic_key=synthetic_key, views=views, text_length=text_length,
                  dtype=dtype, splits=tuple(splits), micro_batch=micro_batch, shard_rows=shard_rows,
                  features_root=features_root, cache_dir=cache_dir, encoder_checkpoint=fingerprint,
-                 text_encoder=text_encoder)
+                 text_encoder=text_encoder, text_pooling=pooling or "auto")
     plan.weights, plan.text_weights = weights, text_weights
     existing = set(storage.list_files(plan.uri))
     for table in plan.tables.values():

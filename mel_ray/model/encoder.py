@@ -12,8 +12,9 @@ In `frozen` mode the features are read from a feature set and `MELModel.encoder`
 arithmetic runs with gradients (tests/test_finetune.py checks the two agree on the same inputs).
 
 With `models.text_encoder` set (a BERT-family model), that model replaces CLIP's text tower (which is then left
-out of the module, so it neither trains nor sits in checkpoints): text_global = its [CLS] final hidden state
-(state 0, not normalised, no pooler), text_local = its final hidden states [L, D_bert]; it trains with the rest
+out of the module, so it neither trains nor sits in checkpoints): text_global = its final hidden states pooled as
+models.text_pooling says (`pool_text`: the [CLS] state, or the attention-mask-weighted mean of the states; not
+normalised, no pooler), text_local = its final hidden states [L, D_bert]; it trains with the rest
 (part of MELModel.encoder, so at train.encoder_lr) and its weights are `encoder.text_model.*` in checkpoints.
 
 A batch for this encoder holds `input_ids` [N, L], `attention_mask` [N, L] and `pixels` [N, 3, H, W]; mentions
@@ -28,6 +29,19 @@ from torch import nn
 ENCODER_MODES = ("frozen", "finetune")
 
 
+def pool_text(states: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+    """t_G of a text encoder's final states [N, L, D] (models.text_pooling): "cls" = state 0 (BERT's [CLS], the
+    paper's); "mean" = the mean over the attended tokens (sentence-transformers' mean pooling: a sentence model's
+    trained sentence embedding, before its optional normalisation). extract-features and fine-tuning both pool
+    here, so frozen features and the fine-tuned module's output agree."""
+    if pooling == "cls":
+        return states[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"text pooling {pooling!r}: expected 'cls' or 'mean'")
+    weights = attention_mask.to(states.dtype).unsqueeze(-1)
+    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
 def _normalize(t: torch.Tensor) -> torch.Tensor:
     """CLIPModel's `_get_vector_norm` division, so TE^G / VE^G equal the frozen features' arithmetic."""
     return t / torch.pow(torch.sum(torch.pow(t, 2), dim=-1, keepdim=True), 0.5)
@@ -38,10 +52,13 @@ class ClipEncoder(nn.Module):
     pretrained weights are loaded once, at the start of training, by `load_pretrained`.
 
     text_config: a BERT-family text encoder's config dict (models.text_encoder) that replaces CLIP's text tower;
-    text_source: where its pretrained weights come from (its pinned id or folder; read by `load_pretrained`)."""
+    text_source: where its pretrained weights come from (its pinned id or folder; read by `load_pretrained`);
+    text_pooling: how its t_G is pooled (pool_text)."""
 
-    def __init__(self, clip_config: dict, text_config: dict | None = None, text_source: str | None = None):
+    def __init__(self, clip_config: dict, text_config: dict | None = None, text_source: str | None = None,
+                 text_pooling: str = "cls"):
         super().__init__()
+        self.text_pooling = text_pooling
         from transformers import CLIPConfig, CLIPModel
 
         self.clip = CLIPModel(CLIPConfig.from_dict(clip_config))
@@ -69,9 +86,9 @@ class ClipEncoder(nn.Module):
         self.text_model.load_state_dict(load_text_encoder(self.text_source, cache_dir=cache_dir)[0].state_dict())
 
     def text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.text_model is not None:     # BERT-family: [CLS] (state 0) and every final state, as extracted
+        if self.text_model is not None:     # BERT-family: pooled as extracted, and every final state
             states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return states[:, 0], states
+            return pool_text(states, attention_mask, self.text_pooling), states
         out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return _normalize(out.pooler_output), out.last_hidden_state
 

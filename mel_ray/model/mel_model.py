@@ -40,6 +40,7 @@ class ModelDims:
     # None: CLIP's text tower) and where its pretrained weights were loaded from (its pinned id or folder)
     text_encoder_config: dict | None = None
     text_encoder: str | None = None
+    text_pooling: str = "cls"     # how that text encoder's t_G is pooled (models.text_pooling, resolved: cls / mean)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +56,8 @@ class MELModel(nn.Module):
         if dims.encoder == "finetune":
             if not dims.encoder_config:
                 raise ValueError("encoder 'finetune' needs encoder_config (the CLIP config)")
-            self.encoder = ClipEncoder(dims.encoder_config, dims.text_encoder_config, dims.text_encoder)
+            self.encoder = ClipEncoder(dims.encoder_config, dims.text_encoder_config, dims.text_encoder,
+                                       dims.text_pooling)
         else:
             self.encoder = nn.Identity()   # frozen CLIP features are the inputs
         # t_G and T_L enter at the text encoder's own widths (CLIP's 512, or a BERT's 768 with models.text_encoder):

@@ -28,7 +28,7 @@ from mel_ray.model.encoder import clip_config_of, encoder_sizes, text_config_of
 from mel_ray.runtime import init_ray
 from mel_ray.train.inputs import FinetuneInputs, build_inputs, decoded
 from mel_ray.train.loop import NONFINITE, train_loop_per_worker
-from mel_ray.verify import require_dataset, require_features, require_negatives
+from mel_ray.verify import pool_paths, require_dataset, require_features, require_negatives
 
 log = logging.getLogger(__name__)
 PATCH_MAP_MENTIONS = 4
@@ -39,16 +39,21 @@ def mlflow_name(metric: str) -> str:
     return metric.replace("@", "_at_")
 
 
-def find_negatives(dataset_uri: str, negatives_uri: str | None, k_pool: int, mode: str) -> str | None:
+def find_negatives(dataset_uri: str, negatives_uri: str | None, k_pool: int, mode: str,
+                   source: str = "jaccard") -> str | None:
+    """The mined pool training samples its hard negatives from: `negatives_uri`, else the dataset's pool of
+    negatives.k and negatives.source (train.negatives jaccard / both read it whatever its source); None for
+    in_batch."""
     if mode == "in_batch":
         return None
-    uri = negatives_uri or storage.join(dataset_uri, "negatives", f"k{k_pool}.parquet")
+    uri = negatives_uri or storage.join(dataset_uri, pool_paths(k_pool, source)[0])
     # the manifest is written last: a pool without one is incomplete
     manifest_uri = uri.replace(".parquet", ".manifest.json")
+    flag = "" if source == "jaccard" else f" --source {source}"
     if not storage.exists(uri) or not storage.exists(manifest_uri):
-        raise UsageError(f"{uri}: no mined negatives; run `mel-ray mine-negatives --k {k_pool}` first "
+        raise UsageError(f"{uri}: no mined negatives; run `mel-ray mine-negatives --k {k_pool}{flag}` first "
                          f"or train with --set train.negatives=in_batch")
-    require_negatives(dataset_uri, k_pool, uri)     # manifest, footer, schema, one row per entity
+    require_negatives(dataset_uri, k_pool, uri, source)     # manifest, footer, schema, one row per entity
     # pools index entities by id: pools mined on another entities table would silently be wrong negatives
     mined_for = storage.read_json_object(manifest_uri).get("entities_sha256")
     entities_uri = load_dataset(dataset_uri).path(ENTITIES)
@@ -56,8 +61,33 @@ def find_negatives(dataset_uri: str, negatives_uri: str | None, k_pool: int, mod
     if mined_for != actual:
         raise UsageError(f"{manifest_uri}: entities_sha256 {str(mined_for)[:12]}... does not match {entities_uri} "
                          f"({actual[:12]}...); the entities changed since mining, rerun `mel-ray mine-negatives "
-                         f"--k {k_pool}`")
+                         f"--k {k_pool}{flag}`")
     return uri
+
+
+def pool_coverage(dataset_uri: str, negatives_uri: str, k: int) -> dict[str, int]:
+    """How the mined pool serves the training mentions: how many there are, how many have a gold entity with
+    an empty pool (no hard negatives at all: in jaccard mode they train on in-batch negatives, in both on the
+    in-batch ones only, so JD-CCL does nothing for them) and how many a pool shorter than k."""
+    from mel_ray.feature_store import load_pools
+
+    ds = load_dataset(dataset_uri)
+    gold = ds.mentions("train", columns=["entity_id"]).column("entity_id").to_numpy()
+    sizes = np.array([len(p) for p in load_pools(negatives_uri, ds.num_entities)], dtype=np.int64)[gold]
+    return {"train_mentions": len(gold), "empty_pool": int(np.count_nonzero(sizes == 0)),
+            "short_pool": int(np.count_nonzero((sizes > 0) & (sizes < k)))}
+
+
+def report_coverage(coverage: dict[str, int], negatives_uri: str, source: str) -> None:
+    """One line at the start of training: the user sees why hard negatives do nothing on an attribute-less KB."""
+    empty, total = coverage["empty_pool"], coverage["train_mentions"]
+    line = (f"negatives: {empty} of {total} training mentions have a gold entity with no mined negatives in "
+            f"{negatives_uri} (no hard negatives for them: in-batch ones only), {coverage['short_pool']} fewer "
+            f"than train.k")
+    if empty and source == "jaccard":
+        line += ("; a gold entity without attributes shared with others has an empty Jaccard pool: "
+                 "negatives.source=names or jaccard+names fills it from name similarity")
+    (log.warning if empty else log.info)(line)
 
 
 def trainer_for(cfg: Config, dataset_uri: str, features_uri: str | None, negatives_uri: str | None,
@@ -80,11 +110,12 @@ def trainer_for(cfg: Config, dataset_uri: str, features_uri: str | None, negativ
         clip_config = clip_config_of(cfg.models.clip, cfg.models.cache_dir)
         loop_config["dims"].update(encoder="finetune", encoder_config=clip_config, **encoder_sizes(clip_config))
         if cfg.models.text_encoder:         # a BERT-family model replaces CLIP's text tower and trains too
-            from mel_ray.models import pin_model
+            from mel_ray.models import pin_model, resolve_text_pooling
 
             text_config = text_config_of(cfg.models.text_encoder, cfg.models.cache_dir)
+            pooling = resolve_text_pooling(cfg.models.text_encoder, cfg.models.text_pooling, cfg.models.cache_dir)
             loop_config["dims"].update(text_encoder_config=text_config, text_encoder=pin_model(cfg.models.text_encoder),
-                                       **encoder_sizes(clip_config, text_config))
+                                       text_pooling=pooling, **encoder_sizes(clip_config, text_config))
         loop_config["finetune"] = {"tables": ray.put({k: finetune.tables[k] for k in ("dev", "kb")}),
                                    "decode": finetune.decode_kwargs(), "clip": cfg.models.clip,
                                    "cache_dir": cfg.models.cache_dir}
@@ -160,13 +191,19 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
                                      text_encoder_named=bool(cfg.models.text_encoder))
         require_features(features_uri, dataset_uri)
         require_text_encoder(read_manifest(features_uri), cfg.models.text_encoder, features_uri)
-    negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
+    negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives,
+                                   cfg.negatives.source)
     if cfg.train.k > cfg.negatives.k and cfg.train.negatives != "in_batch":
         raise UsageError(f"train.k = {cfg.train.k} is larger than the mined pool negatives.k = {cfg.negatives.k}")
+    coverage = pool_coverage(dataset_uri, negatives_uri, cfg.train.k) if negatives_uri else None
+    if coverage:
+        report_coverage(coverage, negatives_uri, cfg.negatives.source)
     if finetune and cfg.models.text_encoder:    # a text encoder that is no BERT or too short: one line, before Ray
         from mel_ray.features.plan import check_text_encoder
+        from mel_ray.models import resolve_text_pooling
 
         check_text_encoder(cfg.models.text_encoder, cfg.features.text_length, cfg.models.cache_dir)
+        resolve_text_pooling(cfg.models.text_encoder, cfg.models.text_pooling, cfg.models.cache_dir)
     storage_path = storage_path or cfg.tracking.storage
     init_ray()
     inputs = finetune_inputs(cfg, dataset_uri, negatives_uri, synthetic_key) if finetune else None
@@ -200,6 +237,8 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
         tracking.log_params_flat(cfg.model_dump(mode="json"))
         mlflow.log_params({"inputs.dataset": dataset_uri, "inputs.features": features_uri,
                            "inputs.negatives": negatives_uri or "none"})
+        if coverage:       # training mentions whose gold got no (or fewer than train.k) hard negatives
+            mlflow.log_params({f"inputs.negatives_{name}": value for name, value in coverage.items()})
         for h in history:
             mlflow.log_metrics({mlflow_name(k): float(v) for k, v in h.items()
                                 if isinstance(v, (int, float)) and k != "epoch"}, step=int(h["epoch"]))
@@ -220,7 +259,8 @@ def train(cfg: Config, dataset_uri: str, *, features_uri: str | None = None, neg
     log.info("training done: best dev MRR %.4f at epoch %s; MLflow run %s at %s",
              best_metrics.get("dev_MRR", float("nan")), best_metrics["epoch"], run_id, uri)
     return {"run_id": run_id, "tracking_uri": uri, "best": best_metrics, "history": history,
-            "checkpoint": best_uri, "features_uri": features_uri, "negatives_uri": negatives_uri}
+            "checkpoint": best_uri, "features_uri": features_uri, "negatives_uri": negatives_uri,
+            "negatives_coverage": coverage}
 
 
 def finetune_inputs(cfg: Config, dataset_uri: str, negatives_uri: str | None,
@@ -248,7 +288,7 @@ def fine_tuned_features(cfg: Config, dataset_uri: str, checkpoint: str, syntheti
     manifest = extract_features(dataset_uri, cfg.models.clip, cfg.features, synthetic_key=synthetic_key,
                                 views=cfg.synthesize.views if synthetic_key else None,
                                 cache_dir=cfg.models.cache_dir, checkpoint=checkpoint, quiet=True,
-                                text_encoder=cfg.models.text_encoder)
+                                text_encoder=cfg.models.text_encoder, text_pooling=cfg.models.text_pooling)
     return manifest["uri"]
 
 

@@ -13,7 +13,9 @@ added); at the end the parent gets the ablation table (markdown, like Table 2, w
 `tune.seeds` and paired t-tests against `tune.baseline`: mel_ray.tune.stats; the arms also as
 ablation_arms.json), k x n_s heatmaps of dev and test H@1 / MRR, and the best trial's model. A trial that failed
 (training diverged: NonFiniteError) is listed as failed with its one line and gives no number to the table,
-the arms or "best". An interrupted sweep resumes with `Tuner.restore`: finished trials
+the arms or "best". The table has one zero-shot row too: the encoder's own ranking (cosine of the feature set's
+global vectors, mel_ray/eval/zero_shot.py) on the same split(s), computed once per sweep on the driver, not per
+trial. An interrupted sweep resumes with `Tuner.restore`: finished trials
 are kept, unfinished ones run again; the parent run id is kept next to the experiment so it is reused.
 """
 
@@ -188,13 +190,21 @@ def ablation_rows(results: list[dict], grid: dict[str, list]) -> list[dict]:
     return rows
 
 
-def ablation_table(rows: list[dict]) -> str:
+def ablation_table(rows: list[dict], zero_shot: dict | None = None) -> str:
+    """The trials' table; zero_shot (zero_shot_row): one more row, the encoder's floor, under the trials."""
     names = list(rows[0]["params"]) if rows else []
     head = "| " + " | ".join(["n_s" if n == "views" else n for n in names] + list(TABLE_METRICS) + ["status"]) + " |"
     lines = [head, "|" + " --- |" * (len(names) + len(TABLE_METRICS) + 1)]
+
+    def number(value) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) and np.isfinite(value) else "-"
+
     for r in rows:
-        cells = [str(r["params"][n]) for n in names] + [f"{r[m]:.4f}" if np.isfinite(r[m]) else "-"
-                                                         for m in TABLE_METRICS] + [r["status"]]
+        cells = [str(r["params"][n]) for n in names] + [number(r[m]) for m in TABLE_METRICS] + [r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    if zero_shot is not None:
+        first = ["zero-shot"] + ["-"] * (len(names) - 1)
+        cells = first + [number(zero_shot["metrics"].get(m)) for m in TABLE_METRICS] + ["encoder only, no training"]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:          # e.g. training diverged (NaN loss / non-finite dev scores): the line, never a number
@@ -216,6 +226,20 @@ def arm_statistics(rows: list[dict], baseline: dict | None) -> tuple[dict, str]:
             "test": "paired t-test (scipy.stats.ttest_rel), paired by seed, difference = arm - baseline",
             "arms": arms}
     return data, stats.arms_markdown(arms, TABLE_METRICS, source)
+
+
+def zero_shot_row(cfg: Config, dataset_uri: str, features_uri: str) -> dict:
+    """The encoder's own ranking on the sweep's feature set (the base encoder's, also for finetune trials, which
+    make their own): dev, and test when tune.evaluate_test; the KB shards sized as a trial's test evaluation."""
+    from mel_ray.eval.evaluate import evaluate, shard_settings
+    from mel_ray.eval.zero_shot import RANKER
+
+    trial = trial_config(cfg.model_dump(mode="json"), {"k": cfg.tune.k[0], "views": cfg.tune.views[0]})
+    metrics, report = {}, {}
+    for split in ("dev", "test") if cfg.tune.evaluate_test else ("dev",):
+        report = evaluate(dataset_uri, features_uri, None, split, ranker=RANKER, **shard_settings(trial))
+        metrics.update({f"{split}_{k}": v for k, v in report["metrics"].items()})
+    return {"metrics": metrics, "encoder": report.get("encoder"), "features": features_uri}
 
 
 def heatmaps(rows: list[dict], grid: dict[str, list], folder: Path) -> list[Path]:
@@ -253,6 +277,7 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     from mlflow.tracking import MlflowClient
 
     from mel_ray import tracking
+    from mel_ray.eval.zero_shot import zero_shot_state
     from mel_ray.feature_store import find_features, read_manifest, require_text_encoder
     from mel_ray.runtime import init_ray, job_placement_groups, release_placement_groups
     from mel_ray.train.run import find_negatives
@@ -263,8 +288,10 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
                                  text_encoder_named=bool(cfg.models.text_encoder))
     require_features(features_uri, dataset_uri)
     require_text_encoder(read_manifest(features_uri), cfg.models.text_encoder, features_uri)
-    negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives)
+    negatives_uri = find_negatives(dataset_uri, negatives_uri, cfg.negatives.k, cfg.train.negatives,
+                                   cfg.negatives.source)
     _check_inputs(cfg, features_uri)
+    zero_shot_state(features_uri)       # a set without global vectors: one line now, not after the trials
     storage_path = storage_path or cfg.tracking.storage
     if not storage.is_s3(storage_path):
         storage_path = str(Path(storage_path).absolute())
@@ -327,6 +354,7 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
         results.append({"params": {k: r.config[k] for k in grid}, "metrics": metrics, "status": status,
                         "error": trial_error(r.error) if r.error else None})
     rows = ablation_rows(results, grid)
+    floor = zero_shot_row(cfg, dataset_uri, features_uri)      # once per sweep, now that the trials' CPUs are free
     arms, arms_md = arm_statistics(rows, cfg.tune.baseline)
     finished = [r for r in results if r["metrics"]]
     best = max(finished, key=lambda r: r["metrics"].get("best_dev_MRR", -1.0), default=None)
@@ -334,11 +362,13 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     client = MlflowClient(uri)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        table = ablation_table(rows)
+        table = ablation_table(rows, floor)
         (tmp / "ablation.md").write_text(f"# {cfg.tune.name}: k x n_s (paper Table 2)\n\n{table}\n{arms_md}")
         (tmp / "ablation_arms.json").write_text(json.dumps(_json_safe(arms), indent=1))
         client.log_artifact(parent, str(tmp / "ablation.md"))
         client.log_artifact(parent, str(tmp / "ablation_arms.json"))
+        for key, value in floor["metrics"].items():
+            client.log_metric(parent, f"zero_shot_{key}".replace("@", "_at_"), float(value))
         for path in heatmaps(rows, grid, tmp):
             client.log_artifact(parent, str(path), "heatmaps")
         if best:
@@ -358,7 +388,7 @@ def run_sweep(cfg: Config, dataset_uri: str, *, features_uri: str | None = None,
     for r in failed:        # e.g. a trial whose training diverged (NonFiniteError): its line, never its numbers
         print(f"[tune] trial {trial_name(r['params'])} failed: {r['error']}")
     summary = {"parent_run_id": parent, "tracking_uri": uri, "rows": rows, "table": table, "arms": arms,
-               "arms_table": arms_md, "best": best}
+               "arms_table": arms_md, "best": best, "zero_shot": floor}
     if not failed:      # a finished sweep is not run again (a failed one resumes its errored trials)
         storage.write_json(storage.join(experiment_path, SWEEP_STATE),
                            _json_safe({**summary, "tracking_uri": store, "done": True}))
