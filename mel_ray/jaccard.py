@@ -107,6 +107,18 @@ def pair_keys(seed: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return _mix(query_salts(seed, i) ^ candidate_salts(seed, j))
 
 
+def reaching_kth(comp: np.ndarray, rows: np.ndarray, n_rows: int, k: int, shift: int) -> np.ndarray:
+    """Mask of the entries that reach their row's k-th best: the top k and the ties at the k-th score.
+    comp = (row << shift) | a key that sorts each row's entries best first; rows are 0..n_rows-1."""
+    srt = np.sort(comp)
+    first = np.searchsorted(srt, np.arange(n_rows, dtype=np.int64) << shift)
+    last = np.append(first[1:], len(srt))
+    full = last - first >= k
+    kth = np.full(n_rows, np.iinfo(np.int64).max, dtype=np.int64)
+    kth[full] = srt[first[full] + k - 1]
+    return comp <= kth[rows]
+
+
 def pair_key_py(seed: int, i: int, j: int) -> int:
     s1 = mix_py(int(seed) & MASK64)
     s2 = mix_py(s1 ^ _SALT_CAND)
@@ -520,13 +532,7 @@ def _mine_chunk(ix: Index, tail: Tail, c0: int, c1: int, seed: int, stats: dict)
         # with the row: one int64 sort gives each row's k-th best score; keep what reaches it (top k plus
         # ties at the k-th score) and order only those by pair key.
         comp = (rows << 41) | ((1 << 41) - 1 - np.floor(scores * 2.0 ** 40).astype(np.int64))
-        srt = np.sort(comp)
-        first = np.searchsorted(srt, np.arange(b, dtype=np.int64) << 41)
-        last = np.append(first[1:], len(srt))
-        full = last - first >= k
-        kth = np.full(b, np.iinfo(np.int64).max, dtype=np.int64)
-        kth[full] = srt[first[full] + k - 1]
-        keep = comp <= kth[rows]
+        keep = reaching_kth(comp, rows, b, k, 41)
         rows, cols, scores, comp = rows[keep], cols[keep], scores[keep], comp[keep]
         order = np.lexsort((pair_keys(seed, rows + c0, cols), comp))
     else:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from mel_ray.jaccard import pair_keys
+from mel_ray.jaccard import pair_keys, reaching_kth
 
 __all__ = ["ALGORITHM_VERSION", "VECTORIZER", "fill_from_names", "mine_name_topk", "name_vectors", "run_name_mining"]
 
@@ -106,13 +106,7 @@ def _top_k(prod: sp.csr_matrix, start: int, k: int, seed: int, stats: dict):
     # scores descending at once; each row's k-th entry is its cut, and everything reaching it (the top k and
     # the ties at the k-th score) is ordered by pair key
     comp = (rows << 32) | (np.int64(0x7FFFFFFF) - scores.view(np.int32).astype(np.int64))
-    srt = np.sort(comp)
-    first = np.searchsorted(srt, np.arange(b, dtype=np.int64) << 32)
-    last = np.append(first[1:], len(srt))
-    full = last - first >= k
-    kth = np.full(b, np.iinfo(np.int64).max, dtype=np.int64)
-    kth[full] = srt[first[full] + k - 1]
-    keep = comp <= kth[rows]
+    keep = reaching_kth(comp, rows, b, k, 32)
     rows, cols, scores, comp = rows[keep], cols[keep], scores[keep], comp[keep]
     stats["sorted_candidates"] += len(rows)
     order = np.lexsort((pair_keys(seed, rows + start, cols), comp))
