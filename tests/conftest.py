@@ -169,6 +169,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(autouse=True)
+def _console_routing_stays_in_its_test():
+    """`console.setup(verbose=True)` sets MEL_RAY_VERBOSE for subprocesses, and setup() adds root handlers on the
+    streams of this test's capture: left behind, every later test (and the commands they start) would run verbose
+    and log into a closed stream. Whatever a test did, the next one starts as the session did."""
+    from mel_ray import console
+
+    before = os.environ.get(console.VERBOSE)
+    yield
+    console.reset()
+    if before is None:
+        os.environ.pop(console.VERBOSE, None)
+    else:
+        os.environ[console.VERBOSE] = before
+
+
 @pytest.fixture(scope="session")
 def session_env():
     mp = pytest.MonkeyPatch()
