@@ -8,7 +8,8 @@ Inputs: a model (exported `model.pt`, an MLflow run id / `runs:/<id>` holding on
 folder plus a config), a KB (a mel-ray dataset whose features/<key> was made with the model's CLIP), and a
 Parquet or JSONL file of mentions: `text` (the sentence), `mention`, optional `image` (path or URI; relative
 paths are taken beside the file) and optional `mention_id` (default `row<N>`). The model's own config gives
-the diffusion model, the synthesis settings and n_s, so new mentions get views drawn exactly as in training.
+the diffusion model, the synthesis settings and n_s, so new mentions get views drawn exactly as in training; a
+model that reads no view (model.cvacpt_weight 0 or model.views 0) gets none drawn and needs no diffusion model.
 
 Contract (docs/data-contract.md, "Batch linking"): OUTPUT/links.parquet, one row per (mention, rank):
 mention_id, mention, text, rank (1..top_k), entity_id, qid, name, score; OUTPUT/synthetic/<key>/ the PNG views
@@ -177,7 +178,7 @@ class MentionEncoder:
         self.size = output_size(self.image_cfg)
         # weights: a fine-tuned model's CLIP (the KB's features were made by it too)
         self.encoder = Encoder(clip, cache_dir, None, use_gpu, self.size, text_length, weights, text_encoder,
-                               text_weights, text_pooling)
+                               text_weights, text_pooling, self.image_cfg)
         self.text_length, self.views, self.output, self.view_key = text_length, views, output, view_key
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -194,7 +195,7 @@ class MentionEncoder:
                 payload["v"] = [[(view, storage.join(self.output, image_relpath(self.view_key, mention_id, view)),
                                   "") for view in range(self.views)]]
             unit = prepare_unit(payload, image_cfg=self.image_cfg, image_size=self.size)
-            f = self.encoder.encode(ids.astype(np.int64), mask, unit["pixels"], 1)
+            f = self.encoder.encode(ids.astype(np.int64), mask, unit["pixels"], 1, unit["has_image"])
             synthetic = np.zeros((self.views, f["image_global"].shape[1]), dtype=f["image_global"].dtype)
             synthetic[:len(f["image_global"]) - 1] = f["image_global"][1:]
             rows["mention_id"].append(mention_id)
@@ -239,6 +240,8 @@ class KBScorer:
         mentions = {k: torch.from_numpy(np.asarray(batch[k], dtype=np.float32)) for k in FLOAT_COLUMNS}
         mentions["text_mask"] = torch.from_numpy(np.asarray(batch["text_mask"], dtype=bool))
         mentions["n_views"] = torch.from_numpy(np.asarray(batch["n_views"], dtype=np.int64))
+        if mentions["synthetic_global"].shape[1] == 0:   # no view drawn (the model reads none): CVaCPT is the identity
+            del mentions["synthetic_global"]             # for every mention, so it is left out, as for such features
         n = len(batch["mention_id"])
         try:
             _, ids, scores = rank_counts(self.model, mentions, None, self.sides.chunks(self.model),
@@ -307,6 +310,7 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     from mel_ray.features.shards import merge_stats
     from mel_ray.models import DEFAULT_CACHE, pin_model
     from mel_ray.runtime import init_ray, resolve_num_gpus
+    from mel_ray.synthesize import views_unused
     from mel_ray.verify import require_dataset, require_features
 
     t0 = time.perf_counter()
@@ -347,8 +351,9 @@ def link(model: str, kb: str, mentions_path: str, output: str, *, top_k: int = 1
     weights = ray.put(encoder_state(state["model"])) if fine_tuned else None
     text_weights = text_encoder_state(state["model"]) if fine_tuned else None
     text_weights = ray.put(text_weights) if text_weights else None
-    views = int(state["dims"].get("views") or cfg["synthesize"]["views"])
-    if state["dims"].get("cvacpt_weight", 1.0) == 0.0:
+    dims_views = state["dims"].get("views")
+    views = int(cfg["synthesize"]["views"] if dims_views is None else dims_views)
+    if views_unused(state["dims"].get("cvacpt_weight", 1.0), dims_views):
         views = 0                                          # the model never looks at views: draw none
     init_ray()
     scorer_gpus = resolve_num_gpus("link", scorer_gpus, "eval.num_gpus")

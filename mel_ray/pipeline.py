@@ -239,8 +239,24 @@ def synthesize_views(cfg: Config, dataset: str, *, limit: int | None = None) -> 
     return Outcome(summary, ran, note, {"key": summary["key"], "uri": summary["uri"], "images": summary["images"]})
 
 
-def synthesize_stage(cfg: Config, root: str | os.PathLike = ".", *, limit: int | None = None) -> StageResult:
+def no_views(cfg: Config, tune: bool = False) -> str | None:
+    """Why this run reads no synthetic view, so nothing is drawn and models.diffusion is never resolved; None when
+    it reads them. tune: for a sweep, whose trials set model.views from tune.views."""
+    from mel_ray.synthesize import views_unused
+
+    if tune:
+        return "every tune.views is 0: no trial reads a view" if max(cfg.tune.views) == 0 else None
+    return views_unused(cfg.model.cvacpt_weight, cfg.model.views)
+
+
+def synthesize_stage(cfg: Config, root: str | os.PathLike = ".", *, limit: int | None = None,
+                     tune: bool = False) -> StageResult:
+    """Skipped, with the reason, when the run reads no view (`no_views`): its value's key is then None."""
     cfg = resolve_paths(cfg, root)
+    reason = no_views(cfg, tune)
+    if reason:
+        return StageResult("synthesize", False, 0.0, f"nothing to draw: {reason}", {"key": None, "reason": reason},
+                           {"key": None, "reason": reason})
     return _timed("synthesize", synthesize_views, cfg, cfg.data.dataset, limit=limit)
 
 
@@ -267,6 +283,14 @@ def encode_features(cfg: Config, dataset: str, key: str | None, checkpoint: str 
     return Outcome(manifest, run["shards_written"] > 0, note, {"uri": manifest["uri"], "key": manifest["key"]})
 
 
+def features_views(cfg: Config, synthetic: str | None, with_views: bool) -> str | None:
+    """The synthetic/<key> features_stage encodes: `synthetic`, else the config's own when the run reads views
+    (no_views); None without views, and then models.diffusion is not resolved."""
+    if synthetic or not with_views:
+        return synthetic if with_views else None
+    return None if no_views(cfg) else synthetic_key(cfg)
+
+
 def features_stage(cfg: Config, root: str | os.PathLike = ".", synthetic: str | None = None, *,
                    with_views: bool = True, checkpoint: str | None = None) -> StageResult:
     """synthetic: the synthetic/<key> to encode; default: the one the config's synthesize settings write.
@@ -275,7 +299,7 @@ def features_stage(cfg: Config, root: str | os.PathLike = ".", synthetic: str | 
 
     cfg = resolve_paths(cfg, root)
     require_dataset(cfg.data.dataset)      # before the synthesis key (which reads the diffusion model's files)
-    key = (synthetic or synthetic_key(cfg)) if with_views else None
+    key = features_views(cfg, synthetic, with_views)
     return _timed("extract_features", encode_features, cfg, cfg.data.dataset, key, checkpoint)
 
 
@@ -322,7 +346,10 @@ def finetuning(cfg: Config) -> bool:
 
 def finetune_views(cfg: Config, dataset: str) -> str | None:
     """The synthetic/<key> the config's synthesize settings write, when that run is complete; else None (a
-    fine-tuned model then trains without views: CVaCPT is the identity)."""
+    fine-tuned model then trains without views: CVaCPT is the identity); None, without resolving models.diffusion,
+    when the run reads no view (no_views)."""
+    if no_views(cfg):
+        return None
     key = synthetic_key(cfg)
     return key if storage.exists(storage.join(dataset, "synthetic", key, "complete.json")) else None
 
@@ -555,7 +582,8 @@ def run_pipeline(cfg: Config, root: str | os.PathLike = ".", base: str = "pipeli
     step(negatives_stage(cfg, root))
     views = step(synthesize_stage(cfg, root))
     # finetune trains on pixels and writes its own features; frozen trains on a feature set made here
-    features = None if finetuning(cfg) else step(features_stage(cfg, root, synthetic=views.value["key"])).value["uri"]
+    features = None if finetuning(cfg) else step(features_stage(cfg, root, synthetic=views.value["key"],
+                                                                with_views=views.value["key"] is not None)).value["uri"]
     trained = step(train_stage(cfg, root, features=features, base=base)).value
     report = step(evaluate_stage(cfg, root, features=features, trained=trained, base=base)).value
     floor = (report.get("zero_shot") or {}).get("metrics")
@@ -602,10 +630,11 @@ def run_tune_pipeline(cfg: Config, root: str | os.PathLike = ".") -> dict[str, A
         raise UsageError(f"tune.views up to {max(cfg.tune.views)} needs synthesize.views >= that "
                          f"(it is {cfg.synthesize.views}): one synthesis run serves every trial")
     results = []
-    for make in (data_stage, negatives_stage, synthesize_stage):
+    for make in (data_stage, negatives_stage, lambda c, r: synthesize_stage(c, r, tune=True)):
         results.append(make(cfg, root))
         print(results[-1].line(), flush=True)
-    results.append(features_stage(cfg, root, synthetic=results[-1].value["key"]))
+    key = results[-1].value["key"]
+    results.append(features_stage(cfg, root, synthetic=key, with_views=key is not None))
     print(results[-1].line(), flush=True)
     results.append(tune_stage(cfg, root, features=results[-1].value["uri"]))
     print(results[-1].line(), flush=True)

@@ -209,6 +209,16 @@ def synthesis_settings(model: str, cfg: SynthesizeConfig, cache_dir: str = DEFAU
     return settings
 
 
+def views_unused(cvacpt_weight: float, views: int | None) -> str | None:
+    """Why a model with these settings (model.cvacpt_weight, model.views) reads no synthetic view, so none need
+    be drawn; None when it reads them."""
+    if cvacpt_weight == 0:
+        return "model.cvacpt_weight is 0 (CVaCPT is the identity)"
+    if views == 0:
+        return "model.views is 0 (CVaCPT reads no view)"
+    return None
+
+
 def synthesis_key(settings: dict[str, Any]) -> str:
     return settings_key(settings)
 

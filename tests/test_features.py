@@ -279,7 +279,8 @@ def test_has_image_and_counters_follow_the_data(world, reference):
     feats = load_features(manifest["uri"], "entities", columns=["entity_id", "has_image"])
     assert feats["has_image"].tolist() == [bool(u) for u in ents]
     assert manifest["counters"]["entities"] == {"rows": len(ents), "with_image": sum(map(bool, ents)),
-                                                "no_image": sum(not u for u in ents), "examples": {}}
+                                                "no_image": sum(not u for u in ents),
+                                                "blank_shared": sum(not u for u in ents), "examples": {}}
     without = 0
     for split in SPLITS:
         uris = ds.mentions(split, columns=["image_uri"]).column("image_uri").to_pylist()
@@ -288,7 +289,107 @@ def test_has_image_and_counters_follow_the_data(world, reference):
         without += uris.count(None)
         counters = manifest["counters"][f"mentions/{split}"]
         assert counters.get("no_image", 0) == uris.count(None) and "missing" not in counters
+        assert counters.get("blank_shared", 0) == uris.count(None)
     assert without > 0, "the demo data is meant to have mentions without an image"
+
+
+@pytest.fixture
+def clip_encoder(world):
+    """A CPU Encoder of the tiny CLIP in this process (torch's thread count put back afterwards) and its
+    tokenizer, image settings and size."""
+    import torch
+
+    from mel_ray.features import Encoder, load_processor, output_size
+    from mel_ray.models import DEFAULT_CACHE
+
+    threads = torch.get_num_threads()
+    tokenizer, cfg = load_processor(world.clip, DEFAULT_CACHE)
+    size = output_size(cfg)
+    try:
+        yield SimpleNamespace(encoder=Encoder(world.clip, DEFAULT_CACHE, None, False, size, 40, image_cfg=cfg),
+                              tokenizer=tokenizer, cfg=cfg, size=size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_rows_without_an_image_share_the_blank_encoded_alone(world, reference, clip_encoder, tmp_path):
+    """Each encoder encodes the blank white image once, alone; every image-less row (whatever unit it sat in,
+    beside rows with images or not) gets exactly those features, and has_image stays false. The settings name the
+    encoding version (new key); a set made before it (no encoding_version) still verifies and loads."""
+    from mel_ray.features import ENCODING_VERSION, blank_pixels, tokenize
+    from mel_ray.verify import require_features
+
+    manifest = reference["manifest"]
+    assert manifest["settings"]["encoding_version"] == ENCODING_VERSION == 2
+    ids, mask = tokenize(clip_encoder.tokenizer, ["x"], 40)
+    # the blank as the only image of a one-row unit: the ordinary path, not the shared one
+    pixels = blank_pixels(clip_encoder.cfg, clip_encoder.size)
+    alone = clip_encoder.encoder.encode(ids.astype(np.int64), mask, pixels, 1)
+    mixed = 0
+    for table in ("entities", "mentions/train", "mentions/test"):
+        f = load_features(manifest["uri"], table, columns=["has_image", "image_global", "image_local"])
+        blank = ~f["has_image"]
+        assert blank.any() and f["has_image"].any(), table
+        assert (f["image_global"][blank] == alone["image_global"][0]).all(), table
+        assert (f["image_local"][blank] == alone["image_local"][0]).all(), table
+        assert not (f["image_global"][~blank] == alone["image_global"][0]).all(axis=1).any(), table
+        units = f["has_image"][:len(blank) // 4 * 4].reshape(-1, 4)       # micro_batch 4
+        mixed += int((units.any(axis=1) & ~units.all(axis=1)).sum())
+    assert mixed, "some units should mix rows with and without an image"
+    old = tmp_path / "old-set"
+    shutil.copytree(manifest["uri"], old)
+    stored = json.loads((old / MANIFEST).read_text())
+    del stored["settings"]["encoding_version"]
+    (old / MANIFEST).write_text(json.dumps(stored))
+    require_features(str(old), world.ds)
+    assert np.array_equal(load_features(str(old), "entities")["image_local"],
+                          load_features(manifest["uri"], "entities")["image_local"])
+
+
+def test_the_decode_stage_ships_no_pixels_for_rows_without_an_image(world, clip_encoder):
+    from mel_ray.features import prepare_unit
+
+    ds = load_dataset(world.ds)
+    uri = ds.resolve_uri(next(u for u in ds.mentions("train", columns=["image_uri"]).column("image_uri").to_pylist()
+                              if u))
+    unit = prepare_unit({"i": [None, uri, str(Path(world.root) / "gone.png"), None]}, image_cfg=clip_encoder.cfg,
+                        image_size=clip_encoder.size)
+    assert unit["pixels"].shape == (1, 3, *clip_encoder.size)
+    assert unit["has_image"].tolist() == [False, True, False, False]
+    assert {k: unit["stats"].get(k) for k in ("with_image", "no_image", "missing", "blank_shared")} == \
+        {"with_image": 1, "no_image": 2, "missing": 1, "blank_shared": 3}
+    nothing = prepare_unit({"i": [None, None]}, image_cfg=clip_encoder.cfg, image_size=clip_encoder.size)
+    assert nothing["pixels"].shape == (0, 3, *clip_encoder.size) and not nothing["has_image"].any()
+
+
+def test_link_encodes_a_mention_without_an_image_as_the_kb_s_blank(world, reference, clip_encoder, direct, tmp_path):
+    """mel-ray link prepares and encodes new mentions with the same functions, one mention per forward: a mention
+    without an image gets the shared blank's features, bit for bit those of the KB's image-less rows (as link's
+    lone blank always was); a mention with an image is its image alone, as before."""
+    import torch
+
+    from mel_ray.link import MentionEncoder
+    from mel_ray.models import DEFAULT_CACHE
+
+    ds = load_dataset(world.ds)
+    m = next(m for m in ds.mentions("train").to_pylist() if m["image_uri"])
+    batch = {"mention_id": np.array(["none", "with"], object), "mention": np.array([m["mention"]] * 2, object),
+             "text": np.array([m["sentence"]] * 2, object),
+             "image": np.array([None, ds.resolve_uri(m["image_uri"])], object)}
+    threads = torch.get_num_threads()
+    try:
+        out = MentionEncoder(world.clip, DEFAULT_CACHE, 40, False, 0, str(tmp_path), "")(batch)
+    finally:
+        torch.set_num_threads(threads)
+    assert out["has_image"].tolist() == [False, True]
+    kb = load_features(reference["manifest"]["uri"], "entities", columns=["has_image", "image_global", "image_local"])
+    row = int(np.flatnonzero(~kb["has_image"])[0])
+    assert np.array_equal(out["image_global"][0], kb["image_global"][row])
+    assert np.array_equal(out["image_local"][0], kb["image_local"][row])
+    want = direct(mention_text(m["mention"], m["sentence"]), Image.open(ds.resolve_uri(m["image_uri"])))
+    for col in ("text_global", "text_local", "image_global", "image_local"):
+        _close(out[col][1], want[col])
+    assert np.array_equal(out["text_global"][0], out["text_global"][1])
 
 
 def test_synthetic_rows_match_the_synthetic_manifest(world, reference):

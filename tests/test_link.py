@@ -163,6 +163,24 @@ def test_parquet_input_missing_images_and_bad_fields(linked_setup):
     assert not storage.exists(str(s["root"] / "out-bad" / "links.parquet"))
 
 
+def test_a_model_that_reads_no_view_draws_none_and_needs_no_diffusion_model(linked_setup, tmp_path):
+    """model.views 0 (CVaCPT reads no view): link draws nothing and never resolves models.diffusion (here a folder
+    that does not exist); it fell back to synthesize.views (2) before."""
+    from mel_ray.checkpoints import export_model, load_checkpoint
+    from mel_ray.link import link
+
+    s = linked_setup
+    state = load_checkpoint(s["model"])
+    missing = tmp_path / "no-such-diffusion"
+    config = {**state["config"], "models": {**state["config"]["models"], "diffusion": str(missing)}}
+    model = export_model({"model": state["model"], "dims": {**state["dims"], "views": 0}}, config,
+                         tmp_path / "no-views.pt")
+    report = link(str(model), s["ds"], str(_write_jsonl(tmp_path / "two.jsonl", s["rows"][:2])), str(tmp_path / "out"),
+                  top_k=3)
+    assert report["linked"] == 2 and report["views_per_mention"] == 0 and report["views_drawn"] == 0
+    assert not (tmp_path / "out" / "synthetic").exists() and not missing.exists()
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

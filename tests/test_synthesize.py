@@ -166,6 +166,33 @@ def test_key_covers_what_changes_pixels_and_only_that(sd, tmp_path):
         synthesis_settings(sd, cfg(scheduler="nope"))
 
 
+def test_nothing_to_draw_resolves_no_diffusion_model(small_data, tmp_path):
+    """A run that reads no view (model.cvacpt_weight 0, model.views 0; a sweep whose tune.views are all 0) skips
+    the synthesize stage with the reason and never looks at models.diffusion (here a folder that does not exist),
+    nor do the features and finetune stages' synthetic keys; when views are read, the same setting is one line."""
+    from mel_ray import pipeline
+    from mel_ray.config import load_config
+
+    missing = tmp_path / "no-such-diffusion"
+    base = [f"data.dataset={small_data.dataset}", f"models.diffusion={missing}", "synthesize.num_gpus=0"]
+    for setting, tune in (("model.cvacpt_weight=0", False), ("model.views=0", False), ("tune.views=[0]", True)):
+        config = load_config(None, [*base, setting])
+        result = pipeline.synthesize_stage(config, tmp_path, tune=tune)
+        assert not result.ran and result.value["key"] is None, setting
+        assert result.line().startswith("[pipeline] synthesize: skipped") and setting[:10] in result.note, setting
+        if not tune:
+            assert pipeline.features_views(config, None, True) is None
+            assert pipeline.finetune_views(config, small_data.dataset) is None
+    assert not missing.exists()
+    reads_views = load_config(None, base)
+    for stage in (lambda: pipeline.synthesize_stage(reads_views, tmp_path),
+                  lambda: pipeline.features_views(reads_views, None, True),
+                  lambda: pipeline.synthesize_stage(load_config(None, [*base, "model.views=0"]), tmp_path, tune=True)):
+        with pytest.raises(UsageError, match=f"^{missing}: not a diffusers pipeline folder") as err:
+            stage()
+        assert "\n" not in str(err.value)
+
+
 # ------------------------------------------------------------------------------------------- with Ray
 
 

@@ -14,7 +14,7 @@ Reading a feature set is mel_ray.feature_store's job (`read_shard`, `load_featur
 """
 
 from mel_ray.feature_store import MANIFEST, load_features, read_shard
-from mel_ray.features.encoder import Encoder
+from mel_ray.features.encoder import ENCODING_VERSION, Encoder
 from mel_ray.features.inputs import (
     ATTRIBUTE_END,
     ATTRIBUTE_JOIN,
@@ -22,6 +22,7 @@ from mel_ray.features.inputs import (
     ENTITY_TEMPLATE,
     MENTION_TEMPLATE,
     PREPROCESS_VERSION,
+    blank_pixels,
     decode_image,
     entity_text,
     image_config,
@@ -38,8 +39,9 @@ from mel_ray.features.shards import FORMAT_VERSION, SHARD_META
 from mel_ray.features.stage import extract_features
 
 __all__ = [
-    "ATTRIBUTE_END", "ATTRIBUTE_JOIN", "BLANK_COLOR", "DEFAULT_MICRO_BATCH", "DEFAULT_SHARD_ROWS", "ENTITY_TEMPLATE",
-    "FORMAT_VERSION", "MANIFEST", "MENTION_TEMPLATE", "PREPROCESS_VERSION", "SHARD_META", "Encoder", "decode_image",
+    "ATTRIBUTE_END", "ATTRIBUTE_JOIN", "BLANK_COLOR", "DEFAULT_MICRO_BATCH", "DEFAULT_SHARD_ROWS", "ENCODING_VERSION",
+    "ENTITY_TEMPLATE", "FORMAT_VERSION", "MANIFEST", "MENTION_TEMPLATE", "PREPROCESS_VERSION", "SHARD_META", "Encoder",
+    "blank_pixels", "decode_image",
     "entity_text", "extract_features", "features_key", "image_config", "load_features", "load_processor",
     "mention_text", "model_fingerprint", "output_size", "prepare_unit", "preprocess_image", "read_shard", "to_rgb",
     "tokenize",

@@ -168,16 +168,18 @@ def _note(stats: dict, reason: str, uri: str) -> None:
 
 
 def prepare_unit(payload: dict, *, image_cfg: dict, image_size: tuple[int, int]) -> dict[str, Any]:
-    """Decode and preprocess one unit's images: its rows' images (blank white where there is none), then
-    the synthetic views that could be used; with per-unit counters (the CPU stage's work).
+    """Decode and preprocess one unit's images: its rows' images, then the synthetic views that could be used;
+    with per-unit counters (the CPU stage's work).
 
     payload: {"i": [image URI or None per row], "v" (optional): [[(view, uri, sha256 or ""), ...] per row]}.
     An image that is referenced but absent counts as `missing`, one PIL cannot decode as `undecodable`: the
-    row gets a blank white image and has_image false. Views that are absent, undecodable or whose bytes do
-    not match their sha256 (`mismatched`) are left out and counted; n_views / view_ids say which were used.
-    Returns pixels [rows + used views, 3, H, W] (rows first), has_image, n_views, view_ids and stats."""
-    from PIL import Image
-
+    row has has_image false and carries no pixels; the encoder gives it the blank white image's features,
+    encoded once per encoder (`blank_pixels`, Encoder.blank; counted as `blank_shared`), so thousands of
+    image-less rows are neither preprocessed here nor shipped to the encoder nor run through the vision tower.
+    Views that are absent, undecodable or whose bytes do not match their sha256 (`mismatched`) are left out and
+    counted; n_views / view_ids say which were used.
+    Returns pixels [rows with has_image + used views, 3, H, W] (those rows first, in row order), has_image,
+    n_views, view_ids and stats."""
     images, has_image = [], []
     stats: dict[str, Any] = {"rows": len(payload["i"])}
     for uri in payload["i"]:
@@ -187,11 +189,11 @@ def prepare_unit(payload: dict, *, image_cfg: dict, image_size: tuple[int, int])
                 stats["no_image"] = stats.get("no_image", 0) + 1
             else:
                 _note(stats, status, uri)
-            img = Image.new("RGB", (image_size[1], image_size[0]), BLANK_COLOR)
+            stats["blank_shared"] = stats.get("blank_shared", 0) + 1
         else:
             stats["with_image"] = stats.get("with_image", 0) + 1
+            images.append(img)
         has_image.append(status == "ok")
-        images.append(img)
     n_views, view_ids = [], []
     if "v" in payload:
         synth: dict[str, Any] = {"listed": 0, "used": 0, "mentions_with_views": 0}
@@ -210,9 +212,18 @@ def prepare_unit(payload: dict, *, image_cfg: dict, image_size: tuple[int, int])
             n_views.append(len(used))
             view_ids.append(used)
         stats["synthetic"] = synth
-    pixels = np.stack([preprocess_image(im, image_cfg) for im in images])
+    pixels = np.stack([preprocess_image(im, image_cfg) for im in images]) if images else \
+        np.zeros((0, 3, *image_size), np.float32)
     return {"pixels": pixels, "has_image": np.array(has_image, dtype=bool),
             "n_views": np.array(n_views, dtype=np.int32), "view_ids": view_ids, "stats": stats}
+
+
+def blank_pixels(image_cfg: dict, image_size: tuple[int, int]) -> np.ndarray:
+    """The blank white image (paper §5.4) of a row without a usable image, preprocessed: float32 [1, 3, H, W]."""
+    from PIL import Image
+
+    blank = Image.new("RGB", (image_size[1], image_size[0]), BLANK_COLOR)
+    return preprocess_image(blank, image_cfg)[None]
 
 
 def pack(arr: np.ndarray) -> bytes:

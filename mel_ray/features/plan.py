@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from mel_ray import models, storage
 from mel_ray.dataset import ENTITIES, SPLITS, load_dataset, mentions_path
 from mel_ray.errors import DataError, UsageError
+from mel_ray.features.encoder import ENCODING_VERSION
 from mel_ray.features.inputs import (
     ATTRIBUTE_END,
     ATTRIBUTE_JOIN,
@@ -214,6 +215,7 @@ def make_plan(dataset_uri: str, model: str, *, synthetic_key: str | None, views:
                   "processor": image_cfg},
         "dtype": dtype or "model default", "micro_batch": micro_batch, "shard_rows": shard_rows,
         "synthetic": synthetic_key, "synthetic_views": n_s if synthetic_key else None, "inputs": inputs,
+        "encoding_version": ENCODING_VERSION,      # how image-less rows are encoded (features/encoder.py)
     }
     if encoder_checkpoint:
         settings["encoder_checkpoint"] = encoder_checkpoint

@@ -4,10 +4,11 @@ what is written and why each value is what it is: docs/data-contract.md, "CLIP f
 Pipeline (Ray Data, streaming): work is cut into *units* of `micro_batch` consecutive rows of one shard
 (plan.py); the driver tokenises their texts. Stage 1 (`map_batches` with the plain function
 `inputs.prepare_batch`, `decode_num_cpus` each, no torch or transformers import) reads, decodes and
-preprocesses the images; stage 2 (`map_batches` with the callable `encoder.Encoder`, an actor pool of
-`concurrency` actors with `num_gpus` each) runs CLIP, one forward per unit; the driver collects units per
-shard and writes each finished shard atomically (shards.py; background threads, so encoding does not wait on
-S3). Shards already present are skipped; the manifest is written last.
+preprocesses the images (a row without one carries no pixels: each encoder shares one blank); stage 2
+(`map_batches` with the callable `encoder.Encoder`, an actor pool of `concurrency` actors with `num_gpus` each)
+runs CLIP, one forward per unit; the driver collects units per shard and writes each finished shard atomically
+(shards.py; background threads, so encoding does not wait on S3). Shards already present are skipped; the
+manifest is written last.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Collector:
         self.max_pending = 2 * writers
         self.total_shards = len(self.expected)
         self.done_shards = 0
-        self.rows = self.images = 0
+        self.rows = self.images = self.blanks = 0
         self.t0 = time.perf_counter()
 
     def add(self, out: dict) -> None:
@@ -86,7 +87,9 @@ class Collector:
         out.update(table=unit["table"], shard=unit["shard"], start=unit["start"], n=unit["n"],
                    view_ids=meta["view_ids"], stats=meta["stats"])
         self.rows += unit["n"]
-        self.images += len(out["image_global"]) // (2 * self.plan.shapes["image_global"][0])
+        stats = meta["stats"]          # images really encoded: rows with one and views, not the shared blank
+        self.images += stats.get("with_image", 0) + stats.get("synthetic", {}).get("used", 0)
+        self.blanks += stats.get("blank_shared", 0)
         key = (unit["table"], unit["shard"])
         buf = self.buffers.setdefault(key, [])
         buf.append(out)
@@ -109,9 +112,9 @@ class Collector:
                 f.result()                      # re-raise a failed write here
                 self.done_shards += 1
                 elapsed = time.perf_counter() - self.t0
-                _log(self.quiet, f"{self.done_shards}/{self.total_shards} shards written, {self.rows} rows, "
-                     f"{self.images} images encoded in {elapsed:.1f}s "
-                     f"({self.images / max(elapsed, 1e-9):.1f} images/s)")
+                _log(self.quiet, f"{self.done_shards}/{self.total_shards} shards written, {self.rows} rows "
+                     f"({self.rows / max(elapsed, 1e-9):.1f} rows/s), {self.images} images encoded, "
+                     f"{self.blanks} rows given the shared blank, in {elapsed:.1f}s")
             else:
                 still.append(f)
         self.futures = still
@@ -174,7 +177,8 @@ def _run_ray(plan: Plan, units: list[dict], *, batch_size: int, concurrency: int
                                                "text_encoder": plan.text_encoder,
                                                "text_pooling": plan.text_pooling or "cls",
                                                "text_weights": None if plan.text_weights is None
-                                               else ray.put(plan.text_weights)})
+                                               else ray.put(plan.text_weights),
+                                               "image_cfg": plan.image_cfg})
     batches = ds.iter_batches(batch_size=None, batch_format="numpy")
     _consume(Collector(plan, units, quiet), (row for batch in batches for row in _rows_of(batch)))
 
@@ -186,7 +190,8 @@ def _run_local(plan: Plan, units: list[dict], *, use_gpu: bool, quiet: bool) -> 
     threads = torch.get_num_threads()
     try:
         encoder = Encoder(plan.model, plan.cache_dir, plan.dtype, use_gpu, plan.image_size, plan.text_length,
-                          plan.weights, plan.text_encoder, plan.text_weights, plan.text_pooling or "cls")
+                          plan.weights, plan.text_encoder, plan.text_weights, plan.text_pooling or "cls",
+                          plan.image_cfg)
 
         def rows():
             for unit in units:
